@@ -1,0 +1,19 @@
+# segcli: the commands the README and CI use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test bench clean
+
+install:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+
+test:
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) benchmarks/bench_predict.py
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

@@ -1,0 +1,237 @@
+"""The Python API that the CLI wraps: `Segmenter.from_pretrained(...).predict(images, labels)`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segcli.checkpoint import load_checkpoint
+from segcli.data.images import Canvas, fit_to_canvas, load_image
+from segcli.errors import SegcliError
+from segcli.labels import LabelSet, parse_labels
+from segcli.masks import restore_label_map
+from segcli.modeling.lseg import LSeg, build_model
+from segcli.registry import ARCHITECTURES
+
+UNTRAINED_WARNING = ("{name} is an untrained architecture with random weights: its masks are meaningless "
+                     "(fine for smoke tests and speed measurements; pass a checkpoint for real results)")
+
+
+@dataclass
+class Prediction:
+    """One image's result. `label_map` [H,W] at the image's own size; index k is `labels.names[k]`."""
+
+    label_map: np.ndarray
+    labels: LabelSet
+    logits: torch.Tensor | None = None  # [K,h,w] at model resolution (half the model input), image region
+    embeddings: torch.Tensor | None = None  # [C,h,w] pixel embeddings (not normalised), same region
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> a usable torch.device, or SegcliError."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise SegcliError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SegcliError(f"device {spec!r} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SegcliError(f"device {spec!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SegcliError("device 'mps' requested but MPS is not available here")
+    elif device.type != "cpu":
+        raise SegcliError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for the image branch, or None for fp32."""
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and _cpu_has_bf16():
+            return torch.bfloat16
+        return None
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if spec not in table:
+        raise SegcliError(f"unknown precision {spec!r}: use auto, fp32, bf16 or fp16")
+    if spec == "fp16" and device.type == "cpu":
+        raise SegcliError("fp16 is not supported on the CPU: use bf16 or fp32")
+    return table[spec]
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identity of a checkpoint file, cheap for GB-sized files: size + header + first/last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return "sha256-partial:" + h.hexdigest()
+
+
+def load_model(spec: str, device: torch.device) -> tuple[LSeg, LabelSet | None, str, bool]:
+    """A checkpoint path or an architecture name -> (model, trained labels, fingerprint, untrained)."""
+    path = Path(spec).expanduser()
+    if path.exists() or path.suffix.lower() in {".safetensors", ".ckpt", ".pt", ".pth", ".onnx"}:
+        if not path.exists():
+            raise SegcliError(f"model file not found: {spec}")
+        if path.is_dir():
+            raise SegcliError(f"--model {spec} is a folder, not a checkpoint file")
+        if path.suffix.lower() in {".ckpt", ".pt", ".pth"}:
+            raise SegcliError(f"{spec} is a pickle-based file; segcli only loads .safetensors checkpoints")
+        model, info = load_checkpoint(path, device)
+        return model, info.labels, model_fingerprint(path), False
+    if spec in ARCHITECTURES:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random weights every time, so runs are repeatable
+            model = build_model(spec)
+        return model.to(device), None, f"arch:{spec}", True
+    raise SegcliError(f"--model {spec!r} is neither a file nor an architecture ({', '.join(ARCHITECTURES)})")
+
+
+class Segmenter:
+    """Open-vocabulary segmentation with any LSeg model.
+
+    >>> seg = Segmenter.from_pretrained("model.safetensors")
+    >>> [pred] = seg.predict(["photo.jpg"], labels="road,car,sky")
+    >>> pred.label_map.shape  # (H, W) of photo.jpg, values in 0..2
+    """
+
+    def __init__(self, model: LSeg, *, device: str | torch.device = "auto", precision: str = "auto",
+                 imgsz: int | None = None, labels: LabelSet | None = None, name: str = "",
+                 fingerprint: str = "", untrained: bool = False):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.model = model.to(self.device).eval()
+        self.imgsz = self._check_imgsz(imgsz or model.cfg.default_imgsz)
+        self.default_labels = labels
+        self.name = name or model.cfg.name
+        self.fingerprint = fingerprint or f"arch:{model.cfg.name}"
+        self.untrained = untrained
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, device: str = "auto", precision: str = "auto",
+                        imgsz: int | None = None, warn: bool = True) -> "Segmenter":
+        """Load a segcli checkpoint, or build an untrained registered architecture (with a warning)."""
+        dev = resolve_device(device)
+        net, labels, fingerprint, untrained = load_model(model, dev)
+        if untrained and warn:
+            warnings.warn(UNTRAINED_WARNING.format(name=model), stacklevel=2)
+        return cls(net, device=dev, precision=precision, imgsz=imgsz, labels=labels, name=str(model),
+                   fingerprint=fingerprint, untrained=untrained)
+
+    def _check_imgsz(self, imgsz: int) -> int:
+        m = self.model.cfg.input_multiple
+        if imgsz < m:
+            raise SegcliError(f"--imgsz {imgsz} is too small: at least {m}")
+        if imgsz % m:
+            raise SegcliError(f"--imgsz {imgsz} must be a multiple of {m} (e.g. {imgsz // m * m or m})")
+        return imgsz
+
+    def resolve_labels(self, labels: str | LabelSet | None) -> LabelSet:
+        if isinstance(labels, LabelSet):
+            return labels
+        if labels is None:
+            if self.default_labels is None:
+                raise SegcliError("no labels given and the model carries none: pass --labels \"road,car,sky\"")
+            return self.default_labels
+        return parse_labels(labels)
+
+    def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor:
+        """[K,C] normalised, on the model's device (cached per label set and prompt)."""
+        if prompt is not None and "{}" not in prompt:
+            raise SegcliError(f"--prompt {prompt!r} must contain {{}} where the label goes")
+        return self.model.label_embeddings(labels, prompt)
+
+    def prepare(self, image: Image.Image) -> Canvas:
+        return fit_to_canvas(image, self.imgsz)
+
+    @torch.inference_mode()
+    def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor,
+                         return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 canvases [B,S,S,3] -> logits [B,K,S/2,S/2] fp32 on the CPU (and embeddings [B,C,S/2,S/2])."""
+        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            emb = self.model.pixel_embeddings(batch)
+        logits = self.model.logits(emb, label_embeddings.to(self.device))
+        return logits.cpu(), (emb.float().cpu() if return_embeddings else None)
+
+    def predict(self, images: Image.Image | np.ndarray | str | os.PathLike | Sequence, labels: str | LabelSet | None = None,
+                prompt: str | None = None, batch_size: int = 4, return_logits: bool = False,
+                return_embeddings: bool = False) -> list[Prediction]:
+        """Segment images (PIL images, HxWx3 uint8 arrays or paths) with `labels` ("a,b;c", "ade20k", ...)."""
+        label_set = self.resolve_labels(labels)
+        text = self.label_embeddings(label_set, prompt)
+        items = images if isinstance(images, (list, tuple)) else [images]
+        results: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            pil = [_as_pil(x) for x in items[start:start + batch_size]]
+            canvases = [self.prepare(im) for im in pil]
+            logits, emb = self.segment_canvases(np.stack([c.pixels for c in canvases]), text, return_embeddings)
+            for i, (im, canvas) in enumerate(zip(pil, canvases)):
+                valid = (canvas.resized_hw[0] / 2, canvas.resized_hw[1] / 2)
+                crop = (slice(None), slice(0, -(-canvas.resized_hw[0] // 2)), slice(0, -(-canvas.resized_hw[1] // 2)))
+                results.append(Prediction(
+                    label_map=restore_label_map(logits[i], valid, (im.height, im.width)),
+                    labels=label_set,
+                    logits=logits[i][crop].clone() if return_logits else None,
+                    embeddings=emb[i][crop].clone() if emb is not None else None,
+                ))
+        return results
+
+
+def _as_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise SegcliError("numpy images must be HxWx3 (or HxW) uint8 RGB")
+        return Image.fromarray(image)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    raise SegcliError(f"cannot use {type(image).__name__} as an image")
+
+
+def iter_batches(seq: Iterable, size: int):
+    batch = []
+    for item in seq:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

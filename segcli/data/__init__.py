@@ -1,0 +1,1 @@
+"""Input discovery and image decoding."""

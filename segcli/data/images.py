@@ -1,0 +1,116 @@
+"""Decoding any photo to RGB (EXIF, modes, bit depths, bombs) and fitting it to the model canvas."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
+
+# Leading bytes of the formats Pillow decodes; used to recognise images by content, not name.
+_SIGNATURES = (
+    b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+    b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51",
+)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
+                  ".ppm", ".pgm", ".pbm", ".jp2", ".j2k"}
+
+
+class ImageDecodeError(Exception):
+    """An input that is not a usable image; the message is one line for the user."""
+
+
+def looks_like_image(path: Path) -> bool:
+    """True when the file starts with the signature of a decodable image format."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return any(head.startswith(sig) for sig in _SIGNATURES)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; alpha is composited on white; 16-bit is scaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if arr.max(initial=0) <= 1.0 else arr.max()
+        else:
+            top = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_long_side: int | None = None) -> Image.Image:
+    """Decode `path` to an upright 8-bit RGB image.
+
+    `draft_long_side` lets JPEG decoding skip detail (DCT scaling) when only a small copy is
+    needed; the result is still at least that size on its long side.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            img = Image.open(path)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageDecodeError(
+                f"image is {w}x{h} ({w * h / 1e6:.0f} MP), above the {max_pixels / 1e6:.0f} MP limit "
+                "(possible decompression bomb; raise --max-pixels to allow)")
+        if w < 1 or h < 1:
+            raise ImageDecodeError("image has no pixels")
+        if draft_long_side and img.format == "JPEG":
+            scale = draft_long_side / max(w, h)
+            if scale < 1:
+                img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unrecognised content)") from None
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except IsADirectoryError:
+        raise ImageDecodeError("is a directory") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageDecodeError(f"cannot decode image: {msg}") from None
+
+
+@dataclass
+class Canvas:
+    """An image fitted into the model's square input: uint8 [S,S,3], image at the top-left."""
+
+    pixels: np.ndarray
+    resized_hw: tuple[int, int]  # size of the image inside the canvas
+
+
+def fit_to_canvas(img: Image.Image, size: int) -> Canvas:
+    """Resize so the long side is `size` (aspect kept, antialiased), pad bottom/right with black."""
+    w, h = img.size
+    scale = size / max(w, h)
+    rw, rh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    resized = img.resize((rw, rh), Image.BILINEAR) if (rw, rh) != (w, h) else img
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)  # black = LSeg's padding value
+    pixels[:rh, :rw] = np.asarray(resized)
+    return Canvas(pixels=pixels, resized_hw=(rh, rw))

@@ -1,0 +1,144 @@
+"""SOURCE arguments -> the list of input files and where their outputs go inside DIR.
+
+SOURCE may be a file, a folder (recursive), a glob, a text file listing paths, or "-" (paths on
+stdin). Output locations are always relative, with no ".." and no absolute part, so nothing can
+make segcli write outside DIR.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from segcli.data.images import IMAGE_SUFFIXES, looks_like_image
+from segcli.errors import SegcliError
+
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path  # where to read it
+    display: str  # as the user named it
+    rel: PurePosixPath  # output location inside DIR, without suffix: outputs are REL_mask.png ...
+    error: str | None = None  # known bad before decoding (e.g. a listed file that does not exist)
+
+
+@dataclass
+class SourceList:
+    sources: list[Source] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # non-image files found while walking folders
+
+
+def safe_relpath(path: str) -> PurePosixPath:
+    """A relative output path that mirrors `path` but cannot escape: ".." -> "_up", "/" root -> "_root"."""
+    norm = os.path.normpath(path)
+    if os.path.isabs(norm):
+        rel = os.path.relpath(norm, os.getcwd())
+        outside = rel == ".." or rel.startswith(".." + os.sep)
+        parts = ("_root",) + Path(norm).parts[1:] if outside else Path(rel).parts
+    else:
+        parts = Path(norm).parts
+    clean = ["_up" if p == ".." else p for p in parts if p not in ("", ".")]
+    return PurePosixPath(*clean) if clean else PurePosixPath("_")
+
+
+def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str]]:
+    images, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if not d.startswith(".") and (exclude is None or (here / d).resolve() != exclude)
+        )
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = here / name
+            if looks_like_image(p) or p.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(p)
+            else:
+                skipped.append(str(p))
+    return images, skipped
+
+
+def _read_list(lines: list[str], base: Path | None) -> list[tuple[Path, str]]:
+    out = []
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        p = Path(entry).expanduser()
+        if base is not None and not p.is_absolute():
+            p = base / p
+        out.append((p, entry))
+    return out
+
+
+def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = None) -> SourceList:
+    """Expand SOURCE arguments. Raises SegcliError for a SOURCE that names nothing."""
+    result = SourceList()
+    seen: set[Path] = set()
+    exclude = exclude.resolve() if exclude else None
+    candidates: list[tuple[Path, str, PurePosixPath]] = []
+
+    def add_file(p: Path, display: str, rel: PurePosixPath) -> None:
+        candidates.append((p, display, rel))
+
+    for arg in args:
+        if arg == "-":
+            lines = list(stdin_lines) if stdin_lines is not None else []
+            for p, entry in _read_list(lines, None):
+                add_file(p, entry, safe_relpath(entry))
+            continue
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            images, skipped = _walk(path, exclude)
+            result.skipped += skipped
+            for p in images:
+                add_file(p, str(p), PurePosixPath(*p.relative_to(path).parts))
+        elif path.is_file():
+            if path.suffix.lower() in LIST_SUFFIXES and not looks_like_image(path):
+                try:
+                    lines = path.read_text(encoding="utf-8").splitlines()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise SegcliError(f"cannot read list file {arg!r}: {exc}") from None
+                for p, entry in _read_list(lines, path.parent):
+                    add_file(p, entry, safe_relpath(entry))
+            else:
+                add_file(path, arg, safe_relpath(arg))
+        elif any(ch in arg for ch in "*?["):
+            matches = sorted(glob.glob(arg, recursive=True))
+            files = [m for m in matches if os.path.isfile(m)]
+            if not files:
+                raise SegcliError(f"no files match {arg!r}")
+            for m in files:
+                add_file(Path(m), m, safe_relpath(m))
+        else:
+            raise SegcliError(f"no such file or folder: {arg}")
+
+    names: dict[PurePosixPath, int] = {}
+    unique = []
+    for p, display, rel in candidates:
+        key = p.resolve() if p.exists() else p.absolute()
+        if key in seen:
+            continue
+        seen.add(key)
+        unique.append((p, display, rel))
+        stem = rel.with_suffix("") if rel.suffix else rel
+        names[stem] = names.get(stem, 0) + 1
+    taken: set[PurePosixPath] = set()
+    for p, display, rel in unique:
+        stem = rel.with_suffix("") if rel.suffix else rel
+        # two inputs that differ only by extension (a.jpg, a.png) keep the extension in their NAME
+        out = rel.parent / rel.name.replace(".", "_") if names[stem] > 1 else stem
+        error = None
+        if out in taken:
+            error = f"its output name {out} is already used by another input"
+        elif not p.exists():
+            error = "file not found"
+        taken.add(out)
+        result.sources.append(Source(path=p, display=display, rel=out, error=error))
+    return result

@@ -1,0 +1,58 @@
+"""Frozen open_clip text tower with its tokenizer (the BPE vocabulary ships inside open_clip)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import QuickGELU, TextTransformer
+from torch import nn
+
+from segcli.errors import SegcliError
+from segcli.registry import TextConfig
+
+_TOKENIZER: SimpleTokenizer | None = None
+
+
+def _tokenizer() -> SimpleTokenizer:
+    global _TOKENIZER
+    if _TOKENIZER is None:  # building the BPE tables takes ~0.3 s: once per process
+        _TOKENIZER = SimpleTokenizer()
+    return _TOKENIZER
+
+
+class TextEncoder(nn.Module):
+    """Texts -> L2-normalised embeddings [N, C]. Frozen: no gradients, always in eval mode."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.tower = TextTransformer(
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            width=cfg.width,
+            heads=cfg.heads,
+            layers=cfg.layers,
+            output_dim=cfg.embed_dim,
+            act_layer=QuickGELU if cfg.quick_gelu else nn.GELU,
+        )
+        self.tower.requires_grad_(False)
+        self.tower.eval()
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(False)  # frozen for real: dropout and friends never switch on
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """[N, context_length] int64; refuses texts that would be truncated."""
+        tok = _tokenizer()
+        for text in texts:
+            if len(tok.encode(text)) > self.context_length - 2:
+                raise SegcliError(f"label {text[:40]!r}... is too long for the text encoder")
+        return tok(texts, context_length=self.context_length)
+
+    @torch.no_grad()
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        device = self.tower.positional_embedding.device
+        tokens = self.tokenize(texts).to(device)
+        with torch.autocast(device.type, enabled=False):
+            return F.normalize(self.tower(tokens).float(), dim=-1)

@@ -1,0 +1,116 @@
+"""Architectures by name: `lseg_vitl16_384`, `lseg_vitb16_384`, `lseg_vitb32_384`, `lseg_tiny`.
+
+A config is plain data (JSON-serialisable) so that a checkpoint can carry it and rebuild the model
+without any code of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from segcli.errors import SegcliError
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """An open_clip text tower. The defaults are OpenAI CLIP ViT-B/32's text transformer."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408  # the CLIP BPE vocabulary; the tokenizer ships inside open_clip
+    embed_dim: int = 512  # C: the shared pixel/text embedding size
+    quick_gelu: bool = True  # OpenAI CLIP weights were trained with QuickGELU
+
+
+@dataclass(frozen=True)
+class LSegConfig:
+    """ViT image encoder + DPT decoder + frozen CLIP text tower."""
+
+    name: str
+    patch_size: int
+    vit_dim: int
+    depth: int
+    num_heads: int
+    hook_blocks: tuple[int, int, int, int]  # blocks whose outputs feed the four reassemble branches
+    reassemble_channels: tuple[int, int, int, int]
+    features: int = 256  # decoder width
+    pos_embed_grid: int = 24  # pos_embed is stored for this grid (384 / patch)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale: float = 1 / 0.07  # LSeg's fixed temperature
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    default_imgsz: int = 384
+    timm_name: str | None = None  # where pretrained backbone weights come from
+    clip_name: str | None = "ViT-B-32"  # where pretrained text weights come from
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text.embed_dim
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this: the coarsest decoder level is at stride 32."""
+        return max(32, self.patch_size)
+
+    @property
+    def resample_factors(self) -> tuple[float, float, float, float]:
+        """Per level, how the patch grid is rescaled to reach strides 4, 8, 16 and 32."""
+        return tuple(self.patch_size / stride for stride in (4, 8, 16, 32))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LSegConfig":
+        data = dict(data)
+        data["text"] = TextConfig(**data.get("text", {}))
+        for key in ("hook_blocks", "reassemble_channels", "pixel_mean", "pixel_std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        known = cls.__dataclass_fields__
+        unknown = set(data) - set(known)
+        if unknown:
+            raise SegcliError(f"model config has unknown fields {sorted(unknown)}: written by a newer segcli?")
+        return cls(**data)
+
+
+ARCHITECTURES: dict[str, LSegConfig] = {
+    cfg.name: cfg
+    for cfg in [
+        # LSeg's released model (demo_e200.ckpt): ViT-L/16 + CLIP ViT-B/32 text.
+        LSegConfig(
+            name="lseg_vitl16_384", patch_size=16, vit_dim=1024, depth=24, num_heads=16,
+            hook_blocks=(5, 11, 17, 23), reassemble_channels=(256, 512, 1024, 1024),
+            pos_embed_grid=24, timm_name="vit_large_patch16_384",
+        ),
+        LSegConfig(
+            name="lseg_vitb16_384", patch_size=16, vit_dim=768, depth=12, num_heads=12,
+            hook_blocks=(2, 5, 8, 11), reassemble_channels=(96, 192, 384, 768),
+            pos_embed_grid=24, timm_name="vit_base_patch16_384",
+        ),
+        LSegConfig(
+            name="lseg_vitb32_384", patch_size=32, vit_dim=768, depth=12, num_heads=12,
+            hook_blocks=(2, 5, 8, 11), reassemble_channels=(96, 192, 384, 768),
+            pos_embed_grid=12, timm_name="vit_base_patch32_384",
+        ),
+        # A few-layer model for tests and smoke runs on a CPU in seconds.
+        LSegConfig(
+            name="lseg_tiny", patch_size=16, vit_dim=64, depth=4, num_heads=2,
+            hook_blocks=(0, 1, 2, 3), reassemble_channels=(16, 32, 64, 64), features=32,
+            pos_embed_grid=8, default_imgsz=128, timm_name=None, clip_name=None,
+            text=TextConfig(width=64, heads=2, layers=2, embed_dim=64),
+        ),
+    ]
+}
+
+
+def get_config(name: str) -> LSegConfig:
+    """The registered config for an architecture name."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise SegcliError(
+            f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}"
+        ) from None
