@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from segcli import __version__
 from segcli.errors import SegcliError
-from segcli.fileio import TMP_PREFIX
+from segcli.fileio import atomic_path
 from segcli.labels import LabelSet
 from segcli.modeling.lseg import LSeg
 from segcli.registry import LSegConfig
@@ -56,14 +55,8 @@ def save_checkpoint(model: LSeg, path: str | os.PathLike, labels: LabelSet | Non
     for key, value in (extra or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent or ".")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

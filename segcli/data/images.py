@@ -56,11 +56,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_long_side: int | None = None) -> Image.Image:
-    """Decode `path` to an upright 8-bit RGB image.
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `path` to an upright 8-bit RGB image at full size."""
+    return decode_image(path, max_pixels)[0]
+
+
+def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_long_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode `path` to an upright 8-bit RGB image; also returns the full upright size (H, W).
 
     `draft_long_side` lets JPEG decoding skip detail (DCT scaling) when only a small copy is
-    needed; the result is still at least that size on its long side.
+    needed; the image is then smaller than the returned size but at least that long on its long side.
     """
     try:
         with warnings.catch_warnings():
@@ -77,9 +83,11 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_lon
             scale = draft_long_side / max(w, h)
             if scale < 1:
                 img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+        orientation = img.getexif().get(0x0112, 1)
+        full_hw = (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # those orientations swap the axes
         img.load()
         img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return _to_rgb(img), full_hw
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:

@@ -1,0 +1,242 @@
+"""The `segcli` command: a thin Typer layer over the Python API.
+
+Exit status: 0 all inputs done; 1 some inputs failed (named on stderr and in summary.json);
+2 usage or environment error (bad labels, missing/corrupt model, unknown device, unwritable
+output); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from segcli import __version__
+from segcli.errors import SegcliError
+
+EXIT_CODES = """Exit status: 0 all inputs done; 1 some inputs failed (see stderr and summary.json);
+2 usage or environment error; 130 interrupted."""
+
+app = typer.Typer(
+    name="segcli",
+    help="Batch open-vocabulary semantic segmentation (LSeg-style): any labels, any folder of photos.\n\n"
+    + EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", markup=True) if err.is_terminal else print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn SegcliError into one line on stderr and exit status 2: no traceback for user mistakes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SegcliError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", 130) from None
+
+    return wrapper
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"segcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+@user_errors
+def predict(
+    sources: List[str] = typer.Argument(..., help="Image files, folders (recursive), globs, .txt lists of paths, or - (paths on stdin)."),
+    labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set (ade20k). Default: the labels the checkpoint was trained on.'),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A segcli checkpoint (.safetensors) or an architecture name (untrained, for smoke tests)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/predict/N."),
+    save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay."),
+    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}." (default: the raw label, as LSeg).'),
+    imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (long side, a multiple of 32). Default: the model's (384)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", "-j", min=1, help="Background threads for decoding and for writing."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, bf16 on CPUs with native bf16), fp32, bf16, fp16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every image, replacing results made with other settings."),
+    max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Refuse larger images (decompression bombs)."),
+    json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per image on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors are still reported)."),
+) -> None:
+    """Segment photos: writes NAME_mask.png, NAME_color.png, NAME_overlay.jpg, labels.json, summary.json."""
+    from segcli.api import Segmenter
+    from segcli.data.sources import collect_sources
+    from segcli.labels import parse_labels
+    from segcli.predict import OUTPUT_KINDS, PredictOptions, PredictRun
+
+    kinds = tuple(k.strip() for k in save.split(",") if k.strip())
+    bad = [k for k in kinds if k not in OUTPUT_KINDS]
+    if bad or not kinds:
+        raise SegcliError(f"--save takes any of {','.join(OUTPUT_KINDS)}; got {save!r}")
+    label_set = parse_labels(labels) if labels is not None else None
+    if model is None:
+        raise SegcliError("no --model given: pass a segcli checkpoint (.safetensors) or an architecture name")
+    stdin_lines = sys.stdin.read().splitlines() if "-" in sources else None
+    found = collect_sources(sources, stdin_lines=stdin_lines, exclude=output)
+    if not found.sources:
+        raise SegcliError(f"no images found in {' '.join(sources)}"
+                          + (f" ({len(found.skipped)} non-image files skipped)" if found.skipped else ""))
+    seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
+    if seg.untrained:
+        _warn(f"{model} is an untrained architecture with random weights: its masks are meaningless "
+              "(use it for smoke tests and speed measurements; pass a checkpoint for real results)")
+    label_set = seg.resolve_labels(label_set)
+    if found.skipped and not quiet:
+        _warn(f"skipped {len(found.skipped)} non-image file(s), listed in summary.json")
+    options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
+                             batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels)
+    reporter = _Reporter(total=len(found.sources), quiet=quiet, json_lines=json_lines)
+    run = PredictRun(seg, options, found, on_record=reporter.record)
+    with reporter:
+        result = run.run()
+    if result.interrupted:
+        raise _fail(f"interrupted: {len(result.records)} of {len(found.sources)} done; run again to finish", 130)
+    if not quiet:
+        ok = len(result.records) - result.failed
+        print(f"done: {ok} ok, {result.failed} failed, {result.reused} already done -> {result.output}", file=sys.stderr)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+class _Reporter:
+    """Progress on stderr (a rich bar on a terminal, plain lines otherwise); JSON lines on stdout."""
+
+    def __init__(self, total: int, quiet: bool, json_lines: bool):
+        self.total, self.quiet, self.json_lines = total, quiet, json_lines
+        self.count = 0
+        self.progress = None
+        if not quiet and err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=False)
+            self.task = self.progress.add_task("predict", total=total, rate="")
+        self._start = None
+
+    def __enter__(self):
+        import time
+
+        self._start = time.perf_counter()
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+    def record(self, rec: dict) -> None:
+        import time
+
+        self.count += 1
+        if self.json_lines:
+            print(json.dumps(rec, ensure_ascii=False), flush=True)
+        if rec["status"] != "ok":
+            line = f"error: {rec['input']}: {rec['error']}"
+            if self.progress:
+                self.progress.console.print(line, markup=False)
+            else:
+                print(line, file=sys.stderr, flush=True)
+        if self.progress:
+            elapsed = max(1e-9, time.perf_counter() - self._start)
+            self.progress.update(self.task, advance=1, rate=f"{self.count / elapsed:.1f} img/s")
+        elif not self.quiet and rec["status"] == "ok":
+            print(f"[{self.count}/{self.total}] {rec['input']} ({rec.get('seconds', 0):.2f}s)", file=sys.stderr, flush=True)
+
+
+@app.command()
+@user_errors
+def info(
+    model: str = typer.Argument(..., help="A segcli checkpoint (.safetensors) or an architecture name."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show what a checkpoint holds: architecture, parameters, labels, metadata."""
+    from segcli.checkpoint import read_checkpoint_info
+    from segcli.registry import ARCHITECTURES
+
+    if Path(model).exists() or model.endswith(".safetensors"):
+        ci = read_checkpoint_info(model)
+        from safetensors import safe_open
+
+        with safe_open(str(ci.path), framework="pt") as f:
+            params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        cfg, labels = ci.config, ci.labels
+        meta = {k: v for k, v in ci.metadata.items() if k not in ("config", "labels")}
+        kind = "checkpoint"
+    elif model in ARCHITECTURES:
+        import torch
+
+        from segcli.modeling import LSeg
+
+        cfg, labels, meta, kind = ARCHITECTURES[model], None, {}, "architecture (untrained)"
+        with torch.device("meta"):
+            params = sum(p.numel() for p in LSeg(cfg).state_dict().values())
+    else:
+        raise SegcliError(f"{model!r} is neither a file nor an architecture ({', '.join(ARCHITECTURES)})")
+    data = {"model": model, "kind": kind, "architecture": cfg.name, "parameters": params,
+            "config": cfg.to_dict(), "labels": list(labels.names) if labels else None, "metadata": meta}
+    if json_out:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    table.add_row("model", model)
+    table.add_row("kind", kind)
+    table.add_row("architecture", cfg.name)
+    table.add_row("parameters", f"{params:,}")
+    table.add_row("image encoder", f"ViT patch {cfg.patch_size}, width {cfg.vit_dim}, depth {cfg.depth}")
+    table.add_row("text encoder", f"CLIP text width {cfg.text.width}, {cfg.text.layers} layers, C = {cfg.embed_dim}")
+    table.add_row("input size", str(cfg.default_imgsz))
+    table.add_row("labels", (f"{len(labels)}: " + ", ".join(labels.names[:20]) + (" ..." if len(labels) > 20 else "")) if labels else "none")
+    for k, v in meta.items():
+        table.add_row(k, v)
+    Console(highlight=False).print(table)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
