@@ -113,8 +113,6 @@ def predict(
         _warn(f"{model} is an untrained architecture with random weights: its masks are meaningless "
               "(use it for smoke tests and speed measurements; pass a checkpoint for real results)")
     label_set = seg.resolve_labels(label_set)
-    if found.skipped and not quiet:
-        _warn(f"skipped {len(found.skipped)} non-image file(s), listed in summary.json")
     options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
                              batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels)
     reporter = _Reporter(total=len(found.sources), quiet=quiet, json_lines=json_lines)
@@ -125,7 +123,9 @@ def predict(
         raise _fail(f"interrupted: {len(result.records)} of {len(found.sources)} done; run again to finish", 130)
     if not quiet:
         ok = len(result.records) - result.failed
-        print(f"done: {ok} ok, {result.failed} failed, {result.reused} already done -> {result.output}", file=sys.stderr)
+        skipped = f", {len(found.skipped)} non-image file(s) skipped (see summary.json)" if found.skipped else ""
+        print(f"done: {ok} ok, {result.failed} failed, {result.reused} already done{skipped} -> {result.output}",
+              file=sys.stderr)
     if result.failed:
         raise typer.Exit(1)
 

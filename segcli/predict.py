@@ -274,7 +274,8 @@ class PredictRun:
                 decoding.append((nxt[0], decode_pool.submit(self._decode, nxt[1])))
 
         def collect_writes(limit: int) -> None:
-            while len(writing) > limit:
+            """Record finished writes (all that are done, and more until at most `limit` are pending)."""
+            while writing and (len(writing) > limit or writing[0][2].done()):
                 index, source, fut = writing.popleft()
                 try:
                     finish(index, fut.result())
@@ -303,6 +304,7 @@ class PredictRun:
                 index, fut = decoding.popleft()
                 refill()
                 item = fut.result()
+                collect_writes(limit=window)
                 if item.error:
                     finish(index, self._error_record(item.source, item.error))
                 else:

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segcli.masks import label_fractions, mask_dtype, restore_label_map
+
+
+def test_restore_equals_full_bilinear_upsampling_then_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(12, 24, 32) * 3
+    full = F.interpolate(logits[None], size=(300, 400), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+    ours = restore_label_map(logits, (24, 32), (300, 400))
+    assert (ours == full).mean() > 0.999
+    chunked = restore_label_map(logits, (24, 32), (300, 400), max_elements=5000)
+    assert np.array_equal(chunked, ours)
+
+
+def test_restore_ignores_padding_beyond_the_valid_region():
+    logits = torch.zeros(2, 16, 16)
+    logits[1, :, 8:] = 5.0  # label 1 only in the padded right half
+    mask = restore_label_map(logits, (16, 8), (50, 40))
+    assert mask.shape == (50, 40) and (mask == 0).all()
+
+
+def test_boundaries_are_sharp_and_smooth():
+    logits = torch.zeros(2, 8, 8)
+    logits[0] = 0.5
+    logits[1, :, 4:] = 1.0  # crossover half-way between source columns 3 and 4: output x = 40
+    mask = restore_label_map(logits, (8, 8), (80, 80))
+    assert set(np.unique(mask)) == {0, 1}
+    assert (mask[:, :38] == 0).all() and (mask[:, 42:] == 1).all()
+
+
+def test_mask_dtype_and_fractions():
+    assert mask_dtype(255) == np.uint8 and mask_dtype(256) == np.uint16
+    logits = torch.randn(300, 4, 4)
+    assert restore_label_map(logits, (4, 4), (10, 10)).dtype == np.uint16
+    frac = label_fractions(np.array([[0, 1], [1, 1]], dtype=np.uint8), 3)
+    assert frac.tolist() == [0.25, 0.75, 0.0]

@@ -1,0 +1,215 @@
+"""`segcli predict` end to end: outputs, nasty inputs, containment, resume, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import SAMPLES, TINY_LABELS, make_nasty_folder
+from segcli.cli import app
+
+
+def run(args, stdin=None):
+    return CliRunner().invoke(app, ["predict", *args], input=stdin)
+
+
+def outputs_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".segcli" not in p.parts and p.name != "summary.json"}
+
+
+def test_predict_sample_images(tmp_path, tiny_checkpoint, samples):
+    out = tmp_path / "out"
+    result = run([str(samples), "--labels", TINY_LABELS, "--model", str(tiny_checkpoint), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("astronaut", "cat", "coffee", "rocket"):
+        size = Image.open(SAMPLES / f"{name}.jpg").size
+        mask = np.array(Image.open(out / f"{name}_mask.png"))
+        assert mask.shape == (size[1], size[0]) and mask.dtype == np.uint8 and mask.max() < 4
+        color = Image.open(out / f"{name}_color.png")
+        assert color.size == size and color.mode == "RGB"
+        palette = np.array(json.loads((out / "labels.json").read_text())[0]["color"])
+        first = np.array(color)[mask == 0]
+        assert first.size == 0 or (first == palette).all()
+        assert Image.open(out / f"{name}_overlay.jpg").size == size
+    labels = json.loads((out / "labels.json").read_text())
+    assert [entry["label"] for entry in labels] == ["cat", "grass", "sky", "person"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"inputs": 4, "ok": 4, "failed": 0, "reused": 0, "not_done": 0}
+    assert summary["skipped_non_images"] == [str(samples / "CREDITS.md")]
+    cat = next(r for r in summary["images"] if r["output"] == "cat")
+    assert cat["width"] == 451 and cat["height"] == 300 and abs(sum(cat["labels"].values()) - 1) < 1e-4
+    assert not list(out.rglob(".segcli-tmp-*"))
+
+
+def test_labels_default_to_the_checkpoints_and_json_lines(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(SAMPLES)
+    out = tmp_path / "out"
+    result = run(["cat.jpg", "--model", str(tiny_checkpoint), "-o", str(out), "--json",
+                  "--save", "mask", "-q"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 1 and lines[0]["status"] == "ok" and lines[0]["files"] == ["cat_mask.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".segcli", "cat_mask.png", "labels.json", "summary.json"]
+
+
+def test_nasty_folder(tmp_path, tiny_checkpoint):
+    kinds = make_nasty_folder(tmp_path / "nasty")
+    out = tmp_path / "out"
+    result = run([str(tmp_path / "nasty"), "--labels", "a,b,c", "--model", str(tiny_checkpoint), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    status = {Path(r["input"]).name: r for r in summary["images"]}
+    assert set(status) == set(kinds)
+    for name, kind in kinds.items():
+        assert (status[name]["status"] == "ok") == (kind == "good"), (name, status[name])
+        if kind == "bad":
+            assert name in result.stderr and status[name]["error"]
+    assert "decompression bomb" in status["bomb.png"]["error"]
+    assert "not an image" in status["notes.jpg"]["error"]
+    # EXIF orientation applied: the cat is 451x300 stored, rotated 90 degrees on display
+    assert np.array(Image.open(out / "rotated_mask.png")).shape == (451, 300)
+    assert np.array(Image.open(out / "dot_mask.png")).shape == (1, 1)
+    assert (out / "café_猫_mask.png").exists() and (out / "no_extension_overlay.jpg").exists()
+    assert not (out / "truncated_mask.png").exists()
+
+
+def test_outputs_stay_inside_dir(tmp_path, tiny_checkpoint, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(SAMPLES / "cat.jpg", tmp_path / "up.jpg")
+    monkeypatch.chdir(work)
+    out = work / "out"
+    stdin = f"../up.jpg\n{SAMPLES / 'coffee.jpg'}\n"
+    result = run(["-", "--labels", "a,b", "--model", str(tiny_checkpoint), "-o", "out", "--save", "mask"], stdin)
+    assert result.exit_code == 0, result.output
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*_mask.png"))
+    assert written == ["_root" + str(SAMPLES / "coffee_mask.png"), "_up/up_mask.png"]
+    assert sorted(os.listdir(tmp_path)) == ["up.jpg", "work"]
+
+    # a symlink planted inside DIR cannot redirect writes outside it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (out / "_up").rename(out / "_up_old")
+    (out / "_up").symlink_to(outside, target_is_directory=True)
+    result = run(["-", "--labels", "a,b", "--model", str(tiny_checkpoint), "-o", "out", "--save", "mask", "--overwrite"],
+                 "../up.jpg\n")
+    assert result.exit_code == 1 and "outside" in result.stderr
+    assert list(outside.iterdir()) == []
+
+
+def test_rerun_skips_done_images_and_refuses_other_settings(tmp_path, tiny_checkpoint, samples):
+    out = tmp_path / "out"
+    args = [str(samples), "--labels", "cat,sky", "--model", str(tiny_checkpoint), "-o", str(out)]
+    assert run(args).exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    shutil.copy(SAMPLES / "cat.jpg", samples / "new.jpg")
+    result = run(args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["reused"] == 4 and summary["counts"]["ok"] == 5
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert (out / "new_mask.png").exists()
+
+    other = run([str(samples), "--labels", "cat,dog", "--model", str(tiny_checkpoint), "-o", str(out)])
+    assert other.exit_code == 2 and "labels" in other.stderr and "--overwrite" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    forced = run([str(samples), "--labels", "cat,dog", "--model", str(tiny_checkpoint), "-o", str(out), "--overwrite"])
+    assert forced.exit_code == 0
+    assert json.loads((out / "summary.json").read_text())["counts"]["reused"] == 0
+
+
+def test_default_output_is_a_new_numbered_run(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(SAMPLES / "cat.jpg", tmp_path / "cat.jpg")
+    for n in (1, 2):
+        result = run(["cat.jpg", "-l", "a,b", "-m", str(tiny_checkpoint), "--save", "mask"])
+        assert result.exit_code == 0
+        assert (tmp_path / "runs" / "predict" / str(n) / "cat_mask.png").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--labels", ",,"], "no labels"),
+    (["--labels", "a,b,a"], "duplicate label"),
+    (["--model", "missing.safetensors"], "not found"),
+    (["--model", "no_such_arch"], "neither a file nor an architecture"),
+    (["--device", "tpu"], "unknown device"),
+    (["--device", "cuda:7"], "cuda"),
+    (["--save", "mask,pdf"], "--save"),
+    (["--imgsz", "100"], "multiple of 32"),
+    (["--prompt", "a photo"], "{}"),
+])
+def test_usage_errors_exit_2_with_one_line(tmp_path, tiny_checkpoint, args, message):
+    base = {"--labels": "a,b", "--model": str(tiny_checkpoint), "-o": str(tmp_path / "out")}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    flat = [x for kv in base.items() for x in kv]
+    result = run([str(SAMPLES / "cat.jpg"), *flat])
+    assert result.exit_code == 2, result.output
+    assert message.lower() in result.stderr.lower()
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_environment_errors_exit_2(tmp_path, tiny_checkpoint):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"garbage" * 10)
+    result = run([str(SAMPLES / "cat.jpg"), "-l", "a", "-m", str(corrupt), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "not a valid safetensors" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run([str(SAMPLES / "cat.jpg"), "-l", "a", "-m", str(tiny_checkpoint), "-o", str(blocker / "out")])
+    assert result.exit_code == 2 and "cannot be created" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run([str(empty), "-l", "a", "-m", str(tiny_checkpoint)])
+    assert result.exit_code == 2 and "no images found" in result.stderr
+    result = run([str(tmp_path / "nothing_here"), "-l", "a", "-m", str(tiny_checkpoint)])
+    assert result.exit_code == 2 and "no such file" in result.stderr
+
+
+def test_untrained_architecture_warns(tmp_path):
+    result = run([str(SAMPLES / "cat.jpg"), "-l", "a,b", "-m", "lseg_tiny", "-o", str(tmp_path / "o"), "--save", "mask"])
+    assert result.exit_code == 0 and "untrained" in result.stderr and "meaningless" in result.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_results(tmp_path, tiny_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(40):
+        shutil.copy(SAMPLES / ("cat.jpg", "coffee.jpg", "rocket.jpg", "astronaut.jpg")[i % 4], photos / f"p{i:02d}.jpg")
+    cmd = [sys.executable, "-m", "segcli", "predict", str(photos), "-l", "cat,sky,road", "-m", str(tiny_checkpoint),
+           "--batch-size", "1", "--imgsz", "256", "-q"]
+    reference = tmp_path / "reference"
+    assert subprocess.run(cmd + ["-o", str(reference)], capture_output=True).returncode == 0
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd + ["-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*_overlay.jpg"))) < 8:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list(out.glob("*_overlay.jpg"))
+    assert 0 < len(done) < 40, "the kill should land mid-run"
+    for p in out.glob("p*"):
+        if not p.name.startswith("."):
+            Image.open(p).load()  # every visible file is whole
+
+    result = subprocess.run(cmd + ["-o", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not list(out.rglob(".segcli-tmp-*"))
+    assert outputs_of(out) == outputs_of(reference)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ok"] == 40 and summary["counts"]["reused"] >= len(done) - 3
