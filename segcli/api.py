@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -225,13 +225,3 @@ def _as_pil(image) -> Image.Image:
         return load_image(image)
     raise SegcliError(f"cannot use {type(image).__name__} as an image")
 
-
-def iter_batches(seq: Iterable, size: int):
-    batch = []
-    for item in seq:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -199,6 +199,7 @@ class PredictRun:
         real = folder.resolve()
         if real != self.output_real and self.output_real not in real.parents:
             raise _InputFailure(f"output folder {folder} leads outside {self.output} (symlink); not written")
+        fractions = label_fractions(mask, len(self.opt.labels))
         if "mask" in paths:
             atomic_write_bytes(paths["mask"], encode_png(mask))
         if "color" in paths or "overlay" in paths:
@@ -206,15 +207,10 @@ class PredictRun:
             if "color" in paths:
                 atomic_write_bytes(paths["color"], encode_png(color))
             if "overlay" in paths:
-                photo = item.photo
-                if photo.shape[:2] != mask.shape:  # safety net; decode gives the full size when overlays are wanted
-                    import cv2
-                    photo = cv2.resize(photo, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
-                fractions = label_fractions(mask, len(self.opt.labels))
+                photo = item.photo  # full size: decode skips draft mode when overlays are wanted
                 legend = [(self.opt.labels.names[k], self.opt.labels.colors[k])
                           for k in np.argsort(-fractions) if fractions[k] > 0]
                 atomic_write_bytes(paths["overlay"], encode_jpeg(overlay(photo, color, self.opt.alpha, legend)))
-        fractions = label_fractions(mask, len(self.opt.labels))
         return {
             "input": src.display,
             "path": str(src.path),
