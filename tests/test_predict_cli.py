@@ -213,3 +213,24 @@ def test_killed_run_resumes_to_identical_results(tmp_path, tiny_checkpoint):
     assert outputs_of(out) == outputs_of(reference)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["ok"] == 40 and summary["counts"]["reused"] >= len(done) - 3
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_with_exit_130(tmp_path, tiny_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(60):
+        shutil.copy(SAMPLES / "rocket.jpg", photos / f"r{i:02d}.jpg")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(photos), "-l", "a,b", "-m", str(tiny_checkpoint),
+                             "-o", str(out), "-b", "1", "--imgsz", "256", "-q"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*_overlay.jpg"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and 0 < summary["counts"]["ok"] < 60
+    assert not list(out.rglob(".segcli-tmp-*"))

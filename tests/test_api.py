@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SAMPLES, NetworkAccess
+from segcli import Segmenter
+from segcli.errors import SegcliError
+
+
+def test_predict_accepts_paths_pil_and_arrays(tiny_checkpoint):
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
+    cat = Image.open(SAMPLES / "cat.jpg")
+    preds = seg.predict([SAMPLES / "coffee.jpg", cat, np.asarray(cat.convert("L"))], labels="a,b;c,d",
+                        return_logits=True, return_embeddings=True)
+    assert [p.label_map.shape for p in preds] == [(400, 600), (300, 451), (300, 451)]
+    assert all(p.label_map.max() < 3 and p.labels.names == ("a", "b", "d") for p in preds)
+    assert preds[0].logits.shape == (3, 43, 64) and preds[0].embeddings.shape == (64, 43, 64)
+    # the label map is the argmax of the logits where the two resolutions line up
+    assert preds[1].logits.abs().max() <= 1 / 0.07 + 1e-3
+    default = seg.predict(cat)  # the checkpoint's own labels
+    assert default[0].labels.names == ("cat", "grass", "sky", "person")
+
+
+def test_same_image_same_result_whatever_the_batch(tiny_checkpoint):
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
+    images = [Image.open(SAMPLES / f"{n}.jpg") for n in ("cat", "rocket", "coffee")]
+    one = [seg.predict(im, labels="x,y,z", return_logits=True)[0] for im in images]
+    batch = seg.predict(images, labels="x,y,z", batch_size=3, return_logits=True)
+    for a, b in zip(one, batch):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_untrained_architecture_warns_and_is_repeatable():
+    with pytest.warns(UserWarning, match="untrained"):
+        a = Segmenter.from_pretrained("lseg_tiny", device="cpu")
+    b = Segmenter.from_pretrained("lseg_tiny", device="cpu", warn=False)
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_device_and_precision_validation():
+    with pytest.raises(SegcliError, match="unknown device"):
+        Segmenter.from_pretrained("lseg_tiny", device="gpu0", warn=False)
+    with pytest.raises(SegcliError, match="fp16 is not supported on the CPU"):
+        Segmenter.from_pretrained("lseg_tiny", device="cpu", precision="fp16", warn=False)
+
+
+def test_network_is_blocked_in_tests():
+    with pytest.raises(NetworkAccess):
+        socket.create_connection(("huggingface.co", 443), timeout=1)
