@@ -108,7 +108,14 @@ def load_model(spec: str, device: torch.device) -> tuple[LSeg, LabelSet | None, 
         if path.is_dir():
             raise SegcliError(f"--model {spec} is a folder, not a checkpoint file")
         if path.suffix.lower() in {".ckpt", ".pt", ".pth"}:
-            raise SegcliError(f"{spec} is a pickle-based file; segcli only loads .safetensors checkpoints")
+            # an official LSeg checkpoint, read without running code and converted in memory
+            from segcli.convert import lseg_to_segcli, read_lseg_state_dict
+            from segcli.labels import named_label_set
+
+            model = lseg_to_segcli(read_lseg_state_dict(path)).to(device)
+            return model, named_label_set("ade20k"), model_fingerprint(path), False
+        if path.suffix.lower() == ".onnx":
+            raise SegcliError(f"{spec}: ONNX models are not supported yet")
         model, info = load_checkpoint(path, device)
         return model, info.labels, model_fingerprint(path), False
     if spec in ARCHITECTURES:

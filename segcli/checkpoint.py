@@ -15,7 +15,7 @@ from segcli import __version__
 from segcli.errors import SegcliError
 from segcli.fileio import atomic_path
 from segcli.labels import LabelSet
-from segcli.modeling.lseg import LSeg
+from segcli.modeling.lseg import LSeg, model_from_state_dict
 from segcli.registry import LSegConfig
 
 FORMAT = "segcli-checkpoint/1"
@@ -87,16 +87,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         state = load_file(str(info.path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise SegcliError(f"{info.path} is corrupt: {exc}") from None
-    with torch.device("meta"):
-        model = LSeg(info.config)
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model = model_from_state_dict(info.config, state, device)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise SegcliError(f"{info.path} does not match its architecture {info.config.name}: "
                           f"{' '.join(first[1:2]).strip()[:200]}") from None
-    # non-persistent buffers were built on meta: rebuild them on the target device
-    model.pixel_mean = torch.tensor(info.config.pixel_mean, device=device).view(1, 3, 1, 1)
-    model.pixel_std = torch.tensor(info.config.pixel_std, device=device).view(1, 3, 1, 1)
-    model.text_encoder.tower.attn_mask = model.text_encoder.tower.build_causal_mask().to(device)
-    return model.eval(), info
+    return model, info

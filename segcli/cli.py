@@ -227,6 +227,19 @@ def info(
     Console(highlight=False).print(table)
 
 
+@app.command()
+@user_errors
+def convert(
+    source: Path = typer.Argument(..., help="An official LSeg checkpoint (.ckpt from PyTorch Lightning, or a bare state dict)."),
+    output: Path = typer.Argument(..., help="The segcli checkpoint to write (.safetensors)."),
+) -> None:
+    """Convert an official LSeg checkpoint to a segcli checkpoint, without running code from it."""
+    from segcli.convert import convert_lseg_checkpoint
+
+    out, cfg = convert_lseg_checkpoint(source, output)
+    print(f"converted {source} -> {out} (architecture {cfg.name}, labels ade20k)", file=sys.stderr)
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:

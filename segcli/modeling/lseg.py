@@ -70,6 +70,22 @@ class LSeg(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
 
+def model_from_state_dict(cfg: LSegConfig, state: dict[str, torch.Tensor],
+                          device: str | torch.device = "cpu") -> LSeg:
+    """Build on the meta device and adopt `state` as the weights (strict; no random init, no copy).
+
+    Raises RuntimeError when keys or shapes do not match `cfg`.
+    """
+    with torch.device("meta"):
+        model = LSeg(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    # non-persistent buffers are not in `state`: rebuild them on the target device
+    model.pixel_mean = torch.tensor(cfg.pixel_mean, device=device).view(1, 3, 1, 1)
+    model.pixel_std = torch.tensor(cfg.pixel_std, device=device).view(1, 3, 1, 1)
+    model.text_encoder.tower.attn_mask = model.text_encoder.tower.build_causal_mask().to(device)
+    return model.eval()
+
+
 def build_model(arch: str | LSegConfig) -> LSeg:
     """An untrained (random-weight) model for a registered name or a config."""
     cfg = get_config(arch) if isinstance(arch, str) else arch

@@ -1,0 +1,111 @@
+"""Official LSeg checkpoints (PyTorch Lightning .ckpt or bare state dict) -> segcli checkpoints.
+
+Reading never runs code from the file: torch's weights-only unpickler admits tensors, storages
+and plain containers; the one class object Lightning stores (ModelCheckpoint, as a dict key in
+"callbacks") is replaced by an inert stand-in. Any other pickled global is refused by name.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from segcli.checkpoint import save_checkpoint
+from segcli.errors import SegcliError
+from segcli.labels import named_label_set
+from segcli.lseg_format import lseg_to_segcli_key
+from segcli.modeling.lseg import LSeg, model_from_state_dict
+from segcli.registry import ARCHITECTURES, LSegConfig, TextConfig
+
+_LIGHTNING_CALLBACK = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+
+
+class _InertStandIn:
+    """Takes the place of Lightning's ModelCheckpoint class object; has no behaviour."""
+
+
+def read_lseg_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of an LSeg .ckpt (keys without the Lightning "net." prefix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegcliError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([(_InertStandIn, _LIGHTNING_CALLBACK)]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:
+            raise SegcliError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from None
+        raise SegcliError(f"refusing {path}: it holds a pickled {found.group(1)}, which could run code "
+                          "(only tensors and plain containers are loaded)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise SegcliError(f"{path} is not a readable PyTorch checkpoint: {str(exc).splitlines()[0][:200]}") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SegcliError(f"{path} has no state_dict of tensors")
+    return {(k[4:] if k.startswith("net.") else k): v for k, v in state.items()}
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> LSegConfig:
+    """The architecture, read off the weights' shapes (LSeg's head size is always 64)."""
+    try:
+        patch = state["pretrained.model.patch_embed.proj.weight"]
+        vit_dim, patch_size = patch.shape[0], patch.shape[-1]
+        depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"pretrained\.model\.blocks\.(\d+)\.", k)))
+        grid = round((state["pretrained.model.pos_embed"].shape[1] - 1) ** 0.5)
+        channels = tuple(state[f"pretrained.act_postprocess{i}.3.weight"].shape[0] for i in range(1, 5))
+        features = state["scratch.layer1_rn.weight"].shape[0]
+        width = state["clip_pretrained.token_embedding.weight"].shape[1]
+        text = TextConfig(
+            width=width, heads=max(1, width // 64),
+            layers=1 + max(int(m.group(1)) for k in state
+                           if (m := re.match(r"clip_pretrained\.transformer\.resblocks\.(\d+)\.", k))),
+            context_length=state["clip_pretrained.positional_embedding"].shape[0],
+            vocab_size=state["clip_pretrained.token_embedding.weight"].shape[0],
+            embed_dim=state["clip_pretrained.text_projection"].shape[1],
+        )
+    except (KeyError, ValueError) as exc:
+        raise SegcliError(f"not an LSeg (LSegNet, DPT) state dict: missing {exc}") from None
+    step = depth // 4
+    fields = dict(patch_size=patch_size, vit_dim=vit_dim, depth=depth, num_heads=max(1, vit_dim // 64),
+                  hook_blocks=tuple(step * (i + 1) - 1 for i in range(4)), reassemble_channels=channels,
+                  features=features, pos_embed_grid=grid, text=text)
+    for cfg in ARCHITECTURES.values():
+        if all(getattr(cfg, k) == v for k, v in fields.items()):
+            return cfg
+    return LSegConfig(name="lseg_custom", timm_name=None, clip_name=None, **fields)
+
+
+def lseg_to_segcli(state: dict[str, torch.Tensor]) -> LSeg:
+    """Build the segcli model holding exactly these weights; every key and shape is checked."""
+    cfg = infer_config(state)
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        try:
+            target = lseg_to_segcli_key(key)
+        except KeyError as exc:
+            raise SegcliError(str(exc).strip("'\"")) from None
+        if target is not None:
+            # CLIP weights are stored fp16 by LSeg; segcli keeps everything fp32 (ints stay ints)
+            mapped[target] = value.float() if value.is_floating_point() else value
+    with torch.device("meta"):
+        expected = LSeg(cfg).state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise SegcliError(f"LSeg checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
+    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(mapped[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise SegcliError(f"shape mismatch for {k}: checkpoint {tuple(mapped[k].shape)}, model {tuple(expected[k].shape)}")
+    return model_from_state_dict(cfg, mapped)
+
+
+def convert_lseg_checkpoint(src: str | Path, dst: str | Path) -> tuple[Path, LSegConfig]:
+    """Convert an LSeg .ckpt into a segcli .safetensors checkpoint (labels: ADE20K, as LSeg trained)."""
+    model = lseg_to_segcli(read_lseg_state_dict(src))
+    labels = named_label_set("ade20k")
+    out = save_checkpoint(model, dst, labels=labels, extra={"converted_from": Path(src).name})
+    return out, model.cfg
