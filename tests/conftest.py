@@ -26,24 +26,28 @@ class NetworkAccess(AssertionError):
     pass
 
 
+_LOCAL = ("127.", "localhost", "::1")
+_real_getaddrinfo = socket.getaddrinfo
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Make every outgoing connection (except local test servers) fail loudly."""
-
+    """Make every outgoing connection and name lookup (except loopback) fail the test."""
     real_connect = socket.socket.connect
 
-    def guarded(self, address):
+    def connect(self, address):
         host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or self.family == socket.AF_UNIX):
+        if self.family == socket.AF_UNIX or (isinstance(host, str) and host.startswith(_LOCAL)):
             return real_connect(self, address)
         raise NetworkAccess(f"test tried to reach the network: {address!r}")
 
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: (_ for _ in ()).throw(
-        NetworkAccess(f"test tried to resolve {host!r}")) if host not in ("localhost", "127.0.0.1", "::1") else socket._real_getaddrinfo(host, *a, **k))
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, str) and host.startswith(_LOCAL):
+            return _real_getaddrinfo(host, *args, **kwargs)
+        raise NetworkAccess(f"test tried to resolve {host!r}")
 
-
-socket._real_getaddrinfo = socket.getaddrinfo
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 @pytest.fixture(scope="session")
