@@ -183,6 +183,8 @@ class PredictRun:
             item.error = str(exc)
         except MemoryError:
             item.error = "out of memory while decoding"
+        except Exception as exc:  # a decoder bug on a strange file must not stop the batch
+            item.error = f"cannot decode image: {type(exc).__name__}: {str(exc)[:200]}"
         item.seconds = time.perf_counter() - t0
         return item
 
@@ -273,12 +275,16 @@ class PredictRun:
             """Record finished writes (all that are done, and more until at most `limit` are pending)."""
             while writing and (len(writing) > limit or writing[0][2].done()):
                 index, source, fut = writing.popleft()
+                if fut.cancelled():  # interrupted before it started: not done, the next run does it
+                    continue
                 try:
                     finish(index, fut.result())
                 except _InputFailure as exc:
                     finish(index, self._error_record(source, str(exc)))
                 except OSError as exc:
                     finish(index, self._error_record(source, f"cannot write outputs: {exc.strerror or exc}"))
+                except (MemoryError, ValueError, RuntimeError) as exc:
+                    finish(index, self._error_record(source, f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
 
         def run_batch(batch: list[tuple[int, _Decoded]]) -> None:
             t0 = time.perf_counter()
@@ -313,13 +319,10 @@ class PredictRun:
             interrupted = True
             for _, fut in decoding:
                 fut.cancel()
-            for _, _, fut in writing:
-                fut.cancel()
         finally:
             decode_pool.shutdown(wait=True, cancel_futures=True)
             write_pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
-            if not interrupted:
-                collect_writes(limit=0)
+            collect_writes(limit=0)
             records_file.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
