@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 
 from segcli.checkpoint import load_checkpoint
-from segcli.data.images import Canvas, fit_to_canvas, load_image
+from segcli.data.images import Canvas, fit_to_canvas, load_image, to_rgb
 from segcli.errors import SegcliError
 from segcli.labels import LabelSet, parse_labels
 from segcli.masks import restore_label_map
 from segcli.modeling.lseg import LSeg, build_model
 from segcli.registry import ARCHITECTURES
 
+LOGIT_STRIDE = 2  # the decoder's output (and so the logits) is at half the model input resolution
 UNTRAINED_WARNING = ("{name} is an untrained architecture with random weights: its masks are meaningless "
                      "(fine for smoke tests and speed measurements; pass a checkpoint for real results)")
 
@@ -183,6 +184,17 @@ class Segmenter:
     def prepare(self, image: Image.Image) -> Canvas:
         return fit_to_canvas(image, self.imgsz)
 
+    def label_map(self, logits: torch.Tensor, canvas: Canvas, out_hw: tuple[int, int]) -> np.ndarray:
+        """Logits [K,S/2,S/2] of one canvas -> label map [H,W] for the image it holds, at `out_hw`."""
+        valid = (canvas.resized_hw[0] / LOGIT_STRIDE, canvas.resized_hw[1] / LOGIT_STRIDE)
+        return restore_label_map(logits, valid, out_hw)
+
+    @staticmethod
+    def image_region(per_pixel: torch.Tensor, canvas: Canvas) -> torch.Tensor:
+        """[X,S/2,S/2] -> [X,h,w]: the part of the model-resolution map that covers the image."""
+        h, w = (-(-side // LOGIT_STRIDE) for side in canvas.resized_hw)
+        return per_pixel[:, :h, :w].clone()
+
     @torch.inference_mode()
     def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor,
                          return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -208,26 +220,22 @@ class Segmenter:
             canvases = [self.prepare(im) for im in pil]
             logits, emb = self.segment_canvases(np.stack([c.pixels for c in canvases]), text, return_embeddings)
             for i, (im, canvas) in enumerate(zip(pil, canvases)):
-                valid = (canvas.resized_hw[0] / 2, canvas.resized_hw[1] / 2)
-                crop = (slice(None), slice(0, -(-canvas.resized_hw[0] // 2)), slice(0, -(-canvas.resized_hw[1] // 2)))
                 results.append(Prediction(
-                    label_map=restore_label_map(logits[i], valid, (im.height, im.width)),
+                    label_map=self.label_map(logits[i], canvas, (im.height, im.width)),
                     labels=label_set,
-                    logits=logits[i][crop].clone() if return_logits else None,
-                    embeddings=emb[i][crop].clone() if emb is not None else None,
+                    logits=self.image_region(logits[i], canvas) if return_logits else None,
+                    embeddings=self.image_region(emb[i], canvas) if emb is not None else None,
                 ))
         return results
 
 
 def _as_pil(image) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
             raise SegcliError("numpy images must be HxWx3 (or HxW) uint8 RGB")
-        return Image.fromarray(image)
+        return to_rgb(Image.fromarray(image))
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     raise SegcliError(f"cannot use {type(image).__name__} as an image")

@@ -31,15 +31,6 @@ class CheckpointInfo:
     metadata: dict = field(default_factory=dict)
 
 
-def labels_to_json(labels: LabelSet) -> dict:
-    return {"source": labels.source, "synonyms": [list(s) for s in labels.synonyms],
-            "colors": [list(c) for c in labels.colors]}
-
-
-def labels_from_json(data: dict) -> LabelSet:
-    return LabelSet.from_synonyms(data["synonyms"], source=data.get("source", "custom"), colors=data.get("colors"))
-
-
 def save_checkpoint(model: LSeg, path: str | os.PathLike, labels: LabelSet | None = None,
                     extra: dict | None = None) -> Path:
     """Write `model` (all weights) with its config and labels as JSON metadata, atomically."""
@@ -51,7 +42,8 @@ def save_checkpoint(model: LSeg, path: str | os.PathLike, labels: LabelSet | Non
         "normalization": json.dumps({"mean": list(model.cfg.pixel_mean), "std": list(model.cfg.pixel_std)}),
     }
     if labels is not None:
-        metadata["labels"] = json.dumps(labels_to_json(labels), ensure_ascii=False)
+        metadata["labels"] = json.dumps(labels.to_json(), ensure_ascii=False)
+        metadata["label_source"] = labels.source
     for key, value in (extra or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -74,7 +66,8 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         raise SegcliError(f"{path} is a safetensors file but not a segcli checkpoint (no segcli metadata)")
     try:
         config = LSegConfig.from_dict(json.loads(metadata["config"]))
-        labels = labels_from_json(json.loads(metadata["labels"])) if "labels" in metadata else None
+        labels = (LabelSet.from_json(json.loads(metadata["labels"]), metadata.get("label_source", "custom"))
+                  if "labels" in metadata else None)
     except (ValueError, KeyError, TypeError) as exc:
         raise SegcliError(f"{path} has corrupt segcli metadata ({exc})") from None
     return CheckpointInfo(path=path, config=config, labels=labels, metadata=metadata)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -147,8 +148,6 @@ class _Reporter:
         self._start = None
 
     def __enter__(self):
-        import time
-
         self._start = time.perf_counter()
         if self.progress:
             self.progress.start()
@@ -159,8 +158,6 @@ class _Reporter:
             self.progress.stop()
 
     def record(self, rec: dict) -> None:
-        import time
-
         self.count += 1
         if self.json_lines:
             print(json.dumps(rec, ensure_ascii=False), flush=True)
@@ -247,8 +244,24 @@ def _numel(shape) -> int:
     return n
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Entry point. Usage mistakes (unknown option, value out of range, missing argument) get one line
+    and exit status 2, like every other user error, instead of click's multi-line panel."""
+    try:
+        from typer._click.exceptions import UsageError  # recent typer vendors click
+    except ImportError:  # older typer: click itself
+        from click.exceptions import UsageError
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "segcli"
+        print(f"error: {exc.format_message()} (see '{command} --help')", file=sys.stderr)
+        code = 2
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,12 @@ class LabelSet:
             for i, (name, syn, color) in enumerate(zip(self.names, self.synonyms, self.colors))
         ]
 
-    def spec(self) -> str:
-        """A string that parse_labels turns back into this set (colors follow from it)."""
-        if self.source != "custom":
-            return self.source
-        return ",".join(";".join(syn) for syn in self.synonyms)
+    @classmethod
+    def from_json(cls, entries: list[dict], source: str = "custom") -> "LabelSet":
+        """Inverse of to_json()."""
+        entries = sorted(entries, key=lambda e: e["index"])
+        return cls.from_synonyms([e["synonyms"] for e in entries], source=source,
+                                 colors=[tuple(e["color"]) for e in entries])
 
     @classmethod
     def from_synonyms(cls, synonyms: list[list[str]], source: str = "custom", colors=None) -> "LabelSet":

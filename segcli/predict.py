@@ -9,8 +9,8 @@ what is missing and refuses to mix results of different settings.
 from __future__ import annotations
 
 import json
-import os
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
@@ -27,9 +27,9 @@ from segcli.api import Segmenter
 from segcli.data.images import DEFAULT_MAX_PIXELS, Canvas, ImageDecodeError, decode_image
 from segcli.data.sources import Source, SourceList
 from segcli.errors import SegcliError
-from segcli.fileio import TMP_PREFIX, atomic_write_bytes, atomic_write_json, remove_stale_temp_files
+from segcli.fileio import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from segcli.labels import LabelSet
-from segcli.masks import label_fractions, restore_label_map
+from segcli.masks import label_fractions
 from segcli.render import colorize, encode_jpeg, encode_png, overlay, palette_array
 
 OUTPUT_KINDS = ("mask", "color", "overlay")
@@ -90,9 +90,8 @@ def next_run_dir(base: Path = Path("runs/predict")) -> Path:
 def _prepare_output(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f"{TMP_PREFIX}probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):  # can we write here? (removed on close)
+            pass
     except OSError as exc:
         raise SegcliError(f"output folder {path} cannot be created or written: {exc.strerror or exc}") from None
     return path
@@ -191,9 +190,7 @@ class PredictRun:
     def _write(self, item: _Decoded) -> dict:
         t0 = time.perf_counter()
         src = item.source
-        canvas = item.canvas
-        valid = (canvas.resized_hw[0] / 2, canvas.resized_hw[1] / 2)
-        mask = restore_label_map(item.logits, valid, item.full_hw)
+        mask = self.seg.label_map(item.logits, item.canvas, item.full_hw)
         item.logits = None
         paths = self._outputs(src)
         folder = next(iter(paths.values())).parent
@@ -202,6 +199,7 @@ class PredictRun:
         if real != self.output_real and self.output_real not in real.parents:
             raise _InputFailure(f"output folder {folder} leads outside {self.output} (symlink); not written")
         fractions = label_fractions(mask, len(self.opt.labels))
+        present = [k for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0]  # most pixels first
         if "mask" in paths:
             atomic_write_bytes(paths["mask"], encode_png(mask))
         if "color" in paths or "overlay" in paths:
@@ -210,8 +208,7 @@ class PredictRun:
                 atomic_write_bytes(paths["color"], encode_png(color))
             if "overlay" in paths:
                 photo = item.photo  # full size: decode skips draft mode when overlays are wanted
-                legend = [(self.opt.labels.names[k], self.opt.labels.colors[k])
-                          for k in np.argsort(-fractions) if fractions[k] > 0]
+                legend = [(self.opt.labels.names[k], self.opt.labels.colors[k]) for k in present]
                 atomic_write_bytes(paths["overlay"], encode_jpeg(overlay(photo, color, self.opt.alpha, legend)))
         return {
             "input": src.display,
@@ -221,8 +218,7 @@ class PredictRun:
             "width": int(mask.shape[1]),
             "height": int(mask.shape[0]),
             "seconds": round(item.seconds + time.perf_counter() - t0, 4),
-            "labels": {self.opt.labels.names[k]: round(float(fractions[k]), 6)
-                       for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0},
+            "labels": {self.opt.labels.names[k]: round(float(fractions[k]), 6) for k in present},
             "files": [str(p.relative_to(self.output)) for p in paths.values()],
         }
 

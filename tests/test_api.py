@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import SAMPLES, NetworkAccess
 from segcli import Segmenter
+from segcli.data.images import to_rgb
 from segcli.errors import SegcliError
 
 
@@ -20,8 +21,15 @@ def test_predict_accepts_paths_pil_and_arrays(tiny_checkpoint):
     assert [p.label_map.shape for p in preds] == [(400, 600), (300, 451), (300, 451)]
     assert all(p.label_map.max() < 3 and p.labels.names == ("a", "b", "d") for p in preds)
     assert preds[0].logits.shape == (3, 43, 64) and preds[0].embeddings.shape == (64, 43, 64)
-    # the label map is the argmax of the logits where the two resolutions line up
-    assert preds[1].logits.abs().max() <= 1 / 0.07 + 1e-3
+    assert preds[1].logits.abs().max() <= 1 / 0.07 + 1e-3  # scaled cosines
+    # every label in the full-size map is best or second best somewhere at model resolution
+    top2 = set(preds[1].logits.topk(2, dim=0).indices.unique().tolist())
+    assert set(np.unique(preds[1].label_map).tolist()) <= top2
+    # in-memory images go through the same conversion as files: transparent -> white, 16-bit scaled
+    assert to_rgb(Image.new("RGBA", (4, 3), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    deep = Image.fromarray(np.full((3, 4), 65535, dtype=np.uint16))
+    assert to_rgb(deep).getpixel((0, 0)) == (255, 255, 255)
+    assert seg.predict(deep, labels="a,b")[0].label_map.shape == (3, 4)
     default = seg.predict(cat)  # the checkpoint's own labels
     assert default[0].labels.names == ("cat", "grass", "sky", "person")
 

@@ -11,7 +11,7 @@ def test_comma_list_with_spaces_and_synonyms():
     assert labels.names == ("road", "car", "sky")
     assert labels.synonyms == (("road", "street"), ("car",), ("sky",))
     assert len(labels) == 3
-    assert labels.spec() == "road;street,car,sky"
+    assert type(labels).from_json(labels.to_json()) == labels
 
 
 def test_label_file(tmp_path):

@@ -234,3 +234,14 @@ def test_sigterm_stops_cleanly_with_exit_130(tmp_path, tiny_checkpoint):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and 0 < summary["counts"]["ok"] < 60
     assert not list(out.rglob(".segcli-tmp-*"))
+
+
+@pytest.mark.parametrize("argv", [["predict", "x.jpg", "--alpha", "2"], ["predict", "--bogus"], ["info"], ["frobnicate"]])
+def test_command_line_mistakes_get_one_line_and_exit_2(argv, capsys):
+    from segcli.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "--help" in err

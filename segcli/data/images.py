@@ -36,7 +36,7 @@ def looks_like_image(path: Path) -> bool:
     return any(head.startswith(sig) for sig in _SIGNATURES)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; alpha is composited on white; 16-bit is scaled, not clipped."""
     mode = img.mode
     if mode == "RGB":
@@ -87,7 +87,7 @@ def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
         full_hw = (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # those orientations swap the axes
         img.load()
         img = ImageOps.exif_transpose(img)
-        return _to_rgb(img), full_hw
+        return to_rgb(img), full_hw
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
