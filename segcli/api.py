@@ -13,15 +13,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segcli.checkpoint import load_checkpoint
+from segcli.checkpoint import is_segcli_checkpoint, load_checkpoint
 from segcli.data.images import Canvas, fit_to_canvas, load_image, to_rgb
 from segcli.errors import SegcliError
 from segcli.labels import LabelSet, parse_labels
 from segcli.masks import restore_label_map
-from segcli.modeling.lseg import LSeg, build_model
+from segcli.modeling.lseg import build_model
+from segcli.modeling.pixel_text import PixelTextModel
 from segcli.registry import ARCHITECTURES
+from segcli.weights import read_state_dict
 
-LOGIT_STRIDE = 2  # the decoder's output (and so the logits) is at half the model input resolution
+DEFAULT_MODEL = "clip-dense:ViT-B-16"  # training-free, so predict works with no --model
+WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx"}
 UNTRAINED_WARNING = ("{name} is an untrained architecture with random weights: its masks are meaningless "
                      "(fine for smoke tests and speed measurements; pass a checkpoint for real results)")
 
@@ -32,7 +35,7 @@ class Prediction:
 
     label_map: np.ndarray
     labels: LabelSet
-    logits: torch.Tensor | None = None  # [K,h,w] at model resolution (half the model input), image region
+    logits: torch.Tensor | None = None  # [K,h,w] at model resolution (input / output_stride), image region
     embeddings: torch.Tensor | None = None  # [C,h,w] pixel embeddings (not normalised), same region
 
 
@@ -100,42 +103,60 @@ def model_fingerprint(path: Path) -> str:
     return "sha256-partial:" + h.hexdigest()
 
 
-def load_model(spec: str, device: torch.device) -> tuple[LSeg, LabelSet | None, str, bool]:
-    """A checkpoint path or an architecture name -> (model, trained labels, fingerprint, untrained)."""
+def load_model(spec: str, device: torch.device) -> tuple[PixelTextModel, LabelSet | None, str, bool]:
+    """A model spec -> (model, trained labels, fingerprint, untrained).
+
+    Specs: a segcli checkpoint (.safetensors); an official LSeg checkpoint (.ckpt/.pt/.pth, converted
+    in memory); an open_clip CLIP weights file (read densely, training-free); `clip-dense[:ARCH[@TAG]]`
+    (open_clip hub weights, cached); or a registered architecture name (random weights).
+    """
+    from segcli.clip_weights import clip_dense_from_clip_state, is_clip_dense_spec, is_clip_state_dict, load_clip_dense
+
+    if is_clip_dense_spec(spec):
+        model, weights = load_clip_dense(spec, device)
+        return model, None, f"{model.cfg.name}:{model_fingerprint(weights)}", False
     path = Path(spec).expanduser()
-    if path.exists() or path.suffix.lower() in {".safetensors", ".ckpt", ".pt", ".pth", ".onnx"}:
+    if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES:
         if not path.exists():
             raise SegcliError(f"model file not found: {spec}")
         if path.is_dir():
             raise SegcliError(f"--model {spec} is a folder, not a checkpoint file")
-        if path.suffix.lower() in {".ckpt", ".pt", ".pth"}:
-            # an official LSeg checkpoint, read without running code and converted in memory
-            from segcli.convert import lseg_to_segcli, read_lseg_state_dict
-            from segcli.labels import named_label_set
-
-            model = lseg_to_segcli(read_lseg_state_dict(path)).to(device)
-            return model, named_label_set("ade20k"), model_fingerprint(path), False
         if path.suffix.lower() == ".onnx":
             raise SegcliError(f"{spec}: ONNX models are not supported yet")
-        model, info = load_checkpoint(path, device)
-        return model, info.labels, model_fingerprint(path), False
+        fingerprint = model_fingerprint(path)
+        if path.suffix.lower() == ".safetensors" and is_segcli_checkpoint(path):
+            model, info = load_checkpoint(path, device)
+            return model, info.labels, fingerprint, False
+        state = read_state_dict(path)  # never runs code from the file
+        if is_clip_state_dict(state):
+            return clip_dense_from_clip_state(state, path.name, device=device), None, fingerprint, False
+        state = {(k[4:] if k.startswith("net.") else k): v for k, v in state.items()}
+        if "pretrained.model.patch_embed.proj.weight" not in state:
+            raise SegcliError(f"{spec} is neither a segcli checkpoint, an LSeg checkpoint nor open_clip CLIP weights")
+        # an official LSeg checkpoint, converted in memory
+        from segcli.convert import lseg_to_segcli
+        from segcli.labels import named_label_set
+
+        return lseg_to_segcli(state).to(device), named_label_set("ade20k"), fingerprint, False
     if spec in ARCHITECTURES:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same random weights every time, so runs are repeatable
             model = build_model(spec)
         return model.to(device), None, f"arch:{spec}", True
-    raise SegcliError(f"--model {spec!r} is neither a file nor an architecture ({', '.join(ARCHITECTURES)})")
+    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense[:ARCH[@TAG]] nor an architecture "
+                      f"({', '.join(ARCHITECTURES)})")
 
 
 class Segmenter:
-    """Open-vocabulary segmentation with any LSeg model.
+    """Open-vocabulary segmentation with any segcli model (LSeg or training-free CLIP dense).
 
+    >>> seg = Segmenter.from_pretrained()  # clip-dense:ViT-B-16, downloaded once and cached
     >>> seg = Segmenter.from_pretrained("model.safetensors")
     >>> [pred] = seg.predict(["photo.jpg"], labels="road,car,sky")
     >>> pred.label_map.shape  # (H, W) of photo.jpg, values in 0..2
     """
 
-    def __init__(self, model: LSeg, *, device: str | torch.device = "auto", precision: str = "auto",
+    def __init__(self, model: PixelTextModel, *, device: str | torch.device = "auto", precision: str = "auto",
                  imgsz: int | None = None, labels: LabelSet | None = None, name: str = "",
                  fingerprint: str = "", untrained: bool = False):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -148,9 +169,9 @@ class Segmenter:
         self.untrained = untrained
 
     @classmethod
-    def from_pretrained(cls, model: str, *, device: str = "auto", precision: str = "auto",
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
                         imgsz: int | None = None, warn: bool = True) -> "Segmenter":
-        """Load a segcli checkpoint, or build an untrained registered architecture (with a warning)."""
+        """Load any model spec `load_model` takes; untrained architectures come with a warning."""
         dev = resolve_device(device)
         net, labels, fingerprint, untrained = load_model(model, dev)
         if untrained and warn:
@@ -179,26 +200,26 @@ class Segmenter:
         """[K,C] normalised, on the model's device (cached per label set and prompt)."""
         if prompt is not None and "{}" not in prompt:
             raise SegcliError(f"--prompt {prompt!r} must contain {{}} where the label goes")
-        return self.model.label_embeddings(labels, prompt)
+        return self.model.label_embeddings(labels, prompt or self.model.default_prompt)
 
     def prepare(self, image: Image.Image) -> Canvas:
         return fit_to_canvas(image, self.imgsz)
 
     def label_map(self, logits: torch.Tensor, canvas: Canvas, out_hw: tuple[int, int]) -> np.ndarray:
-        """Logits [K,S/2,S/2] of one canvas -> label map [H,W] for the image it holds, at `out_hw`."""
-        valid = (canvas.resized_hw[0] / LOGIT_STRIDE, canvas.resized_hw[1] / LOGIT_STRIDE)
+        """Logits [K,S/s,S/s] (s = model.output_stride) of one canvas -> label map [H,W] for the image it holds, at `out_hw`."""
+        stride = self.model.output_stride
+        valid = (canvas.resized_hw[0] / stride, canvas.resized_hw[1] / stride)
         return restore_label_map(logits, valid, out_hw)
 
-    @staticmethod
-    def image_region(per_pixel: torch.Tensor, canvas: Canvas) -> torch.Tensor:
-        """[X,S/2,S/2] -> [X,h,w]: the part of the model-resolution map that covers the image."""
-        h, w = (-(-side // LOGIT_STRIDE) for side in canvas.resized_hw)
+    def image_region(self, per_pixel: torch.Tensor, canvas: Canvas) -> torch.Tensor:
+        """[X,S/s,S/s] -> [X,h,w]: the part of the model-resolution map that covers the image."""
+        h, w = (-(-side // self.model.output_stride) for side in canvas.resized_hw)
         return per_pixel[:, :h, :w].clone()
 
     @torch.inference_mode()
     def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor,
                          return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 canvases [B,S,S,3] -> logits [B,K,S/2,S/2] fp32 on the CPU (and embeddings [B,C,S/2,S/2])."""
+        """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32 on the CPU (and embeddings [B,C,S/s,S/s])."""
         batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

@@ -52,6 +52,15 @@ def save_checkpoint(model: LSeg, path: str | os.PathLike, labels: LabelSet | Non
     return path
 
 
+def is_segcli_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether a safetensors file carries segcli metadata (False for other safetensors files)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     """Read only the header: config, labels and metadata (cheap even for GB-sized files)."""
     path = Path(path)

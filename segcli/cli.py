@@ -76,12 +76,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 def predict(
     sources: List[str] = typer.Argument(..., help="Image files, folders (recursive), globs, .txt lists of paths, or - (paths on stdin)."),
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set (ade20k). Default: the labels the checkpoint was trained on.'),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="A segcli checkpoint (.safetensors) or an architecture name (untrained, for smoke tests)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="clip-dense[:ARCH[@TAG]] (training-free CLIP, the default: clip-dense:ViT-B-16), a segcli checkpoint (.safetensors), an LSeg .ckpt, an open_clip weights file, or an architecture name (untrained, for smoke tests)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/predict/N."),
     save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}." (default: the raw label, as LSeg).'),
-    imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (long side, a multiple of 32). Default: the model's (384)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}." (default: the raw label for LSeg models, "a photo of a {}." for clip-dense).'),
+    imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (long side; a multiple of 32 for LSeg, of the patch size for clip-dense). Default: the model's (LSeg 384, clip-dense 448)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", "-j", min=1, help="Background threads for decoding and for writing."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -92,7 +92,7 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors are still reported)."),
 ) -> None:
     """Segment photos: writes NAME_mask.png, NAME_color.png, NAME_overlay.jpg, labels.json, summary.json."""
-    from segcli.api import Segmenter
+    from segcli.api import DEFAULT_MODEL, Segmenter
     from segcli.data.sources import collect_sources
     from segcli.labels import parse_labels
     from segcli.predict import OUTPUT_KINDS, PredictOptions, PredictRun
@@ -102,13 +102,12 @@ def predict(
     if bad or not kinds:
         raise SegcliError(f"--save takes any of {','.join(OUTPUT_KINDS)}; got {save!r}")
     label_set = parse_labels(labels) if labels is not None else None
-    if model is None:
-        raise SegcliError("no --model given: pass a segcli checkpoint (.safetensors) or an architecture name")
     stdin_lines = sys.stdin.read().splitlines() if "-" in sources else None
     found = collect_sources(sources, stdin_lines=stdin_lines, exclude=output)
     if not found.sources:
         raise SegcliError(f"no images found in {' '.join(sources)}"
                           + (f" ({len(found.skipped)} non-image files skipped)" if found.skipped else ""))
+    model = model or DEFAULT_MODEL
     seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
     if seg.untrained:
         _warn(f"{model} is an untrained architecture with random weights: its masks are meaningless "

@@ -1,13 +1,10 @@
 """Official LSeg checkpoints (PyTorch Lightning .ckpt or bare state dict) -> segcli checkpoints.
 
-Reading never runs code from the file: torch's weights-only unpickler admits tensors, storages
-and plain containers; the one class object Lightning stores (ModelCheckpoint, as a dict key in
-"callbacks") is replaced by an inert stand-in. Any other pickled global is refused by name.
+Reading never runs code from the file (see segcli/weights.py).
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -19,34 +16,12 @@ from segcli.labels import named_label_set
 from segcli.lseg_format import lseg_to_segcli_key
 from segcli.modeling.lseg import LSeg, model_from_state_dict
 from segcli.registry import ARCHITECTURES, LSegConfig, TextConfig
-
-_LIGHTNING_CALLBACK = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
-
-
-class _InertStandIn:
-    """Takes the place of Lightning's ModelCheckpoint class object; has no behaviour."""
+from segcli.weights import read_state_dict
 
 
 def read_lseg_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of an LSeg .ckpt (keys without the Lightning "net." prefix)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SegcliError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([(_InertStandIn, _LIGHTNING_CALLBACK)]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found is None:
-            raise SegcliError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from None
-        raise SegcliError(f"refusing {path}: it holds a pickled {found.group(1)}, which could run code "
-                          "(only tensors and plain containers are loaded)") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise SegcliError(f"{path} is not a readable PyTorch checkpoint: {str(exc).splitlines()[0][:200]}") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SegcliError(f"{path} has no state_dict of tensors")
-    return {(k[4:] if k.startswith("net.") else k): v for k, v in state.items()}
+    """The model weights of an LSeg .ckpt (keys without the Lightning "net." prefix), read safely."""
+    return {(k[4:] if k.startswith("net.") else k): v for k, v in read_state_dict(path).items()}
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> LSegConfig:

@@ -76,6 +76,43 @@ class LSegConfig:
         return cls(**data)
 
 
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class CLIPDenseConfig:
+    """A pretrained CLIP ViT read densely (training-free, see modeling/clip_dense.py) + its text tower.
+
+    The fields are read off the weights' shapes, so any plain open_clip ViT checkpoint fits.
+    """
+
+    name: str  # "clip-dense:ViT-B-16@openai", or the weights file's name
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    pos_embed_grid: int  # the stored position embedding covers this grid (224 / patch for OpenAI)
+    text: TextConfig
+    quick_gelu: bool = True
+    logit_scale: float = 100.0  # CLIP's learned temperature after training (exp(4.6052))
+    pixel_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    pixel_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    default_imgsz: int = 448  # ClearCLIP/SCLIP evaluate at a 448 short side
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text.embed_dim
+
+    @property
+    def input_multiple(self) -> int:
+        return self.patch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 ARCHITECTURES: dict[str, LSegConfig] = {
     cfg.name: cfg
     for cfg in [

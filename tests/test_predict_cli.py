@@ -143,7 +143,7 @@ def test_default_output_is_a_new_numbered_run(tmp_path, tiny_checkpoint, monkeyp
     (["--labels", ",,"], "no labels"),
     (["--labels", "a,b,a"], "duplicate label"),
     (["--model", "missing.safetensors"], "not found"),
-    (["--model", "no_such_arch"], "neither a file nor an architecture"),
+    (["--model", "no_such_arch"], "neither a file, clip-dense"),
     (["--device", "tpu"], "unknown device"),
     (["--device", "cuda:7"], "cuda"),
     (["--save", "mask,pdf"], "--save"),

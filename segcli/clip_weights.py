@@ -1,0 +1,128 @@
+"""Weights for the training-free `clip-dense` models: from open_clip's hub (cached) or a local file.
+
+Model specs: `clip-dense` (= `clip-dense:ViT-B-16@openai`), `clip-dense:ARCH`, `clip-dense:ARCH@TAG`
+with any plain ViT architecture and pretrained tag open_clip knows, or a path to an open_clip
+weights file (`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from segcli.errors import SegcliError
+from segcli.modeling.clip_dense import CLIPDense, clip_dense_from_state_dict
+from segcli.registry import CLIPDenseConfig, TextConfig
+from segcli.weights import read_state_dict
+
+CLIP_DENSE = "clip-dense"
+DEFAULT_ARCH, DEFAULT_TAG = "ViT-B-16", "openai"
+# Bookkeeping values some OpenAI-derived state dicts carry; they are not weights.
+_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "logit_scale")
+
+
+def is_clip_dense_spec(spec: str) -> bool:
+    return spec == CLIP_DENSE or spec.startswith(CLIP_DENSE + ":")
+
+
+def parse_clip_dense_spec(spec: str) -> tuple[str, str]:
+    """'clip-dense[:ARCH[@TAG]]' -> (ARCH, TAG) with the defaults filled in."""
+    arch, _, tag = spec[len(CLIP_DENSE):].lstrip(":").partition("@")
+    return arch or DEFAULT_ARCH, tag or DEFAULT_TAG
+
+
+def is_clip_state_dict(state: dict[str, torch.Tensor]) -> bool:
+    return "visual.conv1.weight" in _strip_module(state) and "token_embedding.weight" in _strip_module(state)
+
+
+def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved from DistributedDataParallel carry a "module." prefix."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return 1 + max(int(m.group(1)) for k in state if (m := pattern.match(k)))
+
+
+def clip_dense_config(state: dict[str, torch.Tensor], name: str, quick_gelu: bool = True,
+                      mean: tuple | None = None, std: tuple | None = None) -> CLIPDenseConfig:
+    """The architecture of an open_clip CLIP ViT state dict, read off its shapes (head size 64)."""
+    try:
+        conv = state["visual.conv1.weight"]
+        width, patch = conv.shape[0], conv.shape[-1]
+        text_width = state["ln_final.weight"].shape[0]
+        text = TextConfig(
+            width=text_width, heads=max(1, text_width // 64),
+            layers=_count_blocks(state, "transformer.resblocks."),
+            context_length=state["positional_embedding"].shape[0],
+            vocab_size=state["token_embedding.weight"].shape[0],
+            embed_dim=state["text_projection"].shape[1], quick_gelu=quick_gelu,
+        )
+        cfg = CLIPDenseConfig(
+            name=name, patch_size=patch, width=width, layers=_count_blocks(state, "visual.transformer.resblocks."),
+            heads=max(1, width // 64), mlp_ratio=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+            pos_embed_grid=round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5), text=text,
+            quick_gelu=quick_gelu, **({"pixel_mean": tuple(mean), "pixel_std": tuple(std)} if mean and std else {}),
+        )
+        if state["visual.proj"].shape[1] != text.embed_dim:
+            raise SegcliError(f"{name}: image and text embeddings differ in size")
+    except (KeyError, ValueError) as exc:
+        raise SegcliError(f"{name}: not an open_clip CLIP ViT state dict (missing {exc})") from None
+    return cfg
+
+
+def clip_dense_from_clip_state(state: dict[str, torch.Tensor], name: str, quick_gelu: bool = True,
+                               mean: tuple | None = None, std: tuple | None = None,
+                               device: str | torch.device = "cpu") -> CLIPDense:
+    """open_clip CLIP weights -> CLIPDense (every weight used, every shape checked)."""
+    state = {k: v for k, v in _strip_module(state).items() if k not in _NON_WEIGHTS}
+    cfg = clip_dense_config(state, name, quick_gelu, mean, std)
+    mapped = {(k if k.startswith("visual.") else "text_encoder.tower." + k):
+              (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        return clip_dense_from_state_dict(cfg, mapped, device)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).strip().splitlines()[1:2]).strip()[:200]
+        raise SegcliError(f"{name}: weights do not fit a plain CLIP ViT ({detail})") from None
+
+
+def download_clip_weights(arch: str, tag: str) -> Path:
+    """The cached (downloading on first use, with a progress bar) open_clip weights for ARCH@TAG."""
+    import open_clip
+
+    if open_clip.get_model_config(arch) is None:
+        raise SegcliError(f"unknown CLIP architecture {arch!r} for clip-dense (e.g. ViT-B-16, ViT-B-32, ViT-L-14)")
+    pcfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not pcfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise SegcliError(f"open_clip has no {tag!r} weights for {arch} (known: {tags})")
+    if not pcfg.get("hf_hub"):
+        raise SegcliError(f"{arch}@{tag} is not on the Hugging Face hub; download it yourself and pass --model FILE")
+    repo = pcfg["hf_hub"].rstrip("/")
+    try:
+        return Path(open_clip.download_pretrained(pcfg, prefer_hf_hub=True))
+    except Exception as exc:  # offline, DNS, HTTP errors, a full disk: all end the same way for the user
+        reason = str(exc).split("Last error:")[-1].strip().splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise SegcliError(
+            f"cannot download the CLIP {arch} weights ({tag}) from the Hugging Face hub ({reason}); "
+            f"connect once so they are cached, or download open_clip_model.safetensors from "
+            f"https://huggingface.co/{repo} and pass --model /path/to/open_clip_model.safetensors"
+        ) from None
+
+
+def load_clip_dense(spec: str, device: str | torch.device = "cpu") -> tuple[CLIPDense, Path]:
+    """A `clip-dense[:ARCH[@TAG]]` spec -> (model on `device`, the weights file it came from)."""
+    import open_clip
+
+    arch, tag = parse_clip_dense_spec(spec)
+    path = download_clip_weights(arch, tag)
+    pcfg = open_clip.get_pretrained_cfg(arch, tag)
+    quick_gelu = bool(pcfg.get("quick_gelu") or (open_clip.get_model_config(arch) or {}).get("quick_gelu"))
+    model = clip_dense_from_clip_state(read_state_dict(path), f"{CLIP_DENSE}:{arch}@{tag}", quick_gelu,
+                                       pcfg.get("mean"), pcfg.get("std"))
+    return model.to(device), path

@@ -1,0 +1,69 @@
+"""The seam every segcli model shares: pixel embeddings in CLIP text space, scored against labels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcli.labels import LabelSet
+
+
+class PixelTextModel(nn.Module):
+    """Base of LSeg and CLIPDense. Subclasses build `text_encoder`, set `output_stride` and implement `pixel_embeddings(images [B,3,H,W] in [0,1]) -> [B,C,H/s,W/s]` (s = output_stride).
+    """
+
+    output_stride: int
+    text_encoder: nn.Module
+    default_prompt: str | None = None  # the template labels go through when the user gives none
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.logit_scale = cfg.logit_scale
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self._label_cache: dict[tuple, torch.Tensor] = {}
+
+    def pixel_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, pixel_embeddings: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
+        """[B,C,h,w] x [K,C] (normalised) -> scaled cosine similarities [B,K,h,w] in fp32."""
+        pixels = F.normalize(pixel_embeddings.float(), dim=1)
+        return torch.einsum("bchw,kc->bkhw", pixels, label_embeddings.float()) * self.logit_scale
+
+    def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor:
+        """[K,C] L2-normalised; synonyms are averaged. Computed once per (labels, prompt), then cached."""
+        key = (labels.synonyms, prompt)
+        cached = self._label_cache.get(key)
+        if cached is None:
+            texts = [prompt.format(word) if prompt else word for syn in labels.synonyms for word in syn]
+            flat = self.text_encoder(texts)
+            rows, start = [], 0
+            for syn in labels.synonyms:
+                rows.append(flat[start:start + len(syn)].mean(0))
+                start += len(syn)
+            cached = F.normalize(torch.stack(rows), dim=-1)
+            self._label_cache[key] = cached
+        return cached
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._label_cache.clear()  # new text weights make cached label embeddings stale
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def build_from_state_dict(model_cls: type[PixelTextModel], cfg, state: dict[str, torch.Tensor],
+                          device: str | torch.device = "cpu") -> PixelTextModel:
+    """Build on the meta device and adopt `state` as the weights (strict; no random init, no copy).
+
+    Raises RuntimeError when keys or shapes do not match `cfg`.
+    """
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    # non-persistent buffers are not in `state`: rebuild them on the target device
+    model.pixel_mean = torch.tensor(cfg.pixel_mean, device=device).view(1, 3, 1, 1)
+    model.pixel_std = torch.tensor(cfg.pixel_std, device=device).view(1, 3, 1, 1)
+    model.text_encoder.tower.attn_mask = model.text_encoder.tower.build_causal_mask().to(device)
+    return model.eval()
