@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -234,6 +235,176 @@ def convert(
 
     out, cfg = convert_lseg_checkpoint(source, output)
     print(f"converted {source} -> {out} (architecture {cfg.name}, labels ade20k)", file=sys.stderr)
+
+
+@app.command()
+@user_errors
+def train(
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="ade20k, folder:PATH or synthetic."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="An architecture (lseg_vitl16_384, lseg_vitb16_384, lseg_vitb32_384, lseg_tiny) or a segcli checkpoint to fine-tune."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder. Default: a new runs/train/N."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed or finished run in this folder (its own settings)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where ade20k lives. Default: $SEGCLI_DATA, else ./data."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps to train."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs to train (instead of --steps)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0.1, help="Minutes: stop cleanly, evaluate and save when time is up. Alone, the LR schedule runs on time."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Global batch size (split over processes)."),
+    accumulate: int = typer.Option(1, "--accumulate", min=1, help="Split each batch into this many gradient-accumulation steps."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Decoder learning rate (the backbone gets a tenth). Default: 3e-4 AdamW, 4e-3 SGD."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Linear warmup steps. Default: 5% of the steps (at most 500)."),
+    crop: int = typer.Option(480, "--crop", min=16, help="Training crop size; also the evaluation input size."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    clip_grad: float = typer.Option(1.0, "--clip-grad", min=0.0, help="Max gradient norm (0: off)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds weights, data order and augmentation."),
+    workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (under torchrun: one GPU per rank)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Steps between validations. Default: every epoch."),
+    save_every: int = typer.Option(50, "--save-every", min=1, help="Steps between resumable saves."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from hub weights (ViT from timm, CLIP text from open_clip)."),
+    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="A local timm ViT state dict instead of the hub."),
+    text_weights: Optional[Path] = typer.Option(None, "--text-weights", help="A local open_clip CLIP weights file instead of the hub."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Train LSeg: image encoder + DPT decoder against ground-truth masks; CLIP text stays frozen."""
+    from segcli.train import TrainOptions, resume_training, start_training
+
+    reporter = _TrainReporter(quiet)
+    if resume is not None:
+        trainer = resume_training(resume, on_event=reporter.event, time_limit=time_limit)
+    else:
+        if not data or not model:
+            raise SegcliError("give --data and --model (or --resume DIR)")
+        opts = TrainOptions(
+            data=data, model=model, output=str(output) if output else None, data_root=str(data_root) if data_root else None,
+            steps=steps, epochs=epochs, time_limit=time_limit, batch_size=batch_size, accumulate=accumulate, lr=lr,
+            optimizer=optimizer, warmup=warmup, crop=crop, precision=precision, clip_grad=clip_grad, seed=seed,
+            workers=workers, device=device, eval_every=eval_every, save_every=save_every, pretrained=pretrained,
+            backbone_weights=str(backbone_weights) if backbone_weights else None,
+            text_weights=str(text_weights) if text_weights else None)
+        trainer = start_training(opts, on_event=reporter.event)
+    if trainer.dist.main:
+        reporter.start(trainer)
+    with reporter:
+        result = trainer.run()
+    if trainer.dist.main and not quiet:
+        best = result.best or {}
+        print(f"done ({result.stopped_by}): {result.steps} steps, best val mIoU {best.get('mIoU', 0):.4f} "
+              f"at step {best.get('step')} -> {result.output}", file=sys.stderr)
+
+
+class _TrainReporter:
+    """A rich bar on a terminal, plain lines otherwise; only on rank 0."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+        self.main = int(os.environ.get("RANK", "0")) == 0
+
+    def start(self, trainer) -> None:
+        self.trainer = trainer
+        if self.quiet or not err.is_terminal:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+        self.task = self.progress.add_task("train", total=trainer.total_steps, completed=trainer.step, info="")
+
+    def event(self, record: dict) -> None:
+        if self.quiet or not self.main:
+            return
+        if "eval" in record:
+            e = record["eval"]
+            line = f"step {record['step']}: val mIoU {e['mIoU']:.4f}  pixAcc {e['pixAcc']:.4f}"
+        else:
+            line = (f"step {record['step']}: loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                    f"{record['images_per_s']:.1f} img/s")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], info=line)
+            if "eval" in record:
+                self.progress.console.print(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        return False
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model: str = typer.Option(..., "--model", "-m", help="Any --model value predict takes (a trained checkpoint, clip-dense, ...)."),
+    data: str = typer.Option(..., "--data", "-d", help="ade20k, folder:PATH or synthetic."),
+    split: str = typer.Option("val", "--split", help="train or val."),
+    labels: Optional[str] = typer.Option(None, "--labels", "-l", help="Other names for the dataset's classes, one per class in its order (zero-shot renaming)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where ade20k lives. Default: $SEGCLI_DATA, else ./data."),
+    imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size. Default: the model's."),
+    ms_flip: bool = typer.Option(False, "--ms-flip", help="Sum logits over scales 0.5-1.75 and horizontal flips (as LSeg evaluates)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Sliding-window size for large inputs, e.g. 480."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Sliding-window stride, e.g. 320 (default: 2/3 of the window)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("auto", "--precision", help="As in predict."),
+    seed: int = typer.Option(0, "--seed", help="The synthetic dataset's seed."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the metrics JSON here (default: stdout only with --json)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout instead of a table."),
+) -> None:
+    """Pixel accuracy, mIoU and per-class IoU over a whole split (one confusion matrix)."""
+    from segcli.api import Segmenter
+    from segcli.data.segmentation import open_dataset
+    from segcli.evaluate import evaluate
+    from segcli.fileio import atomic_write_json
+    from segcli.labels import parse_labels
+
+    dataset = open_dataset(data, data_root, seed=seed)
+    label_set = parse_labels(labels) if labels else None
+    seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
+    result = evaluate(seg, dataset, split, label_set, batch_size=batch_size, ms_flip=ms_flip, window=window, stride=stride)
+    result["model"] = model
+    if output:
+        atomic_write_json(output, result)
+    if json_out:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {dataset.name} ({split}, {result['images']} images)")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, iou in result["per_class"].items():
+        table.add_row(name, "-" if iou is None else f"{iou:.4f}")
+    table.add_section()
+    table.add_row("mIoU", f"{result['mIoU']:.4f}")
+    table.add_row("pixAcc", f"{result['pixAcc']:.4f}")
+    Console(highlight=False).print(table)
+
+
+data_app = typer.Typer(help="Datasets: make synthetic ones.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    output: Path = typer.Argument(..., help="Folder to write (the folder: layout)."),
+    train_count: int = typer.Option(400, "--train", min=1, help="Training scenes."),
+    val_count: int = typer.Option(100, "--val", min=1, help="Validation scenes."),
+    seed: int = typer.Option(0, "--seed", help="The same seed gives the same scenes."),
+) -> None:
+    """Write procedurally drawn scenes with masks: OUT/{train,val}/{images,masks}/*.png, OUT/classes.txt."""
+    from segcli.data.synthetic import write_synthetic_dataset
+
+    out = write_synthetic_dataset(output, train_count, val_count, seed)
+    print(f"wrote {train_count} + {val_count} scenes -> {out} (use --data folder:{out})", file=sys.stderr)
 
 
 def _numel(shape) -> int:
