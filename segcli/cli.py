@@ -75,7 +75,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 @app.command()
 @user_errors
 def predict(
-    sources: List[str] = typer.Argument(..., help="Image files, folders (recursive), globs, .txt lists of paths, or - (paths on stdin)."),
+    sources: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs, .txt lists of paths, or - (paths on stdin)."),
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set (ade20k). Default: the labels the checkpoint was trained on.'),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="clip-dense[:ARCH[@TAG]] (training-free CLIP, the default: clip-dense:ViT-B-16), a segcli checkpoint (.safetensors), an LSeg .ckpt, an open_clip weights file, or an architecture name (untrained, for smoke tests)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/predict/N."),
@@ -91,12 +91,30 @@ def predict(
     max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Refuse larger images (decompression bombs)."),
     json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per image on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors are still reported)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the sorted inputs (shards 0..N-1 into one --output, then --merge-summaries). Under torchrun: the rank."),
+    merge_summaries: Optional[Path] = typer.Option(None, "--merge-summaries", help="Fold DIR/summary.shard-*.json of finished shards into DIR/summary.json and exit."),
 ) -> None:
     """Segment photos: writes NAME_mask.png, NAME_color.png, NAME_overlay.jpg, labels.json, summary.json."""
     from segcli.api import DEFAULT_MODEL, Segmenter
-    from segcli.data.sources import collect_sources
+    from segcli.data.sources import collect_sources, parse_shard, take_shard
     from segcli.labels import parse_labels
-    from segcli.predict import OUTPUT_KINDS, PredictOptions, PredictRun
+    from segcli.predict import OUTPUT_KINDS, PredictOptions, PredictRun, merge_summaries as merge
+
+    if merge_summaries is not None:
+        merged = merge(merge_summaries)
+        print(f"merged {len(merged['merged_from'])} shard summaries: {merged['counts']['ok']} ok, "
+              f"{merged['counts']['failed']} failed -> {merge_summaries / 'summary.json'}", file=sys.stderr)
+        return
+    if not sources:
+        raise SegcliError("no SOURCE given: pass image files, folders, globs, lists or - (see 'segcli predict --help')")
+    ranks = _torchrun_ranks()
+    shard_spec = parse_shard(shard) if shard else ranks
+    if ranks and output is None:
+        raise SegcliError("under torchrun, give --output: every rank writes its shard into that folder")
+    if ranks and device == "auto":
+        import torch
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
     kinds = tuple(k.strip() for k in save.split(",") if k.strip())
     bad = [k for k in kinds if k not in OUTPUT_KINDS]
@@ -108,6 +126,8 @@ def predict(
     if not found.sources:
         raise SegcliError(f"no images found in {' '.join(sources)}"
                           + (f" ({len(found.skipped)} non-image files skipped)" if found.skipped else ""))
+    if shard_spec:
+        found = take_shard(found, *shard_spec)
     model = model or DEFAULT_MODEL
     seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
     if seg.untrained:
@@ -115,11 +135,14 @@ def predict(
               "(use it for smoke tests and speed measurements; pass a checkpoint for real results)")
     label_set = seg.resolve_labels(label_set)
     options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
-                             batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels)
+                             batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels,
+                             shard=shard_spec)
     reporter = _Reporter(total=len(found.sources), quiet=quiet, json_lines=json_lines)
     run = PredictRun(seg, options, found, on_record=reporter.record)
     with reporter:
         result = run.run()
+    if ranks:
+        _torchrun_merge(result.output)
     if result.interrupted:
         raise _fail(f"interrupted: {len(result.records)} of {len(found.sources)} done; run again to finish", 130)
     if not quiet:
@@ -129,6 +152,26 @@ def predict(
               file=sys.stderr)
     if result.failed:
         raise typer.Exit(1)
+
+
+def _torchrun_ranks() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when launched by torchrun with several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def _torchrun_merge(output: Path) -> None:
+    """Every rank has written its shard; rank 0 folds the summaries once all are done."""
+    import torch.distributed as dist
+
+    from segcli.predict import merge_summaries
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        merge_summaries(output)
+    dist.destroy_process_group()
 
 
 class _Reporter:

@@ -48,6 +48,7 @@ class PredictOptions:
     workers: int = 2
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    shard: tuple[int, int] | None = None  # (I, N): this run is shard I of N, writing into a shared DIR
 
 
 @dataclass
@@ -110,6 +111,9 @@ class PredictRun:
         self.output = _prepare_output(options.output or next_run_dir())
         self.output_real = self.output.resolve()
         self.state = self.output / STATE_DIR
+        tag = f".shard-{options.shard[0]}-of-{options.shard[1]}" if options.shard else ""
+        self.records_file = self.state / f"records{tag}.jsonl"
+        self.summary_file = self.output / f"summary{tag}.json"
         self.settings = {
             "model": segmenter.name,
             "model_fingerprint": segmenter.fingerprint,
@@ -127,7 +131,7 @@ class PredictRun:
     def _check_settings(self) -> dict[str, dict]:
         """Previous records that can be reused, after making sure DIR was produced the same way."""
         self.state.mkdir(exist_ok=True)
-        run_file, records_file = self.state / "run.json", self.state / "records.jsonl"
+        run_file, records_file = self.state / "run.json", self.records_file
         previous = None
         if run_file.exists():
             try:
@@ -144,8 +148,11 @@ class PredictRun:
             records_file.unlink(missing_ok=True)
         atomic_write_json(run_file, self.settings)
         done: dict[str, dict] = {}
-        if records_file.exists():
-            for line in records_file.read_text(encoding="utf-8").splitlines():
+        # every shard's records count: a re-run with another shard split still reuses finished work
+        for path in sorted(self.state.glob("records*.jsonl")) if not self.opt.overwrite else [records_file]:
+            if not path.exists():
+                continue
+            for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
                 except ValueError:
@@ -244,7 +251,7 @@ class PredictRun:
             else:
                 todo.append((index, source))
 
-        records_file = open(self.state / "records.jsonl", "a", encoding="utf-8")
+        records_file = open(self.records_file, "a", encoding="utf-8")
         workers = max(1, self.opt.workers)
         window = self.opt.batch_size * 2 + workers
         decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="segcli-decode")
@@ -326,7 +333,7 @@ class PredictRun:
         ordered = [records[i] for i in sorted(records)]
         summary = self._summary(ordered, reused, interrupted)
         atomic_write_json(self.output / "labels.json", self.opt.labels.to_json())
-        atomic_write_json(self.output / "summary.json", summary)
+        atomic_write_json(self.summary_file, summary)
         failed = sum(1 for r in ordered if r["status"] != "ok")
         return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
 
@@ -340,9 +347,46 @@ class PredictRun:
             "counts": {"inputs": len(self.sources.sources), "ok": ok, "failed": len(records) - ok,
                        "reused": reused, "not_done": len(self.sources.sources) - len(records)},
             "interrupted": interrupted,
+            "shard": list(self.opt.shard) if self.opt.shard else None,
             "skipped_non_images": self.sources.skipped,
             "images": records,
         }
+
+
+def merge_summaries(folder: Path) -> dict:
+    """Fold DIR/summary.shard-I-of-N.json (all N present, same settings) into DIR/summary.json."""
+    parts = sorted(folder.glob("summary.shard-*-of-*.json"))
+    if not parts:
+        raise SegcliError(f"{folder} has no summary.shard-I-of-N.json files to merge")
+    summaries = []
+    for path in parts:
+        try:
+            summaries.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise SegcliError(f"{path} is unreadable: {exc}") from None
+    counts = {s["shard"][1] for s in summaries}
+    if len(counts) != 1:
+        raise SegcliError(f"{folder} mixes shard splits (N = {sorted(counts)}): merge one split at a time")
+    total = counts.pop()
+    missing = sorted(set(range(total)) - {s["shard"][0] for s in summaries})
+    if missing:
+        raise SegcliError(f"{folder}: shard(s) {', '.join(map(str, missing))} of {total} have not finished (no summary yet)")
+    first = summaries[0]
+    for s in summaries[1:]:
+        if (s["model"], s["labels"], s["settings"]) != (first["model"], first["labels"], first["settings"]):
+            raise SegcliError(f"{folder}: shards were run with different settings; not merged")
+    images = sorted((r for s in summaries for r in s["images"]), key=lambda r: r["output"])
+    merged = dict(first)
+    merged.update({
+        "counts": {k: sum(s["counts"][k] for s in summaries) for k in first["counts"]},
+        "interrupted": any(s["interrupted"] for s in summaries),
+        "shard": None,
+        "merged_from": [p.name for p in parts],
+        "skipped_non_images": sorted({x for s in summaries for x in s["skipped_non_images"]}),
+        "images": images,
+    })
+    atomic_write_json(folder / "summary.json", merged)
+    return merged
 
 
 class _InputFailure(Exception):

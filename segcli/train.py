@@ -238,8 +238,10 @@ class Trainer:
         if self.total_steps is None and not opts.time_limit:
             raise SegcliError("give --steps, --epochs or --time-limit")
         self.warmup = opts.warmup if opts.warmup is not None else min(500, max(1, (self.total_steps or 200) // 20))
-        self.eval_every = opts.eval_every or self.per_epoch
-        self.step, self.elapsed, self.best, self.last_eval = 0, 0.0, None, None
+        # default: every epoch, but at most ~20 validations per run (a tenth of the time when time-limited)
+        self.eval_every = opts.eval_every or (max(self.per_epoch, self.total_steps // 20) if self.total_steps else None)
+        self.eval_period_s = None if self.eval_every else opts.time_limit * 60 / 10
+        self.step, self.elapsed, self.best, self.last_eval, self.last_eval_at = 0, 0.0, None, None, 0.0
         self.history: list[dict] = []
         if resume:
             self._load_state()
@@ -272,6 +274,11 @@ class Trainer:
             return False
         reserve = (self.last_eval or {}).get("seconds", 0.0) * 1.2  # leave room for the final evaluation
         return self.elapsed + reserve >= self.opts.time_limit * 60
+
+    def _validation_due(self) -> bool:
+        if self.eval_every:
+            return self.step % self.eval_every == 0
+        return self.elapsed - self.last_eval_at >= self.eval_period_s
 
     def _done(self) -> str | None:
         if self.total_steps and self.step >= self.total_steps:
@@ -307,9 +314,10 @@ class Trainer:
                 window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
             stopped_by = self._done()
             stopped_by = self.dist.any(stopped_by is not None) and (stopped_by or "another rank")
-            if stopped_by or self.step % self.eval_every == 0:
+            evaluate_now = self.dist.any(self._validation_due())
+            if stopped_by or evaluate_now:
                 self._evaluate()
-            if stopped_by or self.step % self.opts.save_every == 0 or self.step % self.eval_every == 0:
+            if stopped_by or evaluate_now or self.step % self.opts.save_every == 0:
                 self._save_state()
             self.model.train()
         self._write_curves()
@@ -346,7 +354,8 @@ class Trainer:
             seg = Segmenter(self.model, device=self.device, precision="auto", imgsz=self.opts.crop, labels=self.classes)
             metrics = evaluate(seg, self.data, "val", batch_size=max(1, self.opts.batch_size))
             seconds = time.perf_counter() - started
-            record = {"step": self.step, "mIoU": metrics["mIoU"], "pixAcc": metrics["pixAcc"], "seconds": seconds}
+            record = {"step": self.step, "mIoU": metrics["mIoU"], "pixAcc": metrics["pixAcc"], "seconds": seconds,
+                      "elapsed": self.elapsed}
             self.last_eval = record
             save_checkpoint(self.model, self.output / "last.safetensors", labels=self.classes,
                             extra={"trained_on": self.data.name, "step": self.step, "val": record})
@@ -355,6 +364,7 @@ class Trainer:
                 save_checkpoint(self.model, self.output / "best.safetensors", labels=self.classes,
                                 extra={"trained_on": self.data.name, "step": self.step, "val": record})
             self._log({"step": self.step, "eval": record, "per_class": metrics["per_class"]})
+        self.last_eval_at = self.elapsed
         self.dist.barrier()
 
     def _log(self, record: dict) -> None:
@@ -403,6 +413,7 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.elapsed = meta["step"], meta["elapsed"]
         self.best, self.last_eval = meta["best"], meta["last_eval"]
+        self.last_eval_at = (self.last_eval or {}).get("elapsed", 0.0)
         # drop log lines written after the saved state: the resumed run writes them again
         log = self.output / "metrics.jsonl"
         if log.exists() and self.dist.main:

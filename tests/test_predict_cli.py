@@ -245,3 +245,45 @@ def test_command_line_mistakes_get_one_line_and_exit_2(argv, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "--help" in err
+
+
+def test_two_shards_into_one_dir_give_the_same_files_as_one_run(tmp_path, tiny_checkpoint, samples):
+    (samples / "notes.txt").write_text("not an image")
+    common = [str(samples), "--labels", TINY_LABELS, "--model", str(tiny_checkpoint), "-q"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert run([*common, "-o", str(single)]).exit_code == 0
+    assert run([*common, "-o", str(sharded), "--shard", "1/2"]).exit_code == 0
+    early = run(["--merge-summaries", str(sharded)])
+    assert early.exit_code == 2 and "shard(s) 0 of 2 have not finished" in early.output
+    assert run([*common, "-o", str(sharded), "--shard", "0/2"]).exit_code == 0
+    merged = run(["--merge-summaries", str(sharded)])
+    assert merged.exit_code == 0, merged.output
+    assert outputs_of(single).keys() - {"labels.json"} == outputs_of(sharded).keys() - {
+        "labels.json", "summary.shard-0-of-2.json", "summary.shard-1-of-2.json"}
+    for name, data in outputs_of(single).items():
+        assert outputs_of(sharded)[name] == data, name
+
+    def comparable(summary: dict) -> dict:
+        summary = {k: v for k, v in summary.items() if k not in ("merged_from", "shard")}
+        summary["images"] = [{k: v for k, v in r.items() if k != "seconds"} for r in summary["images"]]
+        return summary
+
+    one = json.loads((single / "summary.json").read_text())
+    both = json.loads((sharded / "summary.json").read_text())
+    assert comparable(both) == comparable(one)
+    assert both["counts"]["ok"] == 4 and both["skipped_non_images"] == one["skipped_non_images"] != []
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_are_shards_and_rank_0_merges(tmp_path, tiny_checkpoint, samples):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "segcli", "predict", str(samples), "-l", TINY_LABELS, "-m", str(tiny_checkpoint),
+                             "-o", str(out), "--save", "mask", "-q"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = [json.loads((out / f"summary.shard-{i}-of-2.json").read_text()) for i in range(2)]
+    assert sorted(len(p["images"]) for p in parts) == [2, 2]
+    merged = json.loads((out / "summary.json").read_text())
+    assert merged["counts"]["ok"] == 4 and len({r["output"] for r in merged["images"]}) == 4
+    assert len(list(out.glob("*_mask.png"))) == 4

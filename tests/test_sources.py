@@ -57,3 +57,26 @@ def test_missing_source_is_a_usage_error(tmp_path):
         collect_sources([str(tmp_path / "nope")])
     with pytest.raises(SegcliError, match="no files match"):
         collect_sources([str(tmp_path / "*.jpg")])
+
+
+def test_shards_cover_every_input_exactly_once(tmp_path):
+    from segcli.data.sources import parse_shard, take_shard
+
+    for i in range(23):
+        sub = tmp_path / f"d{i % 3}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"p{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    found = collect_sources([str(tmp_path)])
+    everything = sorted(str(s.rel) for s in found.sources)
+    assert len(everything) == 23
+    for n in (1, 2, 3, 7, 40):
+        parts = [[str(s.rel) for s in take_shard(found, i, n).sources] for i in range(n)]
+        assert sorted(x for part in parts for x in part) == everything
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+        # the split depends only on the inputs, not on the order they were found in
+        shuffled = type(found)(sources=list(reversed(found.sources)), skipped=found.skipped)
+        assert [[str(s.rel) for s in take_shard(shuffled, i, n).sources] for i in range(n)] == parts
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "-1/3", "a/b", "3", "1/0"):
+        with pytest.raises(SegcliError):
+            parse_shard(bad)

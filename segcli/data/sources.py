@@ -142,3 +142,24 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
         taken.add(out)
         result.sources.append(Source(path=p, display=display, rel=out, error=error))
     return result
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise SegcliError(f"--shard {spec!r}: use I/N, e.g. 0/4 (shards are numbered 0..N-1)") from None
+    if count < 1 or not 0 <= index < count:
+        raise SegcliError(f"--shard {spec!r}: need 0 <= I < N (shards are numbered 0..N-1)")
+    return index, count
+
+
+def take_shard(found: SourceList, index: int, count: int) -> SourceList:
+    """A deterministic 1/count of the inputs: every count-th of the list sorted by output location.
+
+    Shards of the same input list are disjoint and together cover it, on any machine, with no
+    coordination. Skipped non-image files are reported by shard 0 only.
+    """
+    ordered = sorted(found.sources, key=lambda s: (str(s.rel), str(s.path)))
+    return SourceList(sources=ordered[index::count], skipped=found.skipped if index == 0 else [])
