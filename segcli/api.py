@@ -20,10 +20,9 @@ from segcli.labels import LabelSet, parse_labels
 from segcli.masks import restore_label_map
 from segcli.modeling.lseg import build_model
 from segcli.modeling.pixel_text import PixelTextModel
-from segcli.registry import ARCHITECTURES
+from segcli.registry import ARCHITECTURES, DEFAULT_MODEL
 from segcli.weights import read_state_dict
 
-DEFAULT_MODEL = "clip-dense:ViT-B-16"  # training-free, so predict works with no --model
 WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx"}
 UNTRAINED_WARNING = ("{name} is an untrained architecture with random weights: its masks are meaningless "
                      "(fine for smoke tests and speed measurements; pass a checkpoint for real results)")
@@ -121,9 +120,12 @@ def load_model(spec: str, device: torch.device) -> tuple[PixelTextModel, LabelSe
             raise SegcliError(f"model file not found: {spec}")
         if path.is_dir():
             raise SegcliError(f"--model {spec} is a folder, not a checkpoint file")
-        if path.suffix.lower() == ".onnx":
-            raise SegcliError(f"{spec}: ONNX models are not supported yet")
         fingerprint = model_fingerprint(path)
+        if path.suffix.lower() == ".onnx":
+            from segcli.onnx_model import OnnxModel
+
+            model = OnnxModel(path)
+            return model, model.labels, fingerprint, False
         if path.suffix.lower() == ".safetensors" and is_segcli_checkpoint(path):
             model, info = load_checkpoint(path, device)
             return model, info.labels, fingerprint, False
@@ -180,6 +182,9 @@ class Segmenter:
                    fingerprint=fingerprint, untrained=untrained)
 
     def _check_imgsz(self, imgsz: int) -> int:
+        fixed = getattr(self.model, "fixed_imgsz", None)
+        if fixed is not None and imgsz != fixed:
+            raise SegcliError(f"this exported model takes --imgsz {fixed} only (export again for {imgsz})")
         m = self.model.cfg.input_multiple
         if imgsz < m:
             raise SegcliError(f"--imgsz {imgsz} is too small: at least {m}")
@@ -220,6 +225,8 @@ class Segmenter:
     def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor,
                          return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32 on the CPU (and embeddings [B,C,S/s,S/s])."""
+        if getattr(self.model, "is_onnx", False):
+            return self.model.run(pixels, label_embeddings), None
         batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

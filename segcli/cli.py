@@ -20,6 +20,7 @@ from rich.console import Console
 
 from segcli import __version__
 from segcli.errors import SegcliError
+from segcli.registry import DEFAULT_MODEL
 
 EXIT_CODES = """Exit status: 0 all inputs done; 1 some inputs failed (see stderr and summary.json);
 2 usage or environment error; 130 interrupted."""
@@ -95,7 +96,7 @@ def predict(
     merge_summaries: Optional[Path] = typer.Option(None, "--merge-summaries", help="Fold DIR/summary.shard-*.json of finished shards into DIR/summary.json and exit."),
 ) -> None:
     """Segment photos: writes NAME_mask.png, NAME_color.png, NAME_overlay.jpg, labels.json, summary.json."""
-    from segcli.api import DEFAULT_MODEL, Segmenter
+    from segcli.api import Segmenter
     from segcli.data.sources import collect_sources, parse_shard, take_shard
     from segcli.labels import parse_labels
     from segcli.predict import OUTPUT_KINDS, PredictOptions, PredictRun, merge_summaries as merge
@@ -429,6 +430,67 @@ def eval_command(
     table.add_row("mIoU", f"{result['mIoU']:.4f}")
     table.add_row("pixAcc", f"{result['pixAcc']:.4f}")
     Console(highlight=False).print(table)
+
+
+@app.command()
+@user_errors
+def export(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Any --model value predict takes (checkpoint, clip-dense, ...)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx (runs on onnxruntime, TensorRT, ...) or pt2 (torch.export)."),
+    labels: Optional[str] = typer.Option(None, "--labels", "-l", help="Bake these labels in (outputs logits and label map). Without: open vocabulary, label embeddings are a second input."),
+    imgsz: Optional[int] = typer.Option(None, "--imgsz", help="The fixed input size. Default: the model's."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path. Default: MODELNAME.onnx / .pt2 here."),
+    half: bool = typer.Option(False, "--half", help="fp16 artifact (verified with a looser tolerance: 99% argmax agreement)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template for baked labels (as in predict)."),
+) -> None:
+    """Export a model to ONNX or .pt2 with a JSON sidecar; verified against PyTorch before it is written."""
+    from segcli.api import Segmenter
+    from segcli.export import export_model
+
+    seg = Segmenter.from_pretrained(model, device="cpu", precision="fp32", imgsz=imgsz, warn=False)
+    if getattr(seg.model, "is_onnx", False):
+        raise SegcliError("--model is already an ONNX export; export from the checkpoint")
+    label_set = seg.resolve_labels(labels) if labels else None
+    stem = Path(model).stem if Path(model).suffix else model.replace(":", "_").replace("@", "_")
+    out = output or Path(f"{stem}.{fmt}")
+    report = export_model(seg.model, out, fmt, label_set, seg.imgsz, half, prompt, source=model)
+    print(f"exported {model} -> {report.path} ({report.sidecar.name}"
+          + (f", {report.text_weights.name}" if report.text_weights else "")
+          + f"); verified: argmax agreement {report.agreement:.4%}, max logit difference {report.max_logit_diff:.3g}",
+          file=sys.stderr)
+
+
+@app.command("embed-labels")
+@user_errors
+def embed_labels_command(
+    labels: str = typer.Option(..., "--labels", "-l", help='Labels as in predict: "road,car,sky", synonyms with ;, @file.txt, ade20k.'),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="The model whose text space to use (checkpoint, clip-dense, or an open-vocabulary .onnx export)."),
+    output: Path = typer.Option(..., "--output", "-o", help="FILE.npy: float32 [K, C], L2-normalised (labels in FILE.json)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template (default: the model's)."),
+) -> None:
+    """Write label embeddings for an open-vocabulary export: serve new labels without PyTorch."""
+    import io
+
+    import numpy as np
+
+    from segcli.api import Segmenter
+    from segcli.fileio import atomic_write_bytes, atomic_write_json
+    from segcli.labels import parse_labels
+
+    seg = Segmenter.from_pretrained(model, device="cpu", precision="fp32", warn=False)
+    label_set = parse_labels(labels)
+    emb = seg.label_embeddings(label_set, prompt).float().cpu().numpy()
+    if emb.shape[1] == 0:
+        raise SegcliError(f"{model} has its labels baked in: it has no text space to embed new labels")
+    buf = io.BytesIO()
+    np.save(buf, emb.astype(np.float32))
+    if output.suffix != ".npy":
+        output = output.with_suffix(".npy")
+    atomic_write_bytes(output, buf.getvalue())
+    atomic_write_json(output.with_suffix(".json"), {"labels": label_set.to_json(), "model": model,
+                                                    "prompt": prompt or seg.model.default_prompt,
+                                                    "shape": list(emb.shape)})
+    print(f"wrote {emb.shape[0]} label embeddings [{emb.shape[0]}, {emb.shape[1]}] -> {output}", file=sys.stderr)
 
 
 data_app = typer.Typer(help="Datasets: make synthetic ones.", no_args_is_help=True)

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 from segcli.errors import SegcliError
 
+DEFAULT_MODEL = "clip-dense:ViT-B-16"  # training-free, so predict works with no --model
+
 
 @dataclass(frozen=True)
 class TextConfig:

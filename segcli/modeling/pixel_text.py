@@ -38,19 +38,23 @@ class PixelTextModel(nn.Module):
         key = (labels.synonyms, prompt)
         cached = self._label_cache.get(key)
         if cached is None:
-            texts = [prompt.format(word) if prompt else word for syn in labels.synonyms for word in syn]
-            flat = self.text_encoder(texts)
-            rows, start = [], 0
-            for syn in labels.synonyms:
-                rows.append(flat[start:start + len(syn)].mean(0))
-                start += len(syn)
-            cached = F.normalize(torch.stack(rows), dim=-1)
-            self._label_cache[key] = cached
+            cached = self._label_cache[key] = embed_labels(self.text_encoder, labels, prompt)
         return cached
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._label_cache.clear()  # new text weights make cached label embeddings stale
         super()._load_from_state_dict(*args, **kwargs)
+
+
+def embed_labels(text_encoder: nn.Module, labels: LabelSet, prompt: str | None = None) -> torch.Tensor:
+    """[K,C] L2-normalised: each label's synonyms (through `prompt`) encoded and averaged."""
+    texts = [prompt.format(word) if prompt else word for syn in labels.synonyms for word in syn]
+    flat = text_encoder(texts)
+    rows, start = [], 0
+    for syn in labels.synonyms:
+        rows.append(flat[start:start + len(syn)].mean(0))
+        start += len(syn)
+    return F.normalize(torch.stack(rows), dim=-1)
 
 
 def build_from_state_dict(model_cls: type[PixelTextModel], cfg, state: dict[str, torch.Tensor],
