@@ -53,11 +53,11 @@ def main() -> None:
     cm = ConfusionMatrix(len(evaluated["per_class"]))
     for mask in sorted((data / "val/masks").glob("*.png")):
         cm.update(np.array(Image.open(mask)), np.array(Image.open(pred / f"{mask.stem}_mask.png")))
-    print(f"| time limit | steps | train img/s (median) | wall time | val mIoU (train) | (eval) | (predict masks) | pixAcc |")
-    print(f"| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| {args.minutes:g} min | {evals[-1]["step"]} | {ips:.1f} | {wall / 60:.1f} min | "
+    print("| time limit | steps | train img/s (median) | wall time | val mIoU (train) | (eval) | (predict masks) | pixAcc |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| {args.minutes:g} min | {evals[-1]['step']} | {ips:.1f} | {wall / 60:.1f} min | "
           f"{best['mIoU']:.4f} | {evaluated['mIoU']:.4f} | {cm.summary()['mIoU']:.4f} | {evaluated['pixAcc']:.4f} |")
-    print(f"validation curve (step: mIoU): " + ", ".join(f"{e['step']}: {e['mIoU']:.3f}" for e in evals))
+    print("validation curve (step: mIoU): " + ", ".join(f"{e['step']}: {e['mIoU']:.3f}" for e in evals))
     print(f"run folder: {run}")
 
 

@@ -43,14 +43,19 @@ def restore_label_map(logits: torch.Tensor, valid_hw: tuple[float, float], out_h
     y0, y1, wy = _source_coords(out_h, vh, lh)
     x0, x1, wx = _source_coords(out_w, vw, lw)
     out = np.empty((out_h, out_w), dtype=dtype)
-    lookup = candidates.numpy().astype(dtype)
-    rows = max(1, max_elements // max(1, candidates.numel() * out_w))
+    lookup = torch.from_numpy(candidates.numpy().astype(np.int64))
+    rows = max(1, max_elements // max(1, 4 * out_w))
     for r0 in range(0, out_h, rows):
         r1 = min(out_h, r0 + rows)
-        wr = wy[r0:r1].view(1, -1, 1)
-        band = sub[:, y0[r0:r1]] * (1 - wr) + sub[:, y1[r0:r1]] * wr  # [P, r, lw]
-        full = band[:, :, x0] * (1 - wx) + band[:, :, x1] * wx  # [P, r, W]
-        out[r0:r1] = lookup[full.argmax(0).numpy()]
+        band = torch.lerp(sub[:, y0[r0:r1]], sub[:, y1[r0:r1]], wy[r0:r1].view(1, -1, 1))  # [P, r, lw]
+        # a running argmax over candidates: reducing over the outer dim of a [P, r, W] stack is ~2x slower
+        best = torch.lerp(band[0][:, x0], band[0][:, x1], wx)
+        best_index = torch.zeros(best.shape, dtype=torch.int64)
+        for p in range(1, band.shape[0]):
+            value = torch.lerp(band[p][:, x0], band[p][:, x1], wx)
+            best_index.masked_fill_(value > best, p)  # strict: ties keep the lower label, as argmax does
+            torch.maximum(best, value, out=best)
+        out[r0:r1] = lookup[best_index].numpy().astype(dtype)
     return out
 
 

@@ -8,9 +8,9 @@ progress in one atomically written file, no pickling), from which `--resume DIR`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,7 +51,7 @@ class TrainOptions:
     accumulate: int = 1
     lr: float | None = None  # default per optimizer
     optimizer: str = "adamw"
-    weight_decay: float = 0.01
+    weight_decay: float | None = None  # default: 0.01 for AdamW, 1e-4 for SGD (LSeg's)
     warmup: int | None = None  # steps; default 5% of the schedule (at most 500)
     crop: int = 480
     precision: str = "auto"
@@ -260,8 +260,8 @@ class Trainer:
         groups = [{"params": backbone, "lr": lr * 0.1, "base_lr": lr * 0.1},  # LSeg: the backbone learns 10x slower
                   {"params": decoder, "lr": lr, "base_lr": lr}]
         if self.opts.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=self.opts.weight_decay)
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=self.opts.weight_decay)
+            return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=_default(self.opts.weight_decay, 1e-4))
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=_default(self.opts.weight_decay, 0.01))
 
     # --- progress ------------------------------------------------------------------------
     def progress(self) -> float:
@@ -334,7 +334,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True).float().div_(255.0)
             masks = masks.to(self.device, non_blocking=True)
             sync = micro == self.opts.accumulate - 1 or self.dist.world == 1
-            context = self.ddp_model.no_sync() if not sync else _nullcontext()
+            context = self.ddp_model.no_sync() if not sync else contextlib.nullcontext()
             with context:
                 with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
                     logits = self.ddp_model(images, self.text)
@@ -431,12 +431,8 @@ class Trainer:
             atomic_write_bytes(self.output / "curves.png", plot_curves(losses, mious))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _default(value, fallback):
+    return fallback if value is None else value
 
 
 def start_training(opts: TrainOptions, on_event=None) -> Trainer:
@@ -449,12 +445,14 @@ def start_training(opts: TrainOptions, on_event=None) -> Trainer:
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SegcliError("give --output when training on several processes (they must agree on one folder)")
     else:
-        output = next_run_dir(Path("runs/train"))
+        output = next_run_dir(Path("runs/train"))  # created now, so parallel runs differ
+    trainer = Trainer(opts, output, resume=False, on_event=on_event)  # checks data and weights first
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output / "config.json", {"options": opts.to_json(), "segcli_version": __version__})
         (output / "metrics.jsonl").unlink(missing_ok=True)
-    return Trainer(opts, output, resume=False, on_event=on_event)
+    trainer.dist.barrier()
+    return trainer
 
 
 def resume_training(run_dir: str | Path, on_event=None, time_limit: float | None = None) -> Trainer:
