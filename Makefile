@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test bench clean
+.PHONY: install test bench bench-train clean
 
 install:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,11 @@ test:
 	$(PY) -m pytest -q
 
 bench:
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_predict.py
+
+bench-train:
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -224,8 +224,13 @@ def main() -> None:
     if args.part:
         print(json.dumps(PARTS[args.part](args)))
         return
+    import importlib.util
+
     import torch
 
+    if not args.no_clipseg and importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: (d) CLIPSeg skipped (pip install 'segcli[bench]')")
+        args.no_clipseg = True
     tmp = Path(tempfile.mkdtemp(prefix="segcli-bench-"))
     print(f"model {args.model}, imgsz {args.imgsz}, batch {args.batch_size}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} photos")
