@@ -96,7 +96,7 @@ def predict(
     merge_summaries: Optional[Path] = typer.Option(None, "--merge-summaries", help="Fold DIR/summary.shard-*.json of finished shards into DIR/summary.json and exit."),
 ) -> None:
     """Segment photos: writes NAME_mask.png, NAME_color.png, NAME_overlay.jpg, labels.json, summary.json."""
-    from segcli.api import Segmenter
+    from segcli.api import UNTRAINED_WARNING, Segmenter
     from segcli.data.sources import collect_sources, parse_shard, take_shard
     from segcli.labels import parse_labels
     from segcli.predict import OUTPUT_KINDS, PredictOptions, PredictRun, merge_summaries as merge
@@ -132,8 +132,7 @@ def predict(
     model = model or DEFAULT_MODEL
     seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
     if seg.untrained:
-        _warn(f"{model} is an untrained architecture with random weights: its masks are meaningless "
-              "(use it for smoke tests and speed measurements; pass a checkpoint for real results)")
+        _warn(UNTRAINED_WARNING.format(name=model))
     label_set = seg.resolve_labels(label_set)
     options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
                              batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels,
@@ -221,14 +220,38 @@ class _Reporter:
 @app.command()
 @user_errors
 def info(
-    model: str = typer.Argument(..., help="A segcli checkpoint (.safetensors) or an architecture name."),
+    model: str = typer.Argument(..., help="Any --model value: a checkpoint, an LSeg .ckpt, open_clip weights, an .onnx export, clip-dense[:ARCH[@TAG]] or an architecture."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Show what a checkpoint holds: architecture, parameters, labels, metadata."""
-    from segcli.checkpoint import read_checkpoint_info
+    """Show what a model is: architecture, parameters, labels, metadata (never downloads)."""
+    from segcli.checkpoint import is_segcli_checkpoint, read_checkpoint_info
+    from segcli.clip_weights import is_clip_dense_spec, parse_clip_dense_spec
     from segcli.registry import ARCHITECTURES
 
-    if Path(model).exists() or model.endswith(".safetensors"):
+    path = Path(model)
+    if is_clip_dense_spec(model):
+        import open_clip
+
+        arch, tag = parse_clip_dense_spec(model)
+        pcfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+        data = {"model": model, "kind": "training-free dense CLIP (ClearCLIP-style last block)", "architecture": arch,
+                "pretrained": tag, "weights": f"https://huggingface.co/{pcfg.get('hf_hub', '?').rstrip('/')}",
+                "input size": 448, "labels": "any (open vocabulary)"}
+        _show(data, json_out)
+        return
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")) if path.with_suffix(".json").is_file() else {}
+        _show({"model": model, "kind": f"ONNX export ({sidecar.get('mode', 'no sidecar')})", **sidecar}, json_out)
+        return
+    if path.is_file() and not (path.suffix.lower() == ".safetensors" and is_segcli_checkpoint(path)):
+        import torch
+
+        from segcli.api import load_model
+
+        net, labels, _, _ = load_model(model, torch.device("cpu"))  # reads the file, runs nothing in it
+        cfg, meta, kind = net.cfg, {}, f"{type(net).__name__} weights (converted when loaded)"
+        params = sum(p.numel() for p in net.state_dict().values())
+    elif path.exists() or model.endswith(".safetensors"):
         ci = read_checkpoint_info(model)
         from safetensors import safe_open
 
@@ -246,26 +269,37 @@ def info(
         with torch.device("meta"):
             params = sum(p.numel() for p in LSeg(cfg).state_dict().values())
     else:
-        raise SegcliError(f"{model!r} is neither a file nor an architecture ({', '.join(ARCHITECTURES)})")
+        raise SegcliError(f"{model!r} is neither a file, clip-dense[:ARCH[@TAG]] nor an architecture "
+                          f"({', '.join(ARCHITECTURES)})")
     data = {"model": model, "kind": kind, "architecture": cfg.name, "parameters": params,
             "config": cfg.to_dict(), "labels": list(labels.names) if labels else None, "metadata": meta}
     if json_out:
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        _show(data, True)
         return
+    image = (f"ViT patch {cfg.patch_size}, width {cfg.vit_dim}, depth {cfg.depth}" if hasattr(cfg, "vit_dim")
+             else f"CLIP ViT patch {cfg.patch_size}, width {cfg.width}, depth {cfg.layers} (dense)")
+    rows = {"model": model, "kind": kind, "architecture": cfg.name, "parameters": f"{params:,}", "image encoder": image,
+            "text encoder": f"CLIP text width {cfg.text.width}, {cfg.text.layers} layers, C = {cfg.embed_dim}",
+            "input size": cfg.default_imgsz,
+            "labels": (f"{len(labels)}: " + ", ".join(labels.names[:20]) + (" ..." if len(labels) > 20 else "")) if labels else "none"}
+    table = _table({**rows, **meta})
+    Console(highlight=False).print(table)
+
+
+def _show(data: dict, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        Console(highlight=False).print(_table(data))
+
+
+def _table(rows: dict):
     from rich.table import Table
 
     table = Table(show_header=False, box=None)
-    table.add_row("model", model)
-    table.add_row("kind", kind)
-    table.add_row("architecture", cfg.name)
-    table.add_row("parameters", f"{params:,}")
-    table.add_row("image encoder", f"ViT patch {cfg.patch_size}, width {cfg.vit_dim}, depth {cfg.depth}")
-    table.add_row("text encoder", f"CLIP text width {cfg.text.width}, {cfg.text.layers} layers, C = {cfg.embed_dim}")
-    table.add_row("input size", str(cfg.default_imgsz))
-    table.add_row("labels", (f"{len(labels)}: " + ", ".join(labels.names[:20]) + (" ..." if len(labels) > 20 else "")) if labels else "none")
-    for k, v in meta.items():
-        table.add_row(k, v)
-    Console(highlight=False).print(table)
+    for key, value in rows.items():
+        table.add_row(str(key), value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+    return table
 
 
 @app.command()
@@ -347,7 +381,6 @@ class _TrainReporter:
         self.main = int(os.environ.get("RANK", "0")) == 0
 
     def start(self, trainer) -> None:
-        self.trainer = trainer
         if self.quiet or not err.is_terminal:
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

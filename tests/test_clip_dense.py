@@ -188,3 +188,17 @@ def test_default_model_downloads_once_then_works_offline(clip_files, small_photo
     assert offline.returncode == 0, offline.stderr
     for name in ("cat_mask.png", "rocket_mask.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_info_describes_clip_models_without_downloading(clip_files):
+    import json
+
+    from typer.testing import CliRunner
+
+    from segcli.cli import app
+
+    spec = json.loads(CliRunner().invoke(app, ["info", "clip-dense", "--json"]).output)
+    assert spec["architecture"] == "ViT-B-16" and spec["weights"].endswith("timm/vit_base_patch16_clip_224.openai")
+    local = json.loads(CliRunner().invoke(app, ["info", str(clip_files["bin"]), "--json"]).output)
+    assert local["kind"].startswith("CLIPDense") and local["config"]["width"] == 64 and local["config"]["layers"] == 2
+    assert local["parameters"] == sum(v.numel() for k, v in tiny_clip().state_dict().items() if k != "logit_scale")

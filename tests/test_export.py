@@ -138,3 +138,10 @@ def test_failed_verification_writes_nothing(tiny_checkpoint, tmp_path, monkeypat
     with pytest.raises(SegcliError, match="verification failed"):
         export.export_model(model, out, "onnx", parse_labels(TINY_LABELS))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_info_reads_the_sidecar(exports):
+    result = cli("info", str(exports["baked"]), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["kind"] == "ONNX export (labels-baked-in)" and data["imgsz"] == 128

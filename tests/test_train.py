@@ -192,3 +192,30 @@ def test_two_process_gloo_ddp_matches_one_process(scenes, tmp_path):
     single_eval = json.loads((single / "metrics.jsonl").read_text().splitlines()[-1])["eval"]
     ddp_eval = json.loads((ddp / "metrics.jsonl").read_text().splitlines()[-1])["eval"]
     assert abs(single_eval["mIoU"] - ddp_eval["mIoU"]) < 0.05
+
+
+def test_local_backbone_and_text_weights_are_used(tmp_path):
+    import timm
+    import torch
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    # a timm ViT shaped like lseg_tiny's encoder but trained at 224 (a 14x14 position grid)
+    vit = timm.create_model("vit_tiny_patch16_224", embed_dim=64, depth=4, num_heads=2, num_classes=10)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    clip = CLIP(embed_dim=64, vision_cfg=CLIPVisionCfg(image_size=32, patch_size=16, width=64, layers=1),
+                text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2), quick_gelu=True)
+    torch.save(clip.state_dict(), tmp_path / "clip.bin")
+    out = tmp_path / "run"
+    result = cli("train", "--data", "synthetic", *FAST, "--steps", "1", "--lr", "1e-12", "--warmup", "1",
+                 "--backbone-weights", str(tmp_path / "vit.safetensors"), "--text-weights", str(tmp_path / "clip.bin"),
+                 "-o", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    trained = load_file(str(out / "last.safetensors"))
+    assert torch.equal(trained["text_encoder.tower.token_embedding.weight"], clip.token_embedding.weight.detach())
+    assert torch.equal(trained["text_encoder.tower.text_projection"], clip.text_projection.detach())
+    given = vit.state_dict()
+    assert torch.allclose(trained["image_encoder.vit.blocks.2.attn.qkv.weight"], given["blocks.2.attn.qkv.weight"], atol=1e-6)
+    assert trained["image_encoder.vit.pos_embed"].shape == (1, 65, 64)  # resampled from 14x14 to 8x8
+    assert torch.allclose(trained["image_encoder.vit.pos_embed"][:, 0], given["pos_embed"][:, 0], atol=1e-6)
