@@ -365,6 +365,8 @@ def train(
         reporter.start(trainer)
     with reporter:
         result = trainer.run()
+    if result.stopped_by == "interrupted":
+        raise _fail(f"interrupted at step {result.steps}; the state is saved: segcli train --resume {result.output}", 130)
     if trainer.dist.main and not quiet:
         best = result.best or {}
         print(f"done ({result.stopped_by}): {result.steps} steps, best val mIoU {best.get('mIoU', 0):.4f} "

@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,29 +299,32 @@ class Trainer:
                                              persistent_workers=self.opts.workers > 0)
         batches = iter(loader)
         stopped_by = self.dist.any(self._done() is not None) and (self._done() or "done")
-        window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         self.model.train()
-        while not stopped_by:
-            started = time.perf_counter()
-            loss = self._train_step(batches)
-            self.step += 1
-            self.elapsed += time.perf_counter() - started
-            window_loss += loss
-            window_images += self.opts.batch_size
-            if self.step % LOG_EVERY == 0 or self.step == 1:
-                seconds = time.perf_counter() - window_start
-                n = LOG_EVERY if self.step > 1 else 1
-                self._log({"step": self.step, "loss": window_loss / n, "lr": self.optimizer.param_groups[1]["lr"],
-                           "images_per_s": window_images / seconds if seconds else 0.0})
-                window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
-            stopped_by = self._done()
-            stopped_by = self.dist.any(stopped_by is not None) and (stopped_by or "another rank")
-            evaluate_now = self.dist.any(self._validation_due())
-            if stopped_by or evaluate_now:
-                self._evaluate()
-            if stopped_by or evaluate_now or self.step % self.opts.save_every == 0:
-                self._save_state()
-            self.model.train()
+        with _stop_on_sigterm() as stop_requested:
+            while not stopped_by:
+                started = time.perf_counter()
+                loss = self._train_step(batches)
+                self.step += 1
+                self.elapsed += time.perf_counter() - started
+                window_loss, window_steps = window_loss + loss, window_steps + 1
+                if self.step % LOG_EVERY == 0 or self.step == 1:
+                    seconds = time.perf_counter() - window_start
+                    self._log({"step": self.step, "loss": window_loss / window_steps,
+                               "lr": self.optimizer.param_groups[1]["lr"],
+                               "images_per_s": window_steps * self.opts.batch_size / seconds if seconds else 0.0})
+                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                if self.dist.any(stop_requested()):  # SIGTERM (preemption, kill): save and leave, no evaluation
+                    self._save_state()
+                    return TrainResult(self.output, self.step, self.best, self.last_eval, "interrupted", self.history)
+                stopped_by = self._done()
+                stopped_by = self.dist.any(stopped_by is not None) and (stopped_by or "another rank")
+                evaluate_now = self.dist.any(self._validation_due())
+                if stopped_by or evaluate_now:
+                    self._evaluate()
+                if stopped_by or evaluate_now or self.step % self.opts.save_every == 0:
+                    self._save_state()
+                self.model.train()
         self._write_curves()
         return TrainResult(self.output, self.step, self.best, self.last_eval, stopped_by, self.history)
 
@@ -429,6 +434,20 @@ class Trainer:
             losses = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
             mious = [(r["step"], r["eval"]["mIoU"]) for r in self.history if "eval" in r]
             atomic_write_bytes(self.output / "curves.png", plot_curves(losses, mious))
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """Yields a function telling whether SIGTERM arrived; the step in progress finishes first."""
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received.is_set
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+    try:
+        yield received.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _default(value, fallback):

@@ -219,3 +219,24 @@ def test_local_backbone_and_text_weights_are_used(tmp_path):
     assert torch.allclose(trained["image_encoder.vit.blocks.2.attn.qkv.weight"], given["blocks.2.attn.qkv.weight"], atol=1e-6)
     assert trained["image_encoder.vit.pos_embed"].shape == (1, 65, 64)  # resampled from 14x14 to 8x8
     assert torch.allclose(trained["image_encoder.vit.pos_embed"][:, 0], given["pos_embed"][:, 0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_state_and_exits_130(scenes, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "segcli", "train", "--data", f"folder:{scenes}", *FAST,
+                             "--steps", "400", "--save-every", "1000", "-o", str(run)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    log = run / "metrics.jsonl"
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "the state is saved" in err.strip().splitlines()[-1]
+    from safetensors import safe_open
+
+    with safe_open(str(run / "state.safetensors"), framework="pt") as f:
+        step = json.loads(f.metadata()["trainer"])["step"]
+    assert 10 <= step < 400
