@@ -127,19 +127,20 @@ def part_clipseg(args) -> dict:
     from segcli.render import palette_array
 
     torch.manual_seed(0)
-    model = CLIPSegForImageSegmentation(CLIPSegConfig()).eval()
+    device = torch.device(args.device)
+    model = CLIPSegForImageSegmentation(CLIPSegConfig()).eval().to(device)
     names = label_names(args.k)
     palette = palette_array(LabelSet.from_synonyms([[n] for n in names]))
-    ids = SimpleTokenizer()(names, context_length=77)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    ids = SimpleTokenizer()(names, context_length=77).to(device)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
     files = sorted(Path(args.folder).glob("*.jpg"))[: max(2, min(args.images, 16 // max(1, args.k // 5)))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for path in files:
         image = Image.open(path).convert("RGB")
-        x = torch.from_numpy(np.asarray(image.resize((352, 352), Image.BICUBIC))).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(np.asarray(image.resize((352, 352), Image.BICUBIC))).permute(2, 0, 1)[None].to(device).float() / 255
         x = (x - mean) / std
         chunks = []
         with torch.inference_mode():
@@ -148,7 +149,7 @@ def part_clipseg(args) -> dict:
                 chunks.append(model(input_ids=ids[start:start + 8], pixel_values=x.expand(k, -1, -1, -1)).logits.reshape(k, 352, 352))
             logits = torch.cat(chunks)[None]
             full = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
-            mask = full.argmax(1)[0].numpy().astype(np.uint8)
+            mask = full.argmax(1)[0].cpu().numpy().astype(np.uint8)
         Image.fromarray(mask).save(out / f"{path.stem}_mask.png")
         Image.fromarray(palette[mask]).save(out / f"{path.stem}_color.png")
     return {"images_per_s": len(files) / (time.perf_counter() - t0), "images": len(files)}
