@@ -13,6 +13,8 @@ artifact agrees with PyTorch (argmax on >= 99.9% of pixels in fp32, >= 99% with 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -105,7 +107,7 @@ def export_model(model: PixelTextModel, output: str | Path, fmt: str = "onnx", l
         reference = _logits(model, images, probe_text).float()  # fp32 PyTorch: the ground truth
     graph = (BakedLabelsGraph(model, text) if text is not None else OpenVocabularyGraph(model)).eval()
     if half:
-        graph = graph.half()
+        graph = copy.deepcopy(graph).half()  # the caller's model (and the saved text tower) stay fp32
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".segcli-export-") as tmp:
         staged = Path(tmp) / output.name
@@ -203,8 +205,6 @@ def _save_text_tower(model: PixelTextModel, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.text_encoder.tower.state_dict().items()}
-    import dataclasses
-
     text_cfg = dataclasses.asdict(model.cfg.text)
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={"format": "segcli-text-tower/1", "text_config": json.dumps(text_cfg),

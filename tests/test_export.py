@@ -124,6 +124,10 @@ def test_pt2_and_half_exports_are_verified(tiny_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     meta = json.loads(half.with_suffix(".json").read_text())
     assert meta["dtype"] == "float16" and meta["verification"]["argmax_agreement"] >= 0.99
+    from safetensors.torch import load_file
+
+    text = load_file(str(half.with_suffix(".text.safetensors")))  # only the image graph is fp16
+    assert all(v.dtype == torch.float32 for v in text.values() if v.is_floating_point())
 
 
 def test_failed_verification_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
@@ -145,3 +149,4 @@ def test_info_reads_the_sidecar(exports):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["kind"] == "ONNX export (labels-baked-in)" and data["imgsz"] == 128
+
