@@ -72,13 +72,14 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for the image branch, or None for fp32."""
+def resolve_precision(spec: str, device: torch.device, training: bool = False) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. auto: inference uses fp16 on CUDA and bf16 on CPUs with native
+    bf16; training uses bf16 on CUDA when supported (else fp16, with loss scaling) and fp32 on CPUs."""
     spec = (spec or "auto").lower()
     if spec == "auto":
         if device.type == "cuda":
-            return torch.float16
-        if device.type == "cpu" and _cpu_has_bf16():
+            return torch.bfloat16 if training and torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and _cpu_has_bf16() and not training:
             return torch.bfloat16
         return None
     table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,13 +133,13 @@ def load_model(spec: str, device: torch.device) -> tuple[PixelTextModel, LabelSe
         state = read_state_dict(path)  # never runs code from the file
         if is_clip_state_dict(state):
             return clip_dense_from_clip_state(state, path.name, device=device), None, fingerprint, False
-        state = {(k[4:] if k.startswith("net.") else k): v for k, v in state.items()}
-        if "pretrained.model.patch_embed.proj.weight" not in state:
-            raise SegcliError(f"{spec} is neither a segcli checkpoint, an LSeg checkpoint nor open_clip CLIP weights")
-        # an official LSeg checkpoint, converted in memory
-        from segcli.convert import lseg_to_segcli
+        from segcli.convert import is_lseg_state_dict, lseg_to_segcli, strip_lightning_prefix
         from segcli.labels import named_label_set
 
+        state = strip_lightning_prefix(state)
+        if not is_lseg_state_dict(state):
+            raise SegcliError(f"{spec} is neither a segcli checkpoint, an LSeg checkpoint nor open_clip CLIP weights")
+        # an official LSeg checkpoint, converted in memory
         return lseg_to_segcli(state).to(device), named_label_set("ade20k"), fingerprint, False
     if spec in ARCHITECTURES:
         with torch.random.fork_rng(devices=[]):
@@ -225,15 +226,10 @@ class Segmenter:
     def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor,
                          return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32 on the CPU (and embeddings [B,C,S/s,S/s])."""
-        if getattr(self.model, "is_onnx", False):
-            return self.model.run(pixels, label_embeddings), None
         batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            emb = self.model.pixel_embeddings(batch)
-        logits = self.model.logits(emb, label_embeddings.to(self.device))
-        return logits.cpu(), (emb.float().cpu() if return_embeddings else None)
+        logits, emb = self.model.dense_logits(batch, label_embeddings, self.autocast_dtype, return_embeddings)
+        return logits.cpu(), (emb.cpu() if emb is not None else None)
 
     def predict(self, images: Image.Image | np.ndarray | str | os.PathLike | Sequence, labels: str | LabelSet | None = None,
                 prompt: str | None = None, batch_size: int = 4, return_logits: bool = False,

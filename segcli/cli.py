@@ -374,15 +374,16 @@ def train(
 
 
 class _TrainReporter:
-    """A rich bar on a terminal, plain lines otherwise; only on rank 0."""
+    """A rich bar on a terminal, plain lines otherwise; only on rank 0 (the one `start` is called on)."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.progress = None
         self.task = None
-        self.main = int(os.environ.get("RANK", "0")) == 0
+        self.main = False
 
     def start(self, trainer) -> None:
+        self.main = True
         if self.quiet or not err.is_terminal:
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -483,7 +484,9 @@ def export(
     from segcli.export import export_model
 
     seg = Segmenter.from_pretrained(model, device="cpu", precision="fp32", imgsz=imgsz, warn=False)
-    if getattr(seg.model, "is_onnx", False):
+    from segcli.modeling import PixelTextModel
+
+    if not isinstance(seg.model, PixelTextModel):
         raise SegcliError("--model is already an ONNX export; export from the checkpoint")
     label_set = seg.resolve_labels(labels) if labels else None
     stem = Path(model).stem if Path(model).suffix else model.replace(":", "_").replace("@", "_")

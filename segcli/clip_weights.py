@@ -34,14 +34,20 @@ def parse_clip_dense_spec(spec: str) -> tuple[str, str]:
 
 
 def is_clip_state_dict(state: dict[str, torch.Tensor]) -> bool:
-    return "visual.conv1.weight" in _strip_module(state) and "token_embedding.weight" in _strip_module(state)
+    state = _clean(state)
+    return "visual.conv1.weight" in state and "token_embedding.weight" in state
 
 
-def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weights saved from DistributedDataParallel carry a "module." prefix."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
+def _clean(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without DistributedDataParallel's "module." prefix and without the non-weight entries."""
+    strip = bool(state) and all(k.startswith("module.") for k in state)
+    return {(k[len("module."):] if strip else k): v for k, v in state.items()
+            if (k[len("module."):] if strip else k) not in _NON_WEIGHTS}
+
+
+def clip_text_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text tower of an open_clip CLIP state dict, in TextEncoder.tower's names, fp32."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in _clean(state).items() if not k.startswith("visual.")}
 
 
 def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
@@ -80,10 +86,10 @@ def clip_dense_from_clip_state(state: dict[str, torch.Tensor], name: str, quick_
                                mean: tuple | None = None, std: tuple | None = None,
                                device: str | torch.device = "cpu") -> CLIPDense:
     """open_clip CLIP weights -> CLIPDense (every weight used, every shape checked)."""
-    state = {k: v for k, v in _strip_module(state).items() if k not in _NON_WEIGHTS}
+    state = _clean(state)
     cfg = clip_dense_config(state, name, quick_gelu, mean, std)
-    mapped = {(k if k.startswith("visual.") else "text_encoder.tower." + k):
-              (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    mapped = {"text_encoder.tower." + k: v for k, v in clip_text_state(state).items()}
+    mapped.update({k: v.float() for k, v in state.items() if k.startswith("visual.")})
     try:
         return clip_dense_from_state_dict(cfg, mapped, device)
     except RuntimeError as exc:

@@ -19,9 +19,19 @@ from segcli.registry import ARCHITECTURES, LSegConfig, TextConfig
 from segcli.weights import read_state_dict
 
 
+def strip_lightning_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LSeg's Lightning module holds the network as `net`: drop that "net." prefix."""
+    return {(k[4:] if k.startswith("net.") else k): v for k, v in state.items()}
+
+
+def is_lseg_state_dict(state: dict[str, torch.Tensor]) -> bool:
+    """True for an LSegNet state dict (without the "net." prefix)."""
+    return "pretrained.model.patch_embed.proj.weight" in state
+
+
 def read_lseg_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of an LSeg .ckpt (keys without the Lightning "net." prefix), read safely."""
-    return {(k[4:] if k.startswith("net.") else k): v for k, v in read_state_dict(path).items()}
+    return strip_lightning_prefix(read_state_dict(path))
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> LSegConfig:

@@ -45,7 +45,7 @@ class BakedLabelsGraph(nn.Module):
         self.register_buffer("label_embeddings", label_embeddings.detach().clone())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = _logits(self.model, images, self.label_embeddings)
+        logits = self.model.logits(self.model.pixel_embeddings(images), self.label_embeddings)
         return logits, logits.argmax(dim=1)
 
 
@@ -57,14 +57,7 @@ class OpenVocabularyGraph(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
-        return _logits(self.model, images, label_embeddings)
-
-
-def _logits(model: PixelTextModel, images: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
-    """Cosine logits in the images' dtype (fp16 graphs stay fp16)."""
-    pixels = model.pixel_embeddings(images)
-    pixels = pixels / pixels.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    return torch.einsum("bchw,kc->bkhw", pixels, label_embeddings.to(pixels.dtype)) * model.logit_scale
+        return self.model.logits(self.model.pixel_embeddings(images), label_embeddings)
 
 
 @dataclass
@@ -104,7 +97,7 @@ def export_model(model: PixelTextModel, output: str | Path, fmt: str = "onnx", l
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255.0)
     probe_text = text if text is not None else _probe_embeddings(model)
     with torch.no_grad():
-        reference = _logits(model, images, probe_text).float()  # fp32 PyTorch: the ground truth
+        reference, _ = model.dense_logits(images, probe_text)  # fp32 PyTorch: the ground truth
     graph = (BakedLabelsGraph(model, text) if text is not None else OpenVocabularyGraph(model)).eval()
     if half:
         graph = copy.deepcopy(graph).half()  # the caller's model (and the saved text tower) stay fp32
@@ -243,7 +236,8 @@ def _sidecar(model: PixelTextModel, fmt: str, imgsz: int, half: bool, labels: La
         "source_model": source,
         "architecture": model.cfg.name,
         "mode": "open-vocabulary" if open_vocab else "labels-baked-in",
-        "dtype": "float16" if half else "float32",
+        "dtype": "float16" if half else "float32",  # of the images input and the weights
+        "logits_dtype": "float32",  # the scoring runs in fp32 even in fp16 graphs
         "input": {"name": "images", "shape": ["batch", 3, imgsz, imgsz], "range": [0.0, 1.0],
                   "layout": "RGB, resized so the long side is imgsz (aspect kept), padded bottom/right with 0"},
         "imgsz": imgsz,

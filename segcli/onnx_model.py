@@ -24,8 +24,6 @@ class OnnxConfig:
 class OnnxModel:
     """`segcli export` output (FILE.onnx + FILE.json sidecar [+ FILE.text.safetensors])."""
 
-    is_onnx = True
-
     def __init__(self, path: str | Path):
         from segcli.export import onnx_session
 
@@ -79,11 +77,12 @@ class OnnxModel:
             self._text_encoder = load_text_tower(self.path.with_name(self.meta["text_weights"]))
         return self._text_encoder
 
-    def run(self, pixels: np.ndarray, label_embeddings: torch.Tensor) -> torch.Tensor:
-        """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32."""
-        images = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=self.dtype) / self.dtype(255.0)
-        feeds = {"images": images.astype(self.dtype)}
+    def dense_logits(self, images: torch.Tensor, label_embeddings: torch.Tensor, autocast_dtype=None,
+                     return_embeddings: bool = False) -> tuple[torch.Tensor, None]:
+        """As PixelTextModel.dense_logits: [B,3,S,S] in [0,1] -> (logits [B,K,S/s,S/s] fp32, None).
+        The graph's own dtype applies (autocast does not); it has no embeddings output."""
+        feeds = {"images": images.cpu().numpy().astype(self.dtype)}
         if self.open_vocab:
-            feeds["label_embeddings"] = label_embeddings.numpy().astype(self.dtype)
+            feeds["label_embeddings"] = label_embeddings.cpu().numpy().astype(self.dtype)
         logits = self.session.run(["logits"], feeds)[0]
-        return torch.from_numpy(logits.astype(np.float32))
+        return torch.from_numpy(logits.astype(np.float32)), None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from segcli import __version__
-from segcli.api import Segmenter, resolve_device
+from segcli.api import Segmenter, resolve_device, resolve_precision
 from segcli.checkpoint import is_segcli_checkpoint, load_checkpoint, save_checkpoint
 from segcli.data.segmentation import EpochBatches, SegmentationData, TrainingSet, open_dataset
 from segcli.errors import SegcliError
@@ -103,13 +103,13 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any (so all ranks stop together)."""
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag made true on every rank if it is true on any (one all-reduce), so ranks act together."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([int(flag)])
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([int(f) for f in flags])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return tuple(bool(x) for x in t.tolist())
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -135,7 +135,11 @@ def initial_model(opts: TrainOptions) -> LSeg:
         _load_backbone(model, backbone)
     text = _text_state(cfg, opts)
     if text is not None:
-        model.text_encoder.tower.load_state_dict(text, strict=True)
+        try:
+            model.text_encoder.tower.load_state_dict(text, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).strip().splitlines()[1:2]).strip()[:160]
+            raise SegcliError(f"the text weights do not fit {cfg.name}'s CLIP text tower ({detail})") from None
     return model
 
 
@@ -171,30 +175,14 @@ def _load_backbone(model: LSeg, state: dict) -> None:
 
 
 def _text_state(cfg, opts: TrainOptions) -> dict | None:
-    from segcli.clip_weights import download_clip_weights
+    from segcli.clip_weights import clip_text_state, download_clip_weights
     from segcli.weights import read_state_dict
 
     if opts.text_weights:
-        state = read_state_dict(opts.text_weights)
-    elif cfg.clip_name and opts.pretrained:
-        state = read_state_dict(download_clip_weights(cfg.clip_name, "openai"))
-    else:
-        return None
-    return {k: v.float() for k, v in state.items()
-            if not k.startswith("visual.") and k not in ("logit_scale", "input_resolution", "context_length", "vocab_size")}
-
-
-def _training_autocast(spec: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA with bf16, else fp16 on CUDA (with loss scaling); fp32 on the CPU."""
-    spec = (spec or "auto").lower()
-    if spec == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if spec not in table:
-        raise SegcliError(f"unknown precision {spec!r}: use auto, fp32, bf16 or fp16")
-    return table[spec]
+        return clip_text_state(read_state_dict(opts.text_weights))
+    if cfg.clip_name and opts.pretrained:
+        return clip_text_state(read_state_dict(download_clip_weights(cfg.clip_name, "openai")))
+    return None
 
 
 def lr_factor(progress: float, step: int, warmup: int) -> float:
@@ -229,7 +217,7 @@ class Trainer:
         self.model.cfg = dataclasses.replace(self.model.cfg, default_imgsz=opts.crop)
         self.classes = self.data.classes
         self.text = self.model.label_embeddings(self.classes).to(self.device)  # [K,C], frozen, once
-        self.autocast = _training_autocast(opts.precision, self.device)
+        self.autocast = resolve_precision(opts.precision, self.device, training=True)
         self.scaler = torch.amp.GradScaler(enabled=self.autocast == torch.float16)
         self.optimizer = self._optimizer()
         self.train_set = TrainingSet(self.data, opts.crop, opts.seed)
@@ -298,7 +286,9 @@ class Trainer:
                                              pin_memory=self.device.type == "cuda",
                                              persistent_workers=self.opts.workers > 0)
         batches = iter(loader)
-        stopped_by = self.dist.any(self._done() is not None) and (self._done() or "done")
+        stopped_by = self._done()
+        if self.dist.any(stopped_by is not None)[0]:
+            stopped_by = stopped_by or "another rank"
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         self.model.train()
         with _stop_on_sigterm() as stop_requested:
@@ -314,17 +304,18 @@ class Trainer:
                                "lr": self.optimizer.param_groups[1]["lr"],
                                "images_per_s": window_steps * self.opts.batch_size / seconds if seconds else 0.0})
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-                if self.dist.any(stop_requested()):  # SIGTERM (preemption, kill): save and leave, no evaluation
+                stopped_by = self._done()
+                interrupted, stop, evaluate_now = self.dist.any(stop_requested(), stopped_by is not None,
+                                                                self._validation_due())
+                if interrupted:  # SIGTERM (preemption, kill): save and leave, no evaluation
                     self._save_state()
                     return TrainResult(self.output, self.step, self.best, self.last_eval, "interrupted", self.history)
-                stopped_by = self._done()
-                stopped_by = self.dist.any(stopped_by is not None) and (stopped_by or "another rank")
-                evaluate_now = self.dist.any(self._validation_due())
-                if stopped_by or evaluate_now:
+                if stop:
+                    stopped_by = stopped_by or "another rank"
+                if stop or evaluate_now:
                     self._evaluate()
-                if stopped_by or evaluate_now or self.step % self.opts.save_every == 0:
+                if stop or evaluate_now or self.step % self.opts.save_every == 0:
                     self._save_state()
-                self.model.train()
         self._write_curves()
         return TrainResult(self.output, self.step, self.best, self.last_eval, stopped_by, self.history)
 
@@ -370,6 +361,7 @@ class Trainer:
                                 extra={"trained_on": self.data.name, "step": self.step, "val": record})
             self._log({"step": self.step, "eval": record, "per_class": metrics["per_class"]})
         self.last_eval_at = self.elapsed
+        self.model.train()  # the Segmenter switched it to eval mode
         self.dist.barrier()
 
     def _log(self, record: dict) -> None:
@@ -401,11 +393,14 @@ class Trainer:
         path = self.output / STATE_FILE
         if not path.is_file():
             raise SegcliError(f"{self.output} has no {STATE_FILE}: nothing to resume (was it saved at least once?)")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["trainer"])
-        tensors = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["trainer"])
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise SegcliError(f"{path} is corrupt ({exc}); nothing to resume from") from None
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.model.to(self.device)
         state: dict[int, dict] = {}
@@ -480,7 +475,10 @@ def resume_training(run_dir: str | Path, on_event=None, time_limit: float | None
     config = run_dir / "config.json"
     if not config.is_file():
         raise SegcliError(f"{run_dir} is not a training run (no config.json)")
-    opts = TrainOptions(**json.loads(config.read_text())["options"])
+    try:
+        opts = TrainOptions(**json.loads(config.read_text(encoding="utf-8"))["options"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SegcliError(f"{config} is unreadable or not a segcli training config ({exc})") from None
     if time_limit is not None:
         opts.time_limit = time_limit
     return Trainer(opts, run_dir, resume=True, on_event=on_event)

@@ -34,6 +34,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise SegcliError(f"{path} is not a valid safetensors file ({exc})") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a bare pickle
+        raise SegcliError(f"{path} is not a PyTorch checkpoint or safetensors file")
     try:
         with torch.serialization.safe_globals([(_InertStandIn, _LIGHTNING_CALLBACK)]):
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -53,9 +53,12 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(SegcliError):
         load_checkpoint(truncated)
+    pkl = tmp_path / "model.ckpt"
+    pkl.write_bytes(b"whatever")
+    with pytest.raises(SegcliError, match="is not a PyTorch checkpoint or safetensors file"):
+        Segmenter.from_pretrained(str(pkl), device="cpu")
+    pkl.write_bytes(b"PK\x03\x04 a broken zip")
     with pytest.raises(SegcliError, match="not a readable PyTorch checkpoint"):
-        pkl = tmp_path / "model.ckpt"
-        pkl.write_bytes(b"whatever")
         Segmenter.from_pretrained(str(pkl), device="cpu")
 
 

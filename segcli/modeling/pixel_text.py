@@ -33,6 +33,17 @@ class PixelTextModel(nn.Module):
         pixels = F.normalize(pixel_embeddings.float(), dim=1)
         return torch.einsum("bchw,kc->bkhw", pixels, label_embeddings.float()) * self.logit_scale
 
+    def dense_logits(self, images: torch.Tensor, label_embeddings: torch.Tensor, autocast_dtype: torch.dtype | None = None,
+                     return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B,3,H,W] in [0,1] -> (logits [B,K,H/s,W/s] fp32, pixel embeddings [B,C,H/s,W/s] or None).
+
+        Only the image branch runs under autocast; the scoring stays in fp32.
+        """
+        with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            emb = self.pixel_embeddings(images)
+        logits = self.logits(emb, label_embeddings.to(images.device))
+        return logits, (emb.float() if return_embeddings else None)
+
     def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor:
         """[K,C] L2-normalised; synonyms are averaged. Computed once per (labels, prompt), then cached."""
         key = (labels.synonyms, prompt)
