@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -13,19 +12,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segcli.checkpoint import is_segcli_checkpoint, load_checkpoint
+from segcli.backend import DenseBackend
 from segcli.data.images import Canvas, fit_to_canvas, load_image, to_rgb
-from segcli.errors import SegcliError
+from segcli.errors import SegcliError, check_input_size
 from segcli.labels import LabelSet, parse_labels
-from segcli.masks import restore_label_map
-from segcli.modeling.lseg import build_model
-from segcli.modeling.pixel_text import PixelTextModel
-from segcli.registry import ARCHITECTURES, DEFAULT_MODEL
-from segcli.weights import read_state_dict
-
-WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx"}
-UNTRAINED_WARNING = ("{name} is an untrained architecture with random weights: its masks are meaningless "
-                     "(fine for smoke tests and speed measurements; pass a checkpoint for real results)")
+from segcli.masks import image_extent, restore_label_map
+from segcli.models import UNTRAINED_WARNING, load_model
+from segcli.options import PRECISIONS
+from segcli.registry import DEFAULT_MODEL
 
 
 @dataclass
@@ -84,74 +78,14 @@ def resolve_precision(spec: str, device: torch.device, training: bool = False) -
         return None
     table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if spec not in table:
-        raise SegcliError(f"unknown precision {spec!r}: use auto, fp32, bf16 or fp16")
+        raise SegcliError(f"unknown precision {spec!r}: use {', '.join(PRECISIONS)}")
     if spec == "fp16" and device.type == "cpu":
         raise SegcliError("fp16 is not supported on the CPU: use bf16 or fp32")
     return table[spec]
 
 
-def model_fingerprint(path: Path) -> str:
-    """Identity of a checkpoint file, cheap for GB-sized files: size + header + first/last MiB."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
-    return "sha256-partial:" + h.hexdigest()
-
-
-def load_model(spec: str, device: torch.device) -> tuple[PixelTextModel, LabelSet | None, str, bool]:
-    """A model spec -> (model, trained labels, fingerprint, untrained).
-
-    Specs: a segcli checkpoint (.safetensors); an official LSeg checkpoint (.ckpt/.pt/.pth, converted
-    in memory); an open_clip CLIP weights file (read densely, training-free); `clip-dense[:ARCH[@TAG]]`
-    (open_clip hub weights, cached); or a registered architecture name (random weights).
-    """
-    from segcli.clip_weights import clip_dense_from_clip_state, is_clip_dense_spec, is_clip_state_dict, load_clip_dense
-
-    if is_clip_dense_spec(spec):
-        model, weights = load_clip_dense(spec, device)
-        return model, None, f"{model.cfg.name}:{model_fingerprint(weights)}", False
-    path = Path(spec).expanduser()
-    if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES:
-        if not path.exists():
-            raise SegcliError(f"model file not found: {spec}")
-        if path.is_dir():
-            raise SegcliError(f"--model {spec} is a folder, not a checkpoint file")
-        fingerprint = model_fingerprint(path)
-        if path.suffix.lower() == ".onnx":
-            from segcli.onnx_model import OnnxModel
-
-            model = OnnxModel(path)
-            return model, model.labels, fingerprint, False
-        if path.suffix.lower() == ".safetensors" and is_segcli_checkpoint(path):
-            model, info = load_checkpoint(path, device)
-            return model, info.labels, fingerprint, False
-        state = read_state_dict(path)  # never runs code from the file
-        if is_clip_state_dict(state):
-            return clip_dense_from_clip_state(state, path.name, device=device), None, fingerprint, False
-        from segcli.convert import is_lseg_state_dict, lseg_to_segcli, strip_lightning_prefix
-        from segcli.labels import named_label_set
-
-        state = strip_lightning_prefix(state)
-        if not is_lseg_state_dict(state):
-            raise SegcliError(f"{spec} is neither a segcli checkpoint, an LSeg checkpoint nor open_clip CLIP weights")
-        # an official LSeg checkpoint, converted in memory
-        return lseg_to_segcli(state).to(device), named_label_set("ade20k"), fingerprint, False
-    if spec in ARCHITECTURES:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same random weights every time, so runs are repeatable
-            model = build_model(spec)
-        return model.to(device), None, f"arch:{spec}", True
-    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense[:ARCH[@TAG]] nor an architecture "
-                      f"({', '.join(ARCHITECTURES)})")
-
-
 class Segmenter:
-    """Open-vocabulary segmentation with any segcli model (LSeg or training-free CLIP dense).
+    """Open-vocabulary segmentation with any segcli backend (LSeg, training-free CLIP dense, ONNX).
 
     >>> seg = Segmenter.from_pretrained()  # clip-dense:ViT-B-16, downloaded once and cached
     >>> seg = Segmenter.from_pretrained("model.safetensors")
@@ -159,39 +93,34 @@ class Segmenter:
     >>> pred.label_map.shape  # (H, W) of photo.jpg, values in 0..2
     """
 
-    def __init__(self, model: PixelTextModel, *, device: str | torch.device = "auto", precision: str = "auto",
+    def __init__(self, model: DenseBackend, *, device: str | torch.device = "auto", precision: str = "auto",
                  imgsz: int | None = None, labels: LabelSet | None = None, name: str = "",
                  fingerprint: str = "", untrained: bool = False):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
-        self.imgsz = self._check_imgsz(imgsz or model.cfg.default_imgsz)
+        self.imgsz = self._check_imgsz(imgsz or model.default_imgsz)
         self.default_labels = labels
-        self.name = name or model.cfg.name
-        self.fingerprint = fingerprint or f"arch:{model.cfg.name}"
+        self.name = name or model.architecture
+        self.fingerprint = fingerprint or f"arch:{model.architecture}"
         self.untrained = untrained
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
                         imgsz: int | None = None, warn: bool = True) -> "Segmenter":
-        """Load any model spec `load_model` takes; untrained architectures come with a warning."""
+        """Load any --model value (see segcli.models); untrained architectures come with a warning."""
         dev = resolve_device(device)
-        net, labels, fingerprint, untrained = load_model(model, dev)
-        if untrained and warn:
+        loaded = load_model(model, dev)
+        if loaded.spec.untrained and warn:
             warnings.warn(UNTRAINED_WARNING.format(name=model), stacklevel=2)
-        return cls(net, device=dev, precision=precision, imgsz=imgsz, labels=labels, name=str(model),
-                   fingerprint=fingerprint, untrained=untrained)
+        return cls(loaded.backend, device=dev, precision=precision, imgsz=imgsz, labels=loaded.labels,
+                   name=str(model), fingerprint=loaded.fingerprint, untrained=loaded.spec.untrained)
 
     def _check_imgsz(self, imgsz: int) -> int:
-        fixed = getattr(self.model, "fixed_imgsz", None)
+        fixed = self.model.fixed_imgsz
         if fixed is not None and imgsz != fixed:
             raise SegcliError(f"this exported model takes --imgsz {fixed} only (export again for {imgsz})")
-        m = self.model.cfg.input_multiple
-        if imgsz < m:
-            raise SegcliError(f"--imgsz {imgsz} is too small: at least {m}")
-        if imgsz % m:
-            raise SegcliError(f"--imgsz {imgsz} must be a multiple of {m} (e.g. {imgsz // m * m or m})")
-        return imgsz
+        return check_input_size(imgsz, self.model.input_multiple)
 
     def resolve_labels(self, labels: str | LabelSet | None) -> LabelSet:
         if isinstance(labels, LabelSet):
@@ -202,8 +131,9 @@ class Segmenter:
             return self.default_labels
         return parse_labels(labels)
 
-    def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor:
-        """[K,C] normalised, on the model's device (cached per label set and prompt)."""
+    def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor | None:
+        """[K,C] normalised, on the model's device (cached per label set and prompt); None when the
+        model has its labels baked in (and they are these)."""
         if prompt is not None and "{}" not in prompt:
             raise SegcliError(f"--prompt {prompt!r} must contain {{}} where the label goes")
         return self.model.label_embeddings(labels, prompt or self.model.default_prompt)
@@ -213,17 +143,14 @@ class Segmenter:
 
     def label_map(self, logits: torch.Tensor, canvas: Canvas, out_hw: tuple[int, int]) -> np.ndarray:
         """Logits [K,S/s,S/s] (s = model.output_stride) of one canvas -> label map [H,W] for the image it holds, at `out_hw`."""
-        stride = self.model.output_stride
-        valid = (canvas.resized_hw[0] / stride, canvas.resized_hw[1] / stride)
-        return restore_label_map(logits, valid, out_hw)
+        return restore_label_map(logits, image_extent(canvas.resized_hw, self.model.output_stride), out_hw)
 
     def image_region(self, per_pixel: torch.Tensor, canvas: Canvas) -> torch.Tensor:
         """[X,S/s,S/s] -> [X,h,w]: the part of the model-resolution map that covers the image."""
-        h, w = (-(-side // self.model.output_stride) for side in canvas.resized_hw)
-        return per_pixel[:, :h, :w].clone()
+        return image_region(per_pixel, canvas.resized_hw, self.model.output_stride)
 
     @torch.inference_mode()
-    def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor,
+    def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor | None,
                          return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32 on the CPU (and embeddings [B,C,S/s,S/s])."""
         batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
@@ -251,6 +178,13 @@ class Segmenter:
                     embeddings=self.image_region(emb[i], canvas) if emb is not None else None,
                 ))
         return results
+
+
+def image_region(per_pixel: torch.Tensor, resized_hw: tuple[int, int], stride: int) -> torch.Tensor:
+    """[X,h',w'] model-resolution map -> [X,h,w], the cells that cover an image of `resized_hw` input
+    pixels at its top-left (a partly covered edge cell counts)."""
+    h, w = (-(-side // stride) for side in resized_hw)
+    return per_pixel[:, :h, :w].clone()
 
 
 def _as_pil(image) -> Image.Image:

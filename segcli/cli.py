@@ -7,11 +7,13 @@ output); 130 interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
-import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import List, Optional
 
@@ -96,10 +98,14 @@ def predict(
     merge_summaries: Optional[Path] = typer.Option(None, "--merge-summaries", help="Fold DIR/summary.shard-*.json of finished shards into DIR/summary.json and exit."),
 ) -> None:
     """Segment photos: writes NAME_mask.png, NAME_color.png, NAME_overlay.jpg, labels.json, summary.json."""
-    from segcli.api import UNTRAINED_WARNING, Segmenter
+    from segcli.api import Segmenter
     from segcli.data.sources import collect_sources, parse_shard, take_shard
+    from segcli.distributed import merge_predict_shards, rank_device, torchrun_ranks
     from segcli.labels import parse_labels
-    from segcli.predict import OUTPUT_KINDS, PredictOptions, PredictRun, merge_summaries as merge
+    from segcli.models import UNTRAINED_WARNING
+    from segcli.outputs import parse_outputs
+    from segcli.predict import PredictOptions, PredictRun
+    from segcli.runfolder import merge_summaries as merge
 
     if merge_summaries is not None:
         merged = merge(merge_summaries)
@@ -108,19 +114,11 @@ def predict(
         return
     if not sources:
         raise SegcliError("no SOURCE given: pass image files, folders, globs, lists or - (see 'segcli predict --help')")
-    ranks = _torchrun_ranks()
+    ranks = torchrun_ranks()
     shard_spec = parse_shard(shard) if shard else ranks
     if ranks and output is None:
         raise SegcliError("under torchrun, give --output: every rank writes its shard into that folder")
-    if ranks and device == "auto":
-        import torch
-
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-
-    kinds = tuple(k.strip() for k in save.split(",") if k.strip())
-    bad = [k for k in kinds if k not in OUTPUT_KINDS]
-    if bad or not kinds:
-        raise SegcliError(f"--save takes any of {','.join(OUTPUT_KINDS)}; got {save!r}")
+    kinds = parse_outputs(save)
     label_set = parse_labels(labels) if labels is not None else None
     stdin_lines = sys.stdin.read().splitlines() if "-" in sources else None
     found = collect_sources(sources, stdin_lines=stdin_lines, exclude=output)
@@ -130,7 +128,7 @@ def predict(
     if shard_spec:
         found = take_shard(found, *shard_spec)
     model = model or DEFAULT_MODEL
-    seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
+    seg = Segmenter.from_pretrained(model, device=str(rank_device(device)), precision=precision, imgsz=imgsz, warn=False)
     if seg.untrained:
         _warn(UNTRAINED_WARNING.format(name=model))
     label_set = seg.resolve_labels(label_set)
@@ -142,7 +140,7 @@ def predict(
     with reporter:
         result = run.run()
     if ranks:
-        _torchrun_merge(result.output)
+        merge_predict_shards(result.output)
     if result.interrupted:
         raise _fail(f"interrupted: {len(result.records)} of {len(found.sources)} done; run again to finish", 130)
     if not quiet:
@@ -152,26 +150,6 @@ def predict(
               file=sys.stderr)
     if result.failed:
         raise typer.Exit(1)
-
-
-def _torchrun_ranks() -> tuple[int, int] | None:
-    """(RANK, WORLD_SIZE) when launched by torchrun with several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
-
-
-def _torchrun_merge(output: Path) -> None:
-    """Every rank has written its shard; rank 0 folds the summaries once all are done."""
-    import torch.distributed as dist
-
-    from segcli.predict import merge_summaries
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        merge_summaries(output)
-    dist.destroy_process_group()
 
 
 class _Reporter:
@@ -223,67 +201,25 @@ def info(
     model: str = typer.Argument(..., help="Any --model value: a checkpoint, an LSeg .ckpt, open_clip weights, an .onnx export, clip-dense[:ARCH[@TAG]] or an architecture."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Show what a model is: architecture, parameters, labels, metadata (never downloads)."""
-    from segcli.checkpoint import is_segcli_checkpoint, read_checkpoint_info
-    from segcli.clip_weights import is_clip_dense_spec, parse_clip_dense_spec
-    from segcli.registry import ARCHITECTURES
+    """Show what a model is: kind, family, architecture, parameters, labels, metadata (never downloads)."""
+    from segcli.models import describe_model
 
-    path = Path(model)
-    if is_clip_dense_spec(model):
-        import open_clip
-
-        arch, tag = parse_clip_dense_spec(model)
-        pcfg = open_clip.get_pretrained_cfg(arch, tag) or {}
-        data = {"model": model, "kind": "training-free dense CLIP (ClearCLIP-style last block)", "architecture": arch,
-                "pretrained": tag, "weights": f"https://huggingface.co/{pcfg.get('hf_hub', '?').rstrip('/')}",
-                "input size": 448, "labels": "any (open vocabulary)"}
-        _show(data, json_out)
-        return
-    if path.suffix.lower() == ".onnx" and path.is_file():
-        sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")) if path.with_suffix(".json").is_file() else {}
-        _show({"model": model, "kind": f"ONNX export ({sidecar.get('mode', 'no sidecar')})", **sidecar}, json_out)
-        return
-    if path.is_file() and not (path.suffix.lower() == ".safetensors" and is_segcli_checkpoint(path)):
-        import torch
-
-        from segcli.api import load_model
-
-        net, labels, _, _ = load_model(model, torch.device("cpu"))  # reads the file, runs nothing in it
-        cfg, meta, kind = net.cfg, {}, f"{type(net).__name__} weights (converted when loaded)"
-        params = sum(p.numel() for p in net.state_dict().values())
-    elif path.exists() or model.endswith(".safetensors"):
-        ci = read_checkpoint_info(model)
-        from safetensors import safe_open
-
-        with safe_open(str(ci.path), framework="pt") as f:
-            params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-        cfg, labels = ci.config, ci.labels
-        meta = {k: v for k, v in ci.metadata.items() if k not in ("config", "labels")}
-        kind = "checkpoint"
-    elif model in ARCHITECTURES:
-        import torch
-
-        from segcli.modeling import LSeg
-
-        cfg, labels, meta, kind = ARCHITECTURES[model], None, {}, "architecture (untrained)"
-        with torch.device("meta"):
-            params = sum(p.numel() for p in LSeg(cfg).state_dict().values())
-    else:
-        raise SegcliError(f"{model!r} is neither a file, clip-dense[:ARCH[@TAG]] nor an architecture "
-                          f"({', '.join(ARCHITECTURES)})")
-    data = {"model": model, "kind": kind, "architecture": cfg.name, "parameters": params,
-            "config": cfg.to_dict(), "labels": list(labels.names) if labels else None, "metadata": meta}
+    data = describe_model(model)
     if json_out:
         _show(data, True)
         return
-    image = (f"ViT patch {cfg.patch_size}, width {cfg.vit_dim}, depth {cfg.depth}" if hasattr(cfg, "vit_dim")
-             else f"CLIP ViT patch {cfg.patch_size}, width {cfg.width}, depth {cfg.layers} (dense)")
-    rows = {"model": model, "kind": kind, "architecture": cfg.name, "parameters": f"{params:,}", "image encoder": image,
-            "text encoder": f"CLIP text width {cfg.text.width}, {cfg.text.layers} layers, C = {cfg.embed_dim}",
-            "input size": cfg.default_imgsz,
-            "labels": (f"{len(labels)}: " + ", ".join(labels.names[:20]) + (" ..." if len(labels) > 20 else "")) if labels else "none"}
-    table = _table({**rows, **meta})
-    Console(highlight=False).print(table)
+    rows = {k: v for k, v in data.items() if k not in ("config", "metadata") and v is not None}
+    if isinstance(rows.get("parameters"), int):
+        rows["parameters"] = f"{rows['parameters']:,}"
+    if isinstance(rows.get("labels"), list):
+        names = rows["labels"]
+        rows["labels"] = f"{len(names)}: " + ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+    elif "labels" in data and data["labels"] is None:
+        rows["labels"] = "none"
+    config = data.get("config") or {}
+    if "text" in config:
+        rows["text encoder"] = f"CLIP text width {config['text']['width']}, {config['text']['layers']} layers, C = {config['text']['embed_dim']}"
+    _show({**rows, **(data.get("metadata") or {})}, False)
 
 
 def _show(data: dict, json_out: bool) -> None:
@@ -305,61 +241,27 @@ def _table(rows: dict):
 @app.command()
 @user_errors
 def convert(
-    source: Path = typer.Argument(..., help="An official LSeg checkpoint (.ckpt from PyTorch Lightning, or a bare state dict)."),
+    source: Path = typer.Argument(..., help="An official LSeg checkpoint (.ckpt from PyTorch Lightning, or a bare state dict), or open_clip CLIP weights."),
     output: Path = typer.Argument(..., help="The segcli checkpoint to write (.safetensors)."),
 ) -> None:
-    """Convert an official LSeg checkpoint to a segcli checkpoint, without running code from it."""
-    from segcli.convert import convert_lseg_checkpoint
+    """Convert foreign weights (LSeg .ckpt, open_clip CLIP) to a segcli checkpoint, without running code from them."""
+    from segcli.convert import convert_weights
 
-    out, cfg = convert_lseg_checkpoint(source, output)
-    print(f"converted {source} -> {out} (architecture {cfg.name}, labels ade20k)", file=sys.stderr)
+    out, model, labels = convert_weights(source, output)
+    print(f"converted {source} -> {out} (family {model.family}, architecture {model.architecture}, "
+          f"labels {labels.source if labels else 'none'})", file=sys.stderr)
 
 
-@app.command()
-@user_errors
-def train(
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="ade20k, folder:PATH or synthetic."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="An architecture (lseg_vitl16_384, lseg_vitb16_384, lseg_vitb32_384, lseg_tiny) or a segcli checkpoint to fine-tune."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder. Default: a new runs/train/N."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed or finished run in this folder (its own settings)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where ade20k lives. Default: $SEGCLI_DATA, else ./data."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps to train."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs to train (instead of --steps)."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0.1, help="Minutes: stop cleanly, evaluate and save when time is up. Alone, the LR schedule runs on time."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Global batch size (split over processes)."),
-    accumulate: int = typer.Option(1, "--accumulate", min=1, help="Split each batch into this many gradient-accumulation steps."),
-    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Decoder learning rate (the backbone gets a tenth). Default: 3e-4 AdamW, 4e-3 SGD."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Linear warmup steps. Default: 5% of the steps (at most 500)."),
-    crop: int = typer.Option(480, "--crop", min=16, help="Training crop size; also the evaluation input size."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16."),
-    clip_grad: float = typer.Option(1.0, "--clip-grad", min=0.0, help="Max gradient norm (0: off)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds weights, data order and augmentation."),
-    workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading processes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (under torchrun: one GPU per rank)."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Steps between validations. Default: every epoch."),
-    save_every: int = typer.Option(50, "--save-every", min=1, help="Steps between resumable saves."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from hub weights (ViT from timm, CLIP text from open_clip)."),
-    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="A local timm ViT state dict instead of the hub."),
-    text_weights: Optional[Path] = typer.Option(None, "--text-weights", help="A local open_clip CLIP weights file instead of the hub."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-) -> None:
+def train(resume: Optional[Path] = None, quiet: bool = False, **options) -> None:
     """Train LSeg: image encoder + DPT decoder against ground-truth masks; CLIP text stays frozen."""
-    from segcli.train import TrainOptions, resume_training, start_training
+    from segcli.options import TrainOptions
+    from segcli.train import resume_training, start_training
 
     reporter = _TrainReporter(quiet)
     if resume is not None:
-        trainer = resume_training(resume, on_event=reporter.event, time_limit=time_limit)
+        trainer = resume_training(resume, on_event=reporter.event, time_limit=options.get("time_limit"))
     else:
-        if not data or not model:
-            raise SegcliError("give --data and --model (or --resume DIR)")
-        opts = TrainOptions(
-            data=data, model=model, output=str(output) if output else None, data_root=str(data_root) if data_root else None,
-            steps=steps, epochs=epochs, time_limit=time_limit, batch_size=batch_size, accumulate=accumulate, lr=lr,
-            optimizer=optimizer, warmup=warmup, crop=crop, precision=precision, clip_grad=clip_grad, seed=seed,
-            workers=workers, device=device, eval_every=eval_every, save_every=save_every, pretrained=pretrained,
-            backbone_weights=str(backbone_weights) if backbone_weights else None,
-            text_weights=str(text_weights) if text_weights else None)
+        opts = TrainOptions(**{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
         trainer = start_training(opts, on_event=reporter.event)
     if trainer.dist.main:
         reporter.start(trainer)
@@ -371,6 +273,36 @@ def train(
         best = result.best or {}
         print(f"done ({result.stopped_by}): {result.steps} steps, best val mIoU {best.get('mIoU', 0):.4f} "
               f"at step {best.get('step')} -> {result.output}", file=sys.stderr)
+
+
+def _options_signature(cls, extra: list[inspect.Parameter]) -> tuple[inspect.Signature, dict]:
+    """A Typer signature with one option per field of the dataclass `cls` (flags, help and min from
+    each field's metadata), so the CLI and the options class never drift apart."""
+    params, annotations = [], {p.name: p.annotation for p in extra}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        kind = hints[f.name]
+        option = typer.Option(f.default, *meta["flags"], help=meta["help"], min=meta.get("min"))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        annotations[f.name] = kind
+    return inspect.Signature(params + list(extra)), annotations
+
+
+def _register_train() -> None:
+    from segcli.options import TrainOptions
+
+    extra = [
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+            None, "--resume", help="Continue the killed or finished run in this folder (its own settings; --time-limit may change).")),
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--quiet", "-q", help="No progress output.")),
+    ]
+    train.__signature__, train.__annotations__ = _options_signature(TrainOptions, extra)
+    app.command()(user_errors(train))
+
+
+_register_train()
 
 
 class _TrainReporter:
@@ -484,10 +416,6 @@ def export(
     from segcli.export import export_model
 
     seg = Segmenter.from_pretrained(model, device="cpu", precision="fp32", imgsz=imgsz, warn=False)
-    from segcli.modeling import PixelTextModel
-
-    if not isinstance(seg.model, PixelTextModel):
-        raise SegcliError("--model is already an ONNX export; export from the checkpoint")
     label_set = seg.resolve_labels(labels) if labels else None
     stem = Path(model).stem if Path(model).suffix else model.replace(":", "_").replace("@", "_")
     out = output or Path(f"{stem}.{fmt}")
@@ -507,28 +435,13 @@ def embed_labels_command(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template (default: the model's)."),
 ) -> None:
     """Write label embeddings for an open-vocabulary export: serve new labels without PyTorch."""
-    import io
-
-    import numpy as np
-
     from segcli.api import Segmenter
-    from segcli.fileio import atomic_write_bytes, atomic_write_json
+    from segcli.export import write_label_embeddings
     from segcli.labels import parse_labels
 
     seg = Segmenter.from_pretrained(model, device="cpu", precision="fp32", warn=False)
-    label_set = parse_labels(labels)
-    emb = seg.label_embeddings(label_set, prompt).float().cpu().numpy()
-    if emb.shape[1] == 0:
-        raise SegcliError(f"{model} has its labels baked in: it has no text space to embed new labels")
-    buf = io.BytesIO()
-    np.save(buf, emb.astype(np.float32))
-    if output.suffix != ".npy":
-        output = output.with_suffix(".npy")
-    atomic_write_bytes(output, buf.getvalue())
-    atomic_write_json(output.with_suffix(".json"), {"labels": label_set.to_json(), "model": model,
-                                                    "prompt": prompt or seg.model.default_prompt,
-                                                    "shape": list(emb.shape)})
-    print(f"wrote {emb.shape[0]} label embeddings [{emb.shape[0]}, {emb.shape[1]}] -> {output}", file=sys.stderr)
+    path, shape = write_label_embeddings(seg.model, parse_labels(labels), output, prompt, source=model)
+    print(f"wrote {shape[0]} label embeddings [{shape[0]}, {shape[1]}] -> {path}", file=sys.stderr)
 
 
 data_app = typer.Typer(help="Datasets: make synthetic ones.", no_args_is_help=True)
@@ -548,13 +461,6 @@ def data_synth(
 
     out = write_synthetic_dataset(output, train_count, val_count, seed)
     print(f"wrote {train_count} + {val_count} scenes -> {out} (use --data folder:{out})", file=sys.stderr)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from segcli.errors import SegcliError
+from segcli.errors import SegcliError, mismatch_detail
 from segcli.modeling.clip_dense import CLIPDense, clip_dense_from_state_dict
 from segcli.registry import CLIPDenseConfig, TextConfig
 from segcli.weights import read_state_dict
@@ -93,12 +93,18 @@ def clip_dense_from_clip_state(state: dict[str, torch.Tensor], name: str, quick_
     try:
         return clip_dense_from_state_dict(cfg, mapped, device)
     except RuntimeError as exc:
-        detail = " ".join(str(exc).strip().splitlines()[1:2]).strip()[:200]
-        raise SegcliError(f"{name}: weights do not fit a plain CLIP ViT ({detail})") from None
+        raise SegcliError(f"{name}: weights do not fit a plain CLIP ViT ({mismatch_detail(exc)})") from None
 
 
-def download_clip_weights(arch: str, tag: str) -> Path:
-    """The cached (downloading on first use, with a progress bar) open_clip weights for ARCH@TAG."""
+def clip_dense_from_foreign(state: dict[str, torch.Tensor], name: str) -> tuple[CLIPDense, None] | None:
+    """The family table's foreign-weights hook: open_clip CLIP weights -> (CLIPDense, no labels)."""
+    if not is_clip_state_dict(state):
+        return None
+    return clip_dense_from_clip_state(state, name), None
+
+
+def hub_weights_source(arch: str, tag: str) -> tuple[str, list[str]]:
+    """(hub repo, file names to try) of open_clip's ARCH@TAG weights; no network access."""
     import open_clip
 
     if open_clip.get_model_config(arch) is None:
@@ -109,16 +115,21 @@ def download_clip_weights(arch: str, tag: str) -> Path:
         raise SegcliError(f"open_clip has no {tag!r} weights for {arch} (known: {tags})")
     if not pcfg.get("hf_hub"):
         raise SegcliError(f"{arch}@{tag} is not on the Hugging Face hub; download it yourself and pass --model FILE")
-    repo = pcfg["hf_hub"].rstrip("/")
-    try:
-        return Path(open_clip.download_pretrained(pcfg, prefer_hf_hub=True))
-    except Exception as exc:  # offline, DNS, HTTP errors, a full disk: all end the same way for the user
-        reason = str(exc).split("Last error:")[-1].strip().splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise SegcliError(
-            f"cannot download the CLIP {arch} weights ({tag}) from the Hugging Face hub ({reason}); "
-            f"connect once so they are cached, or download open_clip_model.safetensors from "
-            f"https://huggingface.co/{repo} and pass --model /path/to/open_clip_model.safetensors"
-        ) from None
+    repo, filename = pcfg["hf_hub"].rstrip("/"), "open_clip_pytorch_model.bin"
+    if pcfg["hf_hub"].count("/") > 1 and not pcfg["hf_hub"].endswith("/"):
+        repo, filename = pcfg["hf_hub"].rsplit("/", 1)
+    names = ["open_clip_model.safetensors"] if filename == "open_clip_pytorch_model.bin" else []
+    return repo, names + [filename]
+
+
+def download_clip_weights(arch: str, tag: str) -> Path:
+    """The cached (downloading on first use, with a progress bar) open_clip weights for ARCH@TAG."""
+    from segcli.hub import hub_file
+
+    repo, names = hub_weights_source(arch, tag)
+    return hub_file(repo, names, f"the CLIP {arch} weights ({tag})",
+                    f"connect once so they are cached, or download {names[0]} from https://huggingface.co/{repo} "
+                    f"and pass --model /path/to/{names[0]}")
 
 
 def load_clip_dense(spec: str, device: str | torch.device = "cpu") -> tuple[CLIPDense, Path]:

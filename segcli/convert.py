@@ -1,4 +1,5 @@
-"""Official LSeg checkpoints (PyTorch Lightning .ckpt or bare state dict) -> segcli checkpoints.
+"""Foreign weights -> segcli checkpoints: official LSeg checkpoints (PyTorch Lightning .ckpt or bare
+state dict) and, through the family table, open_clip CLIP weights.
 
 Reading never runs code from the file (see segcli/weights.py).
 """
@@ -12,9 +13,10 @@ import torch
 
 from segcli.checkpoint import save_checkpoint
 from segcli.errors import SegcliError
-from segcli.labels import named_label_set
+from segcli.labels import LabelSet, named_label_set
 from segcli.lseg_format import lseg_to_segcli_key
 from segcli.modeling.lseg import LSeg, model_from_state_dict
+from segcli.modeling.pixel_text import PixelTextModel
 from segcli.registry import ARCHITECTURES, LSegConfig, TextConfig
 from segcli.weights import read_state_dict
 
@@ -88,9 +90,23 @@ def lseg_to_segcli(state: dict[str, torch.Tensor]) -> LSeg:
     return model_from_state_dict(cfg, mapped)
 
 
-def convert_lseg_checkpoint(src: str | Path, dst: str | Path) -> tuple[Path, LSegConfig]:
-    """Convert an LSeg .ckpt into a segcli .safetensors checkpoint (labels: ADE20K, as LSeg trained)."""
-    model = lseg_to_segcli(read_lseg_state_dict(src))
-    labels = named_label_set("ade20k")
-    out = save_checkpoint(model, dst, labels=labels, extra={"converted_from": Path(src).name})
-    return out, model.cfg
+def lseg_from_foreign(state: dict[str, torch.Tensor], name: str) -> tuple[LSeg, LabelSet] | None:
+    """The family table's foreign-weights hook: an official LSeg state dict -> (LSeg, the ADE20K
+    labels it was trained on); None for other weights."""
+    state = strip_lightning_prefix(state)
+    if not is_lseg_state_dict(state):
+        return None
+    return lseg_to_segcli(state), named_label_set("ade20k")
+
+
+def convert_weights(src: str | Path, dst: str | Path) -> tuple[Path, PixelTextModel, LabelSet | None]:
+    """Any foreign weights a family can map (an official LSeg .ckpt, open_clip CLIP weights) -> a segcli
+    checkpoint holding the same model (LSeg: labelled with the ADE20K classes it was trained on)."""
+    from segcli.models import load_model, resolve_model
+
+    spec = resolve_model(str(src))
+    if spec.kind != "weights":
+        raise SegcliError(f"{src} is {spec.kind_text}; convert takes an LSeg .ckpt or open_clip CLIP weights")
+    loaded = load_model(spec, torch.device("cpu"))
+    out = save_checkpoint(loaded.backend, dst, labels=loaded.labels, extra={"converted_from": Path(src).name})
+    return out, loaded.backend, loaded.labels

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segcli.api import Segmenter
+from segcli.api import Segmenter, image_region
 from segcli.data.images import fit_to_canvas
 from segcli.data.segmentation import SegmentationData
-from segcli.errors import SegcliError
+from segcli.errors import SegcliError, check_input_size
 from segcli.labels import LabelSet
-from segcli.masks import restore_label_map
+from segcli.masks import image_extent, restore_label_map
 from segcli.metrics import ConfusionMatrix
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -41,7 +41,7 @@ def scale_logits(seg: Segmenter, image: Image.Image, text: torch.Tensor, size: i
         canvas = fit_to_canvas(image, size)
         logits, _ = seg.segment_canvases(canvas.pixels[None], text)
         region = seg.image_region(logits[0], canvas)
-        valid = (canvas.resized_hw[0] / s, canvas.resized_hw[1] / s)
+        valid = image_extent(canvas.resized_hw, s)
     else:
         w, h = image.size
         scale = size / max(w, h)
@@ -58,8 +58,8 @@ def scale_logits(seg: Segmenter, image: Image.Image, text: torch.Tensor, size: i
                 logits, _ = seg.segment_canvases(tile[None], text)
                 total[:, y // s:(y + window) // s, x // s:(x + window) // s] += logits[0]
                 count[:, y // s:(y + window) // s, x // s:(x + window) // s] += 1
-        region = (total / count)[:, :math.ceil(rh / s), :math.ceil(rw / s)]
-        valid = (rh / s, rw / s)
+        region = image_region(total / count, (rh, rw), s)
+        valid = image_extent((rh, rw), s)
     if flip:
         region = region.flip(-1)
     return region, valid
@@ -75,7 +75,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 def label_map(seg: Segmenter, image: Image.Image, text: torch.Tensor, scales=(1.0,), flip: bool = False,
               window: int | None = None, stride: int | None = None) -> np.ndarray:
     """[H,W] label map from logits summed over `scales` (x the model's input size) and flips."""
-    m = seg.model.cfg.input_multiple
+    m = seg.model.input_multiple
     ref, ref_valid = None, None
     for scale in sorted(scales, key=lambda x: x != 1.0):  # the 1.0 grid is the reference
         for flipped in ((False, True) if flip else (False,)):
@@ -96,10 +96,11 @@ def evaluate(seg: Segmenter, data: SegmentationData, split: str = "val", labels:
         raise SegcliError(f"--labels gives {len(labels)} names but {data.name} has {len(data.classes)} classes "
                           "(name every class, in the dataset's order)")
     if window is not None:
-        m = seg.model.cfg.input_multiple
         stride = stride or window * 2 // 3
-        if window % m or stride % m or stride > window:
-            raise SegcliError(f"--window and --stride must be multiples of {m}, with stride <= window")
+        check_input_size(window, seg.model.input_multiple, "--window")
+        check_input_size(stride, seg.model.input_multiple, "--stride")
+        if stride > window:
+            raise SegcliError(f"--stride {stride} must not exceed --window {window}")
     samples = data.samples(split)
     if not samples:
         raise SegcliError(f"split {split!r} of {data.name} is empty")

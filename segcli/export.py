@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from segcli import __version__
-from segcli.errors import SegcliError
+from segcli.errors import SegcliError, check_input_size
 from segcli.fileio import atomic_path, atomic_write_json
 from segcli.labels import LabelSet
 from segcli.modeling.pixel_text import PixelTextModel
@@ -86,10 +86,9 @@ def export_model(model: PixelTextModel, output: str | Path, fmt: str = "onnx", l
     if fmt not in FORMATS:
         raise SegcliError(f"unknown --format {fmt!r}: use {' or '.join(FORMATS)}")
     output = Path(output)
-    imgsz = imgsz or model.cfg.default_imgsz
-    m = model.cfg.input_multiple
-    if imgsz % m:
-        raise SegcliError(f"--imgsz {imgsz} must be a multiple of {m}")
+    if not model.exportable:
+        raise SegcliError(f"{source or model.architecture} is already an export; export from the checkpoint")
+    imgsz = check_input_size(imgsz or model.default_imgsz, model.input_multiple)
     model = model.float().eval().cpu()
     text = model.label_embeddings(labels, prompt or model.default_prompt) if labels is not None else None
     dtype = torch.float16 if half else torch.float32
@@ -234,7 +233,8 @@ def _sidecar(model: PixelTextModel, fmt: str, imgsz: int, half: bool, labels: La
         "segcli_version": __version__,
         "artifact": fmt,
         "source_model": source,
-        "architecture": model.cfg.name,
+        "family": model.family,
+        "architecture": model.architecture,
         "mode": "open-vocabulary" if open_vocab else "labels-baked-in",
         "dtype": "float16" if half else "float32",  # of the images input and the weights
         "logits_dtype": "float32",  # the scoring runs in fp32 even in fp16 graphs
@@ -255,3 +255,25 @@ def _sidecar(model: PixelTextModel, fmt: str, imgsz: int, half: bool, labels: La
         "verification": {"max_logit_diff": diff, "argmax_agreement": agreement,
                          "required_agreement": MIN_AGREEMENT[half]},
     }
+
+
+def write_label_embeddings(model, labels: LabelSet, output: str | Path, prompt: str | None = None,
+                           source: str = "") -> tuple[Path, tuple[int, int]]:
+    """FILE.npy (float32 [K,C], L2-normalised) + FILE.json (labels, model, prompt) for an
+    open-vocabulary export, written atomically. `model` is any open-vocabulary DenseBackend."""
+    import io
+
+    if not model.open_vocabulary:
+        raise SegcliError(f"{source or model.architecture} has its labels baked in: it has no text space to embed new labels")
+    emb = model.label_embeddings(labels, prompt or model.default_prompt).float().cpu().numpy().astype(np.float32)
+    output = Path(output)
+    if output.suffix != ".npy":
+        output = output.with_suffix(".npy")
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    with atomic_path(output) as tmp:
+        Path(tmp).write_bytes(buf.getvalue())
+    atomic_write_json(output.with_suffix(".json"), {"labels": labels.to_json(), "model": source,
+                                                    "prompt": prompt or model.default_prompt,
+                                                    "shape": list(emb.shape)})
+    return output, emb.shape

@@ -16,6 +16,11 @@ def _source_coords(out_size: int, valid: float, limit: int) -> tuple[torch.Tenso
     return lo, hi, (src - lo).clamp(0, 1)
 
 
+def image_extent(resized_hw: tuple[int, int], stride: int) -> tuple[float, float]:
+    """Exact extent, in model-resolution cells, of an image covering `resized_hw` input pixels."""
+    return resized_hw[0] / stride, resized_hw[1] / stride
+
+
 def mask_dtype(num_labels: int) -> np.dtype:
     return np.dtype(np.uint8) if num_labels <= 255 else np.dtype(np.uint16)
 

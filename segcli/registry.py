@@ -1,12 +1,16 @@
-"""Architectures by name: `lseg_vitl16_384`, `lseg_vitb16_384`, `lseg_vitb32_384`, `lseg_tiny`.
+"""Model families and architectures by name, as plain data (this module never imports torch).
 
-A config is plain data (JSON-serialisable) so that a checkpoint can carry it and rebuild the model
-without any code of its own.
+A family (`lseg`, `clip-dense`) is a row of FAMILIES: its config class, its nn.Module (imported on
+use) and the function that maps foreign weights (an official LSeg .ckpt, open_clip CLIP weights)
+onto it. A config is JSON-serialisable, so a checkpoint records its family and config and rebuilds
+the model without any code of its own. Named architectures (`lseg_vitl16_384`, ...) are configs.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import importlib
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, ClassVar
 
 from segcli.errors import SegcliError
 
@@ -47,6 +51,8 @@ class LSegConfig:
     timm_name: str | None = None  # where pretrained backbone weights come from
     clip_name: str | None = "ViT-B-32"  # where pretrained text weights come from
 
+    family: ClassVar[str] = "lseg"
+
     @property
     def embed_dim(self) -> int:
         return self.text.embed_dim
@@ -66,16 +72,19 @@ class LSegConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LSegConfig":
-        data = dict(data)
-        data["text"] = TextConfig(**data.get("text", {}))
-        for key in ("hook_blocks", "reassemble_channels", "pixel_mean", "pixel_std"):
-            if key in data:
-                data[key] = tuple(data[key])
-        known = cls.__dataclass_fields__
-        unknown = set(data) - set(known)
-        if unknown:
-            raise SegcliError(f"model config has unknown fields {sorted(unknown)}: written by a newer segcli?")
-        return cls(**data)
+        return config_from_dict(cls, data)
+
+
+def config_from_dict(cls: type, data: dict):
+    """Inverse of `asdict` for a family config: nested TextConfig, lists back to tuples."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise SegcliError(f"model config has unknown fields {sorted(unknown)}: written by a newer segcli?")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if "text" in data:
+        data["text"] = TextConfig(**data["text"])
+    return cls(**data)
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -103,6 +112,8 @@ class CLIPDenseConfig:
     pixel_std: tuple[float, float, float] = OPENAI_CLIP_STD
     default_imgsz: int = 448  # ClearCLIP/SCLIP evaluate at a 448 short side
 
+    family: ClassVar[str] = "clip-dense"
+
     @property
     def embed_dim(self) -> int:
         return self.text.embed_dim
@@ -113,6 +124,10 @@ class CLIPDenseConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CLIPDenseConfig":
+        return config_from_dict(cls, data)
 
 
 ARCHITECTURES: dict[str, LSegConfig] = {
@@ -153,3 +168,52 @@ def get_config(name: str) -> LSegConfig:
         raise SegcliError(
             f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}"
         ) from None
+
+
+def _resolve(target: str) -> Callable:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: how its config, module and foreign weights fit together.
+
+    `model` and `from_foreign` are "module:name" strings, imported on use (they need torch).
+    `from_foreign(state_dict, name)` returns (model, the labels it was trained on or None), or None
+    when the weights are not this family's.
+    """
+
+    name: str
+    config: type
+    model: str
+    summary: str
+    from_foreign: str | None = None
+    trainable: bool = False
+
+    def model_class(self) -> type:
+        return _resolve(self.model)
+
+    def try_foreign(self, state: dict, name: str):
+        return _resolve(self.from_foreign)(state, name) if self.from_foreign else None
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("lseg", LSegConfig, "segcli.modeling.lseg:LSeg",
+               "LSeg: ViT image encoder + DPT decoder, trained, with a frozen CLIP text tower",
+               from_foreign="segcli.convert:lseg_from_foreign", trainable=True),
+        Family("clip-dense", CLIPDenseConfig, "segcli.modeling.clip_dense:CLIPDense",
+               "training-free dense CLIP (ClearCLIP-style last block) with CLIP's text tower",
+               from_foreign="segcli.clip_weights:clip_dense_from_foreign"),
+    ]
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise SegcliError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)}): "
+                          "written by a newer segcli?") from None

@@ -20,55 +20,25 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from segcli import __version__
-from segcli.api import Segmenter, resolve_device, resolve_precision
-from segcli.checkpoint import is_segcli_checkpoint, load_checkpoint, save_checkpoint
+from segcli.api import Segmenter, resolve_precision
+from segcli.checkpoint import load_training_state, save_checkpoint, save_training_state
 from segcli.data.segmentation import EpochBatches, SegmentationData, TrainingSet, open_dataset
-from segcli.errors import SegcliError
+from segcli.distributed import Distributed
+from segcli.errors import SegcliError, mismatch_detail
 from segcli.evaluate import evaluate
-from segcli.fileio import atomic_path, atomic_write_bytes, atomic_write_json
+from segcli.fileio import atomic_write_bytes, atomic_write_json
 from segcli.metrics import IGNORE_INDEX
+from segcli.models import ModelSpec, load_model
 from segcli.modeling.lseg import LSeg, build_model
-from segcli.predict import next_run_dir
-from segcli.registry import ARCHITECTURES
+from segcli.options import DEFAULT_LR, TrainOptions  # noqa: F401  (TrainOptions: part of this API)
+from segcli.runfolder import next_run_dir
+from segcli.weights import read_state_dict
 
 STATE_FILE = "state.safetensors"
 LOG_EVERY = 10
-
-
-@dataclass
-class TrainOptions:
-    data: str
-    model: str
-    output: str | None = None
-    data_root: str | None = None
-    steps: int | None = None
-    epochs: int | None = None
-    time_limit: float | None = None  # minutes
-    batch_size: int = 8  # global: split over the processes
-    accumulate: int = 1
-    lr: float | None = None  # default per optimizer
-    optimizer: str = "adamw"
-    weight_decay: float | None = None  # default: 0.01 for AdamW, 1e-4 for SGD (LSeg's)
-    warmup: int | None = None  # steps; default 5% of the schedule (at most 500)
-    crop: int = 480
-    precision: str = "auto"
-    clip_grad: float = 1.0
-    seed: int = 0
-    workers: int = 2
-    device: str = "auto"
-    eval_every: int | None = None  # steps; default once per epoch
-    save_every: int = 50  # steps between resumable states
-    pretrained: bool = True
-    backbone_weights: str | None = None
-    text_weights: str | None = None
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -81,54 +51,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-DEFAULT_LR = {"adamw": 3e-4, "sgd": 4e-3}
-
-
-class Distributed:
-    """Rank, world size and device under torchrun (env://), or a single process."""
-
-    def __init__(self, device_spec: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = resolve_device(device_spec)
-        if device.type == "cuda" and self.world > 1:
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        self.device = device
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def any(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag made true on every rank if it is true on any (one all-reduce), so ranks act together."""
-        if self.world == 1:
-            return tuple(bool(f) for f in flags)
-        t = torch.tensor([int(f) for f in flags])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return tuple(bool(x) for x in t.tolist())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def initial_model(opts: TrainOptions) -> LSeg:
+def initial_model(opts: TrainOptions, spec: "ModelSpec") -> LSeg:
     """An architecture with pretrained backbone/text weights (hub or files), or a checkpoint to fine-tune."""
-    path = Path(opts.model)
-    if path.suffix == ".safetensors" or path.exists():
-        if not (path.is_file() and is_segcli_checkpoint(path)):
-            raise SegcliError(f"--model {opts.model}: not a segcli checkpoint (or use an architecture name)")
-        model, _ = load_checkpoint(path)
-        return model
-    if opts.model not in ARCHITECTURES:
-        raise SegcliError(f"--model {opts.model!r} is neither a segcli checkpoint nor an architecture "
-                          f"({', '.join(ARCHITECTURES)})")
+    if spec.kind == "checkpoint":
+        return load_model(spec, torch.device("cpu")).backend
     torch.manual_seed(opts.seed)
-    model = build_model(opts.model)
+    model = build_model(spec.config)
     cfg = model.cfg
     backbone = _backbone_state(cfg, opts)
     if backbone is not None:
@@ -138,26 +66,23 @@ def initial_model(opts: TrainOptions) -> LSeg:
         try:
             model.text_encoder.tower.load_state_dict(text, strict=True)
         except RuntimeError as exc:
-            detail = " ".join(str(exc).strip().splitlines()[1:2]).strip()[:160]
-            raise SegcliError(f"the text weights do not fit {cfg.name}'s CLIP text tower ({detail})") from None
+            raise SegcliError(f"the text weights do not fit {cfg.name}'s CLIP text tower ({mismatch_detail(exc)})") from None
     return model
 
 
 def _backbone_state(cfg, opts: TrainOptions) -> dict | None:
-    from segcli.weights import read_state_dict
-
     if opts.backbone_weights:
         return read_state_dict(opts.backbone_weights)
     if not cfg.timm_name or not opts.pretrained:
         return None
     import timm
 
-    try:
-        return timm.create_model(cfg.timm_name, pretrained=True, num_classes=0).state_dict()
-    except Exception as exc:  # offline, hub errors: one line, with what to do
-        raise SegcliError(f"cannot download the pretrained {cfg.timm_name} backbone ({str(exc).splitlines()[0][:120]}); "
-                          "pass --backbone-weights FILE (a timm ViT state dict), or --no-pretrained to start "
-                          "from random weights") from None
+    from segcli.hub import hub_file
+
+    repo = timm.models.get_pretrained_cfg(cfg.timm_name).hf_hub_id
+    path = hub_file(repo, ["model.safetensors", "pytorch_model.bin"], f"the pretrained {cfg.timm_name} backbone",
+                    "pass --backbone-weights FILE (a timm ViT state dict), or --no-pretrained to start from random weights")
+    return read_state_dict(path)
 
 
 def _load_backbone(model: LSeg, state: dict) -> None:
@@ -176,7 +101,6 @@ def _load_backbone(model: LSeg, state: dict) -> None:
 
 def _text_state(cfg, opts: TrainOptions) -> dict | None:
     from segcli.clip_weights import clip_text_state, download_clip_weights
-    from segcli.weights import read_state_dict
 
     if opts.text_weights:
         return clip_text_state(read_state_dict(opts.text_weights))
@@ -195,6 +119,7 @@ def lr_factor(progress: float, step: int, warmup: int) -> float:
 class Trainer:
     def __init__(self, opts: TrainOptions, output: Path, resume: bool = False,
                  on_event: Callable[[dict], None] | None = None):
+        spec = opts.validate()
         self.opts = opts
         self.dist = Distributed(opts.device)
         self.device = self.dist.device
@@ -203,16 +128,11 @@ class Trainer:
         if opts.batch_size % (self.dist.world * opts.accumulate):
             raise SegcliError(f"--batch-size {opts.batch_size} must divide by processes x --accumulate "
                               f"({self.dist.world} x {opts.accumulate})")
-        if opts.optimizer not in DEFAULT_LR:
-            raise SegcliError(f"unknown optimizer {opts.optimizer!r}: use adamw or sgd")
         self.data: SegmentationData = open_dataset(opts.data, opts.data_root, seed=opts.seed)
         if self.dist.main:
             self.data.check()  # every bad file is found before the first step
         self.dist.barrier()
-        self.model = initial_model(opts).to(self.device)
-        m = self.model.cfg.input_multiple
-        if opts.crop < m or opts.crop % m:
-            raise SegcliError(f"--crop {opts.crop} must be a multiple of {m}")
+        self.model = initial_model(opts, spec).to(self.device)
         # the checkpoint remembers the evaluation size, so predict/eval reproduce validation
         self.model.cfg = dataclasses.replace(self.model.cfg, default_imgsz=opts.crop)
         self.classes = self.data.classes
@@ -225,8 +145,6 @@ class Trainer:
         self.micro_per_epoch = len(self.train_set) // self.micro_batch
         self.per_epoch = max(1, self.micro_per_epoch // opts.accumulate)  # optimizer steps
         self.total_steps = opts.steps or (opts.epochs * self.per_epoch if opts.epochs else None)
-        if self.total_steps is None and not opts.time_limit:
-            raise SegcliError("give --steps, --epochs or --time-limit")
         self.warmup = opts.warmup if opts.warmup is not None else min(500, max(1, (self.total_steps or 200) // 20))
         # default: every epoch, but at most ~20 validations per run (a tenth of the time when time-limited)
         self.eval_every = opts.eval_every or (max(self.per_epoch, self.total_steps // 20) if self.total_steps else None)
@@ -373,42 +291,17 @@ class Trainer:
 
     # --- resumable state ---------------------------------------------------------------
     def _save_state(self) -> None:
-        if not self.dist.main:
-            self.dist.barrier()
-            return
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        for index, slots in opt["state"].items():
-            for name, value in slots.items():
-                tensors[f"optim.{index}.{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).cpu().contiguous()
-        groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
-        meta = {"step": self.step, "elapsed": self.elapsed, "best": self.best, "last_eval": self.last_eval,
-                "param_groups": groups, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "segcli_version": __version__}
-        with atomic_path(self.output / STATE_FILE) as tmp:
-            save_file(tensors, tmp, metadata={"trainer": json.dumps(meta)})
+        if self.dist.main:
+            progress = {"step": self.step, "elapsed": self.elapsed, "best": self.best, "last_eval": self.last_eval,
+                        "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+            save_training_state(self.output / STATE_FILE, self.model, self.optimizer, progress)
         self.dist.barrier()
 
     def _load_state(self) -> None:
         path = self.output / STATE_FILE
         if not path.is_file():
             raise SegcliError(f"{self.output} has no {STATE_FILE}: nothing to resume (was it saved at least once?)")
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads(f.metadata()["trainer"])
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-            raise SegcliError(f"{path} is corrupt ({exc}); nothing to resume from") from None
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.model.to(self.device)
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        meta = load_training_state(path, self.model, self.optimizer)
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.elapsed = meta["step"], meta["elapsed"]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from segcli.checkpoint import load_checkpoint
 from segcli.cli import app
-from segcli.convert import convert_lseg_checkpoint, infer_config, read_lseg_state_dict
+from segcli.convert import convert_weights, infer_config, read_lseg_state_dict
 from segcli.errors import SegcliError
 from segcli.labels import parse_labels
 from segcli.modeling.text_encoder import TextEncoder
@@ -197,7 +197,8 @@ def lightning_ckpt(tmp_path_factory):
 
 def test_convert_matches_independent_forward(lightning_ckpt, tmp_path):
     src, sd = lightning_ckpt
-    out, cfg = convert_lseg_checkpoint(src, tmp_path / "small.safetensors")
+    out, converted, _ = convert_weights(src, tmp_path / "small.safetensors")
+    cfg = converted.cfg
     assert cfg.hook_blocks == (0, 1, 2, 3) and cfg.reassemble_channels == CH and cfg.embed_dim == C
     model, info = load_checkpoint(out)
     assert len(info.labels) == 150 and info.labels.source == "ade20k"
@@ -228,12 +229,12 @@ def test_missing_or_misshapen_weights_are_refused(lightning_ckpt, tmp_path):
     del broken["net.scratch.refinenet2.out_conv.bias"]
     save_lightning(tmp_path / "missing.ckpt", broken)
     with pytest.raises(SegcliError, match="lacks 1 weights"):
-        convert_lseg_checkpoint(tmp_path / "missing.ckpt", tmp_path / "x.safetensors")
+        convert_weights(tmp_path / "missing.ckpt", tmp_path / "x.safetensors")
     broken = OrderedDict(sd)
     broken["net.scratch.head1.bias"] = torch.zeros(7)
     save_lightning(tmp_path / "shape.ckpt", broken)
     with pytest.raises(SegcliError, match="shape mismatch for decoder.head.bias"):
-        convert_lseg_checkpoint(tmp_path / "shape.ckpt", tmp_path / "x.safetensors")
+        convert_weights(tmp_path / "shape.ckpt", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 

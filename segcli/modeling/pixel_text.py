@@ -10,12 +10,37 @@ from segcli.labels import LabelSet
 
 
 class PixelTextModel(nn.Module):
-    """Base of LSeg and CLIPDense. Subclasses build `text_encoder`, set `output_stride` and implement `pixel_embeddings(images [B,3,H,W] in [0,1]) -> [B,C,H/s,W/s]` (s = output_stride).
+    """Base of every PyTorch family (LSeg, CLIPDense); implements `segcli.backend.DenseBackend`.
+
+    Subclasses build `text_encoder`, set `output_stride` and implement
+    `pixel_embeddings(images [B,3,H,W] in [0,1]) -> [B,C,H/s,W/s]` (s = output_stride).
     """
 
     output_stride: int
     text_encoder: nn.Module
     default_prompt: str | None = None  # the template labels go through when the user gives none
+    # the DenseBackend facts every PyTorch family shares
+    open_vocabulary = True
+    baked_labels = None
+    fixed_imgsz = None
+    provides_embeddings = True
+    exportable = True
+
+    @property
+    def architecture(self) -> str:
+        return self.cfg.name
+
+    @property
+    def family(self) -> str:
+        return self.cfg.family
+
+    @property
+    def default_imgsz(self) -> int:
+        return self.cfg.default_imgsz
+
+    @property
+    def input_multiple(self) -> int:
+        return self.cfg.input_multiple
 
     def __init__(self, cfg):
         super().__init__()

@@ -1,0 +1,183 @@
+"""A predict run folder's bookkeeping, apart from the pipeline that fills it.
+
+DIR/.segcli/run.json holds the settings that produced DIR; DIR/.segcli/records[.shard-I-of-N].jsonl
+one line per finished input (appended as they finish, so a killed run loses nothing it finished);
+DIR/summary[.shard-I-of-N].json the run's summary. A re-run reuses finished records only when the
+settings are the same; shard summaries merge into DIR/summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from segcli import __version__
+from segcli.data.sources import Source
+from segcli.errors import SegcliError
+from segcli.fileio import atomic_write_json, remove_stale_temp_files
+from segcli.outputs import OUTPUT_KINDS
+
+STATE_DIR = ".segcli"
+
+
+def next_run_dir(base: Path = Path("runs/predict")) -> Path:
+    """A new numbered folder runs/predict/N (N = 1, 2, ...), created now so parallel runs differ."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SegcliError(f"cannot create output folder {base}: {exc.strerror}") from None
+    taken = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
+    n = max(taken, default=0) + 1
+    while True:
+        try:
+            (base / str(n)).mkdir()
+            return base / str(n)
+        except FileExistsError:
+            n += 1
+
+
+def _writable(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # can we write here? (removed on close)
+            pass
+    except OSError as exc:
+        raise SegcliError(f"output folder {path} cannot be created or written: {exc.strerror or exc}") from None
+    return path
+
+
+class RunFolder:
+    """DIR of one predict run (or one shard of it): settings check, records, summary."""
+
+    def __init__(self, output: Path | None, settings: dict, kinds: Iterable[str],
+                 shard: tuple[int, int] | None = None, overwrite: bool = False):
+        self.path = _writable(output or next_run_dir())
+        self.real = self.path.resolve()
+        self.settings, self.kinds, self.shard, self.overwrite = settings, tuple(kinds), shard, overwrite
+        self.state = self.path / STATE_DIR
+        tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
+        self.records_file = self.state / f"records{tag}.jsonl"
+        self.summary_file = self.path / f"summary{tag}.json"
+        self._records = None
+
+    def open(self) -> dict[str, dict]:
+        """Clean up a killed run's temp files, check the settings, start the record file.
+        Returns the finished records that can be reused, by output location."""
+        remove_stale_temp_files(self.path)
+        self.state.mkdir(exist_ok=True)
+        run_file = self.state / "run.json"
+        previous = None
+        if run_file.exists():
+            try:
+                previous = json.loads(run_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = None
+        if previous is not None and not self.overwrite:
+            changed = [k for k in self.settings if previous.get(k) != self.settings[k]]
+            if changed:
+                raise SegcliError(
+                    f"{self.path} holds results made with other settings ({', '.join(changed)} differ): "
+                    "use --overwrite to replace them, or another --output")
+        if self.overwrite or previous is None:
+            self.records_file.unlink(missing_ok=True)
+        atomic_write_json(run_file, self.settings)
+        done: dict[str, dict] = {}
+        # every shard's records count: a re-run with another shard split still reuses finished work
+        for path in sorted(self.state.glob("records*.jsonl")) if not self.overwrite else [self.records_file]:
+            if not path.exists():
+                continue
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a killed run
+                if record.get("status") == "ok":
+                    done[record["output"]] = record
+        self._records = open(self.records_file, "a", encoding="utf-8")
+        return done
+
+    def outputs(self, source: Source) -> dict[str, Path]:
+        """Where each requested output of `source` goes: DIR/REL + the kind's suffix."""
+        base = self.path / Path(*source.rel.parent.parts)
+        return {kind: base / (source.rel.name + OUTPUT_KINDS[kind].suffix) for kind in self.kinds}
+
+    def reusable(self, source: Source, done: dict[str, dict]) -> dict | None:
+        """The finished record of `source` when all its files are still there."""
+        record = done.get(str(source.rel))
+        if record and record.get("path") == str(source.path) and all(p.is_file() for p in self.outputs(source).values()):
+            return record
+        return None
+
+    def inside(self, folder: Path) -> bool:
+        """Whether `folder` (created) really is inside DIR, symlinks followed."""
+        real = folder.resolve()
+        return real == self.real or self.real in real.parents
+
+    def record(self, record: dict) -> None:
+        self._records.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._records.flush()
+
+    def close(self, records: list[dict], total: int, reused: int, interrupted: bool, skipped: list[str],
+              labels_json: list[dict]) -> dict:
+        """Write labels.json and the summary; returns the summary."""
+        if self._records is not None:
+            self._records.close()
+        ok = sum(1 for r in records if r["status"] == "ok")
+        summary = {
+            "segcli_version": __version__,
+            "model": self.settings["model"],
+            "labels": [entry["label"] for entry in labels_json],
+            "settings": {k: v for k, v in self.settings.items() if k not in ("labels", "model")},
+            "counts": {"inputs": total, "ok": ok, "failed": len(records) - ok,
+                       "reused": reused, "not_done": total - len(records)},
+            "interrupted": interrupted,
+            "shard": list(self.shard) if self.shard else None,
+            "skipped_non_images": skipped,
+            "images": records,
+        }
+        atomic_write_json(self.path / "labels.json", labels_json)
+        atomic_write_json(self.summary_file, summary)
+        return summary
+
+
+def error_record(source: Source, message: str) -> dict:
+    return {"input": source.display, "path": str(source.path), "output": str(source.rel),
+            "status": "error", "error": message}
+
+
+def merge_summaries(folder: Path) -> dict:
+    """Fold DIR/summary.shard-I-of-N.json (all N present, same settings) into DIR/summary.json."""
+    parts = sorted(folder.glob("summary.shard-*-of-*.json"))
+    if not parts:
+        raise SegcliError(f"{folder} has no summary.shard-I-of-N.json files to merge")
+    summaries = []
+    for path in parts:
+        try:
+            summaries.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise SegcliError(f"{path} is unreadable: {exc}") from None
+    counts = {s["shard"][1] for s in summaries}
+    if len(counts) != 1:
+        raise SegcliError(f"{folder} mixes shard splits (N = {sorted(counts)}): merge one split at a time")
+    total = counts.pop()
+    missing = sorted(set(range(total)) - {s["shard"][0] for s in summaries})
+    if missing:
+        raise SegcliError(f"{folder}: shard(s) {', '.join(map(str, missing))} of {total} have not finished (no summary yet)")
+    first = summaries[0]
+    for s in summaries[1:]:
+        if (s["model"], s["labels"], s["settings"]) != (first["model"], first["labels"], first["settings"]):
+            raise SegcliError(f"{folder}: shards were run with different settings; not merged")
+    images = sorted((r for s in summaries for r in s["images"]), key=lambda r: r["output"])
+    merged = dict(first)
+    merged.update({
+        "counts": {k: sum(s["counts"][k] for s in summaries) for k in first["counts"]},
+        "interrupted": any(s["interrupted"] for s in summaries),
+        "shard": None,
+        "merged_from": [p.name for p in parts],
+        "skipped_non_images": sorted({x for s in summaries for x in s["skipped_non_images"]}),
+        "images": images,
+    })
+    atomic_write_json(folder / "summary.json", merged)
+    return merged
