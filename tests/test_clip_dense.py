@@ -202,3 +202,58 @@ def test_info_describes_clip_models_without_downloading(clip_files):
     local = json.loads(CliRunner().invoke(app, ["info", str(clip_files["bin"]), "--json"]).output)
     assert local["kind"].startswith("CLIPDense") and local["config"]["width"] == 64 and local["config"]["layers"] == 2
     assert local["parameters"] == sum(v.numel() for k, v in tiny_clip().state_dict().items() if k != "logit_scale")
+
+
+def test_clip_dense_saves_as_a_segcli_checkpoint_and_loads_back(clip_files, small_photos, tmp_path):
+    from typer.testing import CliRunner
+
+    from segcli.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+    from segcli.cli import app
+    from segcli.labels import parse_labels
+
+    model = clip_dense_from_clip_state(dict(tiny_clip().state_dict()), "tiny-clip")
+    path = save_checkpoint(model, tmp_path / "clip.safetensors", labels=parse_labels("cat,sky"))
+    info = read_checkpoint_info(path)
+    assert info.family == "clip-dense" and info.config == model.cfg and info.labels.names == ("cat", "sky")
+    loaded, _ = load_checkpoint(path)
+    assert type(loaded).__name__ == "CLIPDense"
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    text = model.label_embeddings(parse_labels("cat,grass,sky"), model.default_prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.dense_logits(images, text)[0], model.dense_logits(images, text)[0], atol=0, rtol=0)
+
+    # `segcli convert` turns open_clip weights into the same checkpoint; predicting with either is identical
+    converted = tmp_path / "converted.safetensors"
+    result = CliRunner().invoke(app, ["convert", str(clip_files["bin"]), str(converted)])
+    assert result.exit_code == 0, result.output
+    assert "family clip-dense" in result.stderr and read_checkpoint_info(converted).family == "clip-dense"
+    masks = {}
+    for name, model_arg in (("file", clip_files["bin"]), ("checkpoint", converted)):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["predict", str(small_photos), "-m", str(model_arg), "-l", "cat,sky",
+                                          "-o", str(out), "--save", "mask", "--imgsz", "64", "-q"])
+        assert result.exit_code == 0, result.output
+        masks[name] = {p.name: p.read_bytes() for p in out.glob("*_mask.png")}
+    assert len(masks["file"]) == 2 and masks["file"] == masks["checkpoint"]
+
+
+def test_unreachable_hub_fails_fast_with_one_whole_line(small_photos, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = _segcli(["predict", str(small_photos), "--labels", "cat,sky", "-o", str(out)],
+                     {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    seconds = time.monotonic() - started
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: cannot download the CLIP ViT-B-16 weights (openai) from the Hugging Face hub")
+    assert "refused" in lines[0].lower() and f"127.0.0.1:{port}" in lines[0]
+    assert lines[0].endswith("--model /path/to/open_clip_model.safetensors")  # whole, not cut
+    assert seconds < 20, seconds  # start-up included; huggingface_hub's retries alone took ~50 s
+    assert not out.exists()

@@ -88,25 +88,41 @@ def test_nasty_folder(tmp_path, tiny_checkpoint):
 def test_outputs_stay_inside_dir(tmp_path, tiny_checkpoint, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
-    shutil.copy(SAMPLES / "cat.jpg", tmp_path / "up.jpg")
+    (tmp_path / "a").mkdir()
+    shutil.copy(SAMPLES / "cat.jpg", tmp_path / "a" / "up.jpg")
     monkeypatch.chdir(work)
     out = work / "out"
-    stdin = f"../up.jpg\n{SAMPLES / 'coffee.jpg'}\n"
+    stdin = f"../a/up.jpg\n{SAMPLES / 'coffee.jpg'}\n"
     result = run(["-", "--labels", "a,b", "--model", str(tiny_checkpoint), "-o", "out", "--save", "mask"], stdin)
     assert result.exit_code == 0, result.output
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*_mask.png"))
-    assert written == ["_root" + str(SAMPLES / "coffee_mask.png"), "_up/up_mask.png"]
-    assert sorted(os.listdir(tmp_path)) == ["up.jpg", "work"]
+    shared = Path(os.path.commonpath([tmp_path, SAMPLES]))  # the deepest folder both inputs are in
+    assert written == sorted([str((tmp_path / "a" / "up_mask.png").relative_to(shared)),
+                              str((SAMPLES / "coffee_mask.png").relative_to(shared))])
+    assert sorted(os.listdir(tmp_path)) == ["a", "work"]
 
     # a symlink planted inside DIR cannot redirect writes outside it
     outside = tmp_path / "outside"
     outside.mkdir()
-    (out / "_up").rename(out / "_up_old")
-    (out / "_up").symlink_to(outside, target_is_directory=True)
     result = run(["-", "--labels", "a,b", "--model", str(tiny_checkpoint), "-o", "out", "--save", "mask", "--overwrite"],
-                 "../up.jpg\n")
+                 "../a/up.jpg\n")
+    assert result.exit_code == 0 and (out / "up_mask.png").is_file()
+    (out / "up_mask.png").unlink()
+    (tmp_path / "a" / "sub").mkdir()
+    shutil.copy(SAMPLES / "cat.jpg", tmp_path / "a" / "sub" / "deep.jpg")
+    (out / "sub").symlink_to(outside, target_is_directory=True)
+    result = run(["-", "--labels", "a,b", "--model", str(tiny_checkpoint), "-o", "out", "--save", "mask", "--overwrite"],
+                 "../a/up.jpg\n../a/sub/deep.jpg\n")
     assert result.exit_code == 1 and "outside" in result.stderr
     assert list(outside.iterdir()) == []
+
+
+def test_a_single_file_lands_directly_in_dir(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    result = run([str(SAMPLES / "cat.jpg"), "--labels", "a,b", "--model", str(tiny_checkpoint), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "cat_color.png", "cat_mask.png", "cat_overlay.jpg", "labels.json", "summary.json"]
 
 
 def test_rerun_skips_done_images_and_refuses_other_settings(tmp_path, tiny_checkpoint, samples):

@@ -5,22 +5,28 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from segcli.data.sources import collect_sources, safe_relpath
+from segcli.data.sources import collect_sources
 from segcli.errors import SegcliError
 
 
-@pytest.mark.parametrize("given,expected", [
-    ("a/b/c.jpg", "a/b/c.jpg"),
-    ("./x.jpg", "x.jpg"),
-    ("../x.jpg", "_up/x.jpg"),
-    ("../../a/../x.jpg", "_up/_up/x.jpg"),
-    ("/abs/dir/x.jpg", "_root/abs/dir/x.jpg"),
-])
-def test_safe_relpath_never_escapes(given, expected, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    rel = safe_relpath(given)
-    assert rel == PurePosixPath(expected)
-    assert not rel.is_absolute() and ".." not in rel.parts
+def test_named_files_are_placed_under_the_deepest_folder_they_share(tmp_path, monkeypatch):
+    (tmp_path / "shots" / "a").mkdir(parents=True)
+    (tmp_path / "shots" / "b").mkdir()
+    (tmp_path / "work").mkdir()
+    for name in ("shots/a/x.jpg", "shots/b/y.jpg", "one.jpg"):
+        (tmp_path / name).write_bytes(b"\xff\xd8\xff")
+    monkeypatch.chdir(tmp_path / "work")
+    # one file, by absolute or relative path: directly in DIR
+    for given in (str(tmp_path / "one.jpg"), "../one.jpg"):
+        [source] = collect_sources([given]).sources
+        assert source.rel == PurePosixPath("one")
+    # several files: relative to the folder they share, never "..", never absolute
+    found = collect_sources(["../shots/a/x.jpg", str(tmp_path / "shots" / "b" / "y.jpg")])
+    assert [str(s.rel) for s in found.sources] == ["a/x", "b/y"]
+    found = collect_sources(["../shots/*/*.jpg", "../one.jpg"])
+    assert [str(s.rel) for s in found.sources] == ["shots/a/x", "shots/b/y", "one"]
+    for s in found.sources:
+        assert not s.rel.is_absolute() and ".." not in s.rel.parts
 
 
 def test_folder_walk_list_stdin_glob_and_dedupe(tmp_path, samples, monkeypatch):
@@ -36,13 +42,13 @@ def test_folder_walk_list_stdin_glob_and_dedupe(tmp_path, samples, monkeypatch):
     lst = tmp_path / "list.txt"
     lst.write_text("photos/coffee.jpg\n# comment\n\nphotos/missing.jpg\n")
     found = collect_sources([str(lst), "photos/coffee.jpg"])  # same file twice -> once
-    assert [(str(s.rel), s.error) for s in found.sources] == [("photos/coffee", None), ("photos/missing", "file not found")]
+    assert [(str(s.rel), s.error) for s in found.sources] == [("coffee", None), ("missing", "file not found")]
 
     found = collect_sources(["-"], stdin_lines=["photos/rocket.jpg", str(samples / "astronaut.jpg")])
-    assert [str(s.rel) for s in found.sources] == ["photos/rocket", "photos/astronaut"]
+    assert [str(s.rel) for s in found.sources] == ["rocket", "astronaut"]
 
-    found = collect_sources(["photos/*.jpg"])
-    assert [str(s.rel) for s in found.sources] == ["photos/astronaut", "photos/coffee", "photos/rocket"]
+    found = collect_sources(["photos/*.jpg", "photos/sub/cat.jpg"])
+    assert [str(s.rel) for s in found.sources] == ["astronaut", "coffee", "rocket", "sub/cat"]
 
 
 def test_same_stem_different_extension_keeps_both(tmp_path, samples):

@@ -1,8 +1,9 @@
 """SOURCE arguments -> the list of input files and where their outputs go inside DIR.
 
 SOURCE may be a file, a folder (recursive), a glob, a text file listing paths, or "-" (paths on
-stdin). Output locations are always relative, with no ".." and no absolute part, so nothing can
-make segcli write outside DIR.
+stdin). A folder's images are placed relative to that folder; all other named files (files, globs,
+lists, stdin) relative to the deepest folder they share. Output locations are always relative, with
+no ".." and no absolute part, so nothing can make segcli write outside DIR.
 """
 
 from __future__ import annotations
@@ -32,17 +33,16 @@ class SourceList:
     skipped: list[str] = field(default_factory=list)  # non-image files found while walking folders
 
 
-def safe_relpath(path: str) -> PurePosixPath:
-    """A relative output path that mirrors `path` but cannot escape: ".." -> "_up", "/" root -> "_root"."""
-    norm = os.path.normpath(path)
-    if os.path.isabs(norm):
-        rel = os.path.relpath(norm, os.getcwd())
-        outside = rel == ".." or rel.startswith(".." + os.sep)
-        parts = ("_root",) + Path(norm).parts[1:] if outside else Path(rel).parts
-    else:
-        parts = Path(norm).parts
-    clean = ["_up" if p == ".." else p for p in parts if p not in ("", ".")]
-    return PurePosixPath(*clean) if clean else PurePosixPath("_")
+def _placed(paths: list[Path]) -> list[PurePosixPath]:
+    """Output locations of named files: relative to the deepest folder they all share, so one file
+    lands directly in DIR and none can escape it (no "..", no absolute part)."""
+    if not paths:
+        return []
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.dirname(absolute[0]) if len(absolute) == 1 else os.path.commonpath(absolute)
+    if common in absolute:  # a missing "file" that is a prefix of another path: place it by its folder
+        common = os.path.dirname(common)
+    return [PurePosixPath(*Path(os.path.relpath(a, common)).parts) for a in absolute]
 
 
 def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str]]:
@@ -82,16 +82,16 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
     result = SourceList()
     seen: set[Path] = set()
     exclude = exclude.resolve() if exclude else None
-    candidates: list[tuple[Path, str, PurePosixPath]] = []
+    candidates: list[tuple[Path, str, PurePosixPath | None]] = []  # None: placed with the other named files
 
-    def add_file(p: Path, display: str, rel: PurePosixPath) -> None:
+    def add_file(p: Path, display: str, rel: PurePosixPath | None = None) -> None:
         candidates.append((p, display, rel))
 
     for arg in args:
         if arg == "-":
             lines = list(stdin_lines) if stdin_lines is not None else []
             for p, entry in _read_list(lines, None):
-                add_file(p, entry, safe_relpath(entry))
+                add_file(p, entry)
             continue
         path = Path(arg).expanduser()
         if path.is_dir():
@@ -106,20 +106,19 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
                 except (OSError, UnicodeDecodeError) as exc:
                     raise SegcliError(f"cannot read list file {arg!r}: {exc}") from None
                 for p, entry in _read_list(lines, path.parent):
-                    add_file(p, entry, safe_relpath(entry))
+                    add_file(p, entry)
             else:
-                add_file(path, arg, safe_relpath(arg))
+                add_file(path, arg)
         elif any(ch in arg for ch in "*?["):
             matches = sorted(glob.glob(arg, recursive=True))
             files = [m for m in matches if os.path.isfile(m)]
             if not files:
                 raise SegcliError(f"no files match {arg!r}")
             for m in files:
-                add_file(Path(m), m, safe_relpath(m))
+                add_file(Path(m), m)
         else:
             raise SegcliError(f"no such file or folder: {arg}")
 
-    names: dict[PurePosixPath, int] = {}
     unique = []
     for p, display, rel in candidates:
         key = p.resolve() if p.exists() else p.absolute()
@@ -127,6 +126,10 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
             continue
         seen.add(key)
         unique.append((p, display, rel))
+    named = iter(_placed([p for p, _, rel in unique if rel is None]))
+    unique = [(p, display, rel if rel is not None else next(named)) for p, display, rel in unique]
+    names: dict[PurePosixPath, int] = {}
+    for _, _, rel in unique:
         stem = rel.with_suffix("") if rel.suffix else rel
         names[stem] = names.get(stem, 0) + 1
     taken: set[PurePosixPath] = set()
