@@ -10,8 +10,13 @@ Random weights throughout (speed does not depend on their values), same machine,
 (c) naive: one image at a time, text re-encoded for every image, fp32, decoding in the main thread,
     full-size K-channel upsampling, as LSeg's own scripts run;
 (d) Hugging Face transformers' CLIPSeg (default config, 352x352), one pass per label, fp32.
+(e) the host ceiling: `segcli predict`'s pipeline with a stand-in model that costs next to nothing
+    (a colour probe with LSeg's output stride 2 at 384, so label maps have real boundaries), on JPEGs
+    of 0.3, 2 and 12 MP: CPU time (user + sys) per photo with start-up subtracted by two folder sizes,
+    images/s with --workers 1 and 2, and the codec floor (decode + the encodes alone, the fastest of
+    Pillow/OpenCV, one core) measured in the same run; then what a 16- or 32-core host can feed.
 Every part runs in its own process; peak RSS is that process's. `--memory` adds the memory checks:
-1,000 vs 10 images, and a 24-megapixel photo with 150 labels.
+1,000 vs 10 images, and a 24-megapixel photo with 150 labels. `--host-only` runs (e) alone.
 """
 
 from __future__ import annotations
@@ -86,13 +91,13 @@ def part_naive(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from segcli.api import load_model
+    from segcli.models import load_model
     from segcli.labels import LabelSet
     from segcli.modeling.pixel_text import embed_labels
     from segcli.render import palette_array
 
     device = torch.device(args.device)
-    model, _, _, _ = load_model(args.model, device)
+    model = load_model(args.model, device).backend
     labels = LabelSet.from_synonyms([[n] for n in label_names(args.k)])
     palette = palette_array(labels)
     files = sorted(Path(args.folder).glob("*.jpg"))
@@ -155,7 +160,165 @@ def part_clipseg(args) -> dict:
     return {"images_per_s": len(files) / (time.perf_counter() - t0), "images": len(files)}
 
 
-PARTS = {"ceiling": part_ceiling, "naive": part_naive, "clipseg": part_clipseg}
+class ColorProbe:
+    """(e)'s stand-in model (a segcli.backend.DenseBackend): logits = cosine of the mean colour of
+    8x8 cells with K fixed colours, brought to LSeg's output stride 2 bilinearly (LSeg's stride-2 map
+    is likewise upsampled from coarser ViT tokens). Costs ~nothing; its label maps have real
+    boundaries, so restoring them to full size costs what it costs with a real model."""
+
+    architecture, open_vocabulary, baked_labels, fixed_imgsz = "color-probe", True, None, None
+    default_imgsz, input_multiple, output_stride, default_prompt = 384, 32, 2, None
+    provides_embeddings, exportable = False, False
+
+    def __init__(self):
+        import torch
+
+        self.prototypes = torch.nn.functional.normalize(torch.randn(256, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+
+    def to(self, device):
+        return self
+
+    def eval(self):
+        return self
+
+    def label_embeddings(self, labels, prompt=None):
+        return self.prototypes[:len(labels)]
+
+    def dense_logits(self, images, label_embeddings, autocast_dtype=None, return_embeddings=False):
+        import torch
+        import torch.nn.functional as F
+
+        cells = F.interpolate(F.avg_pool2d(images - 0.5, 8), scale_factor=4, mode="bilinear", align_corners=False)
+        cells = F.normalize(cells, dim=1)
+        return torch.einsum("bchw,kc->bkhw", cells, label_embeddings) * 20.0, None
+
+
+def part_host(args) -> dict:
+    """One `segcli predict` run (the engine, in this process) with the ColorProbe stand-in."""
+    import cv2
+
+    from segcli.api import Segmenter
+    from segcli.data.sources import collect_sources
+    from segcli.labels import LabelSet
+    from segcli.predict import PredictOptions, PredictRun
+
+    seg = Segmenter(ColorProbe(), device="cpu", precision="fp32", imgsz=384, name="color-probe")
+    labels = LabelSet.from_synonyms([[n] for n in label_names(args.k)])
+    save = tuple(args.save.split(","))
+    opts = PredictOptions(labels=labels, output=Path(args.out), save=save, batch_size=args.batch_size, workers=args.workers)
+    result = PredictRun(seg, opts, collect_sources([args.folder])).run()
+    assert result.failed == 0
+    return {"images": len(result.records), "cv2_threads": cv2.getNumThreads()}
+
+
+PARTS = {"ceiling": part_ceiling, "naive": part_naive, "clipseg": part_clipseg, "host": part_host}
+
+HOST_SIZES = {"0.3 MP": ((640, 480), 16, 64), "2 MP": ((1920, 1080), 8, 32), "12 MP": ((4000, 3000), 3, 12)}
+
+
+def make_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
+    """n JPEGs (q90) of `size`, cut from the sample photos (cover crop), different content each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = sorted((ROOT / "sample_images").glob("*.jpg"))
+    w, h = size
+    for i in range(n):
+        img = Image.open(photos[i % len(photos)]).convert("RGB")
+        scale = max(w / img.width, h / img.height) * (1 + 0.1 * (i // len(photos)))
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        img.crop((left, top, left + w, top + h)).save(folder / f"p{i:03d}.jpg", quality=90)
+    return folder
+
+
+def run_cpu(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + sys) of a child process."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}  # as segcli's CLI sets it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
+
+
+def codec_floor(folder: Path, masks: Path, mask_only: bool) -> float:
+    """ms on one core: the fastest decode, mask PNG, palette PNG, JPEG q90 and blend of Pillow/OpenCV."""
+    import io
+
+    import cv2
+
+    cv2.setNumThreads(1)
+
+    def best(*fns, n=3):
+        times = []
+        for fn in fns:
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t0) / n * 1000)
+        return min(times)
+
+    data = sorted(folder.glob("*.jpg"))[0].read_bytes()
+    mask = np.array(Image.open(next(masks.glob("p000_mask.png"))))
+    palette = np.random.default_rng(0).integers(0, 255, (256, 3), dtype=np.uint8)
+
+    def pil_png(img, level=1):
+        Image.fromarray(img).save(io.BytesIO(), "PNG", compress_level=level) if not isinstance(img, Image.Image) else \
+            img.save(io.BytesIO(), "PNG", compress_level=level)
+
+    def pil_draft():
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (img.width // 8, img.height // 8))
+        img.load()
+
+    fast_png = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        fast_png += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    mask_png = best(lambda: pil_png(mask), lambda: cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 1]),
+                    lambda: cv2.imencode(".png", mask, fast_png))
+    if mask_only:
+        return best(pil_draft) + mask_png
+    photo = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    decode = best(lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                  lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+    indexed = Image.fromarray(mask)
+    indexed.putpalette(palette.tobytes())
+    color_png = best(lambda: pil_png(indexed))
+    color = photo.copy()
+    jpeg = best(lambda: cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 90]),
+                lambda: Image.fromarray(photo).save(io.BytesIO(), "JPEG", quality=90))
+    blend = best(lambda: cv2.addWeighted(photo, 0.5, color, 0.5, 0.0))
+    return decode + mask_png + color_png + jpeg + blend
+
+
+def host_ceiling(args, tmp: Path, model_images_per_s: float | None) -> None:
+    print(f"\n(e) host ceiling: predict with a stand-in model that costs ~nothing (stride 2 at 384, "
+          f"K={args.host_k}), JPEG q90, {os.cpu_count()} cores")
+    print("| photo | outputs | core-ms/photo | codec floor core-ms | ratio | img/s -j 1 | img/s -j 2 | -j2/-j1 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    per_photo = {}
+    for label, (size, small, large) in HOST_SIZES.items():
+        photos = {n: make_photos(tmp / f"host_{size[0]}_{n}", n, size) for n in (small, large)}
+        for save in ("mask,color,overlay", "mask"):
+            wall, cpu = {}, {}
+            for workers in (1, 2):
+                for n, folder in photos.items():
+                    out = tmp / f"host_out_{size[0]}_{n}_{workers}_{save.count(',')}"
+                    cmd = [sys.executable, __file__, "--part", "host", "--k", str(args.host_k), "--folder", str(folder),
+                           "--out", str(out), "--save", save, "--workers", str(workers)]
+                    wall[workers, n], cpu[workers, n] = run_cpu(cmd)
+            core_ms = (cpu[2, large] - cpu[2, small]) / (large - small) * 1000
+            rate = {w: (large - small) / (wall[w, large] - wall[w, small]) for w in (1, 2)}
+            floor = codec_floor(photos[small], tmp / f"host_out_{size[0]}_{small}_2_{save.count(',')}", save == "mask")
+            name = "all three" if "," in save else "mask only"
+            per_photo[label, name] = core_ms
+            print(f"| {label} | {name} | {core_ms:.1f} | {floor:.1f} | {core_ms / floor:.2f} | {rate[1]:.1f} | "
+                  f"{rate[2]:.1f} | {rate[2] / rate[1]:.2f} |", flush=True)
+    model = f"{model_images_per_s:.1f} img/s for {args.model} here ({args.device})" if model_images_per_s else ""
+    for n in (16, 32):
+        feeds = ", ".join(f"{label} {n * 1000 / per_photo[label, 'all three']:.0f}" for label in HOST_SIZES)
+        print(f"a host with {n} cores feeds (all three outputs) photos/s: {feeds}" + (f"; the model itself: {model}" if model else ""))
 
 
 def child(part: str, args, k: int, **extra) -> tuple[dict, float]:
@@ -217,6 +380,10 @@ def main() -> None:
     ap.add_argument("--no-clipseg", action="store_true", help="skip (d) (needs pip install 'segcli[bench]')")
     ap.add_argument("--no-naive", action="store_true", help="skip (c)")
     ap.add_argument("--memory", action="store_true", help="also run the memory checks")
+    ap.add_argument("--host-only", action="store_true", help="run only (e), the host ceiling")
+    ap.add_argument("--host-k", type=int, default=8, help="labels for (e)")
+    ap.add_argument("--save", default="mask,color,overlay", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -233,11 +400,18 @@ def main() -> None:
         print("transformers is not installed: (d) CLIPSeg skipped (pip install 'segcli[bench]')")
         args.no_clipseg = True
     tmp = Path(tempfile.mkdtemp(prefix="segcli-bench-"))
+    if args.host_only:
+        try:
+            host_ceiling(args, tmp, None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     print(f"model {args.model}, imgsz {args.imgsz}, batch {args.batch_size}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} photos")
     print("| K | (a) ceiling img/s | (b) predict img/s | (c) naive img/s | (d) CLIPSeg img/s | b/a | b/c | b/d "
           "| peak RSS a / b / c / d (MB) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    model_rate = None
     try:
         naive_folder = make_folder(tmp / "naive", 8)
         for k in args.labels:
@@ -248,8 +422,10 @@ def main() -> None:
             d, rss_d = ({"images_per_s": float("nan")}, float("nan")) if args.no_clipseg else child(
                 "clipseg", args, k, folder=naive_folder, out=tmp / f"clipseg_out{k}")
             a, c, d = a["images_per_s"], c["images_per_s"], d["images_per_s"]
+            model_rate = model_rate or a
             print(f"| {k} | {a:.2f} | {b:.2f} | {c:.2f} | {d:.2f} | {b / a:.2f} | {b / c:.2f} | {b / d:.2f} "
                   f"| {rss_a:.0f} / {rss_b:.0f} / {rss_c:.0f} / {rss_d:.0f} |", flush=True)
+        host_ceiling(args, tmp, model_rate)
         if args.memory:
             memory_checks(args, tmp)
     finally:

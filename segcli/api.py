@@ -141,9 +141,10 @@ class Segmenter:
     def prepare(self, image: Image.Image) -> Canvas:
         return fit_to_canvas(image, self.imgsz)
 
-    def label_map(self, logits: torch.Tensor, canvas: Canvas, out_hw: tuple[int, int]) -> np.ndarray:
+    def label_map(self, logits: torch.Tensor, canvas: Canvas, out_hw: tuple[int, int],
+                  out: np.ndarray | None = None) -> np.ndarray:
         """Logits [K,S/s,S/s] (s = model.output_stride) of one canvas -> label map [H,W] for the image it holds, at `out_hw`."""
-        return restore_label_map(logits, image_extent(canvas.resized_hw, self.model.output_stride), out_hw)
+        return restore_label_map(logits, image_extent(canvas.resized_hw, self.model.output_stride), out_hw, out=out)
 
     def image_region(self, per_pixel: torch.Tensor, canvas: Canvas) -> torch.Tensor:
         """[X,S/s,S/s] -> [X,h,w]: the part of the model-resolution map that covers the image."""

@@ -13,25 +13,37 @@ from typing import Callable
 import numpy as np
 
 from segcli.labels import LabelSet
-from segcli.render import colorize, encode_jpeg, encode_png, overlay
+from segcli.render import colorize, colorize_bgr, encode_jpeg_bgr, encode_png, overlay_bgr, palette_png, scratch
 
 
 @dataclass
 class RenderInput:
     """What every producer may use for one image. `mask` [H,W] at the photo's size; `photo` [H,W,3]
-    RGB, present only when some requested kind needs it; `present` label indices, most pixels first."""
+    BGR, present only when some requested kind needs it; `present` label indices, most pixels first.
+    Intermediate results are computed once and shared between kinds."""
 
     mask: np.ndarray
     labels: LabelSet
-    palette: np.ndarray  # [K,3] uint8
+    palette: np.ndarray  # [K,3] uint8 RGB
     present: list[int]
     alpha: float
-    photo: np.ndarray | None = None
+    photo: np.ndarray | None = None  # the overlay is blended into it
+    lut: np.ndarray | None = None  # [1,256,3] BGR lookup table for 8-bit masks (see render.color_lut)
 
     @cached_property
-    def color(self) -> np.ndarray:
-        """[H,W,3] the mask in the label colors (computed once, shared by color and overlay)."""
-        return colorize(self.mask, self.palette)
+    def mask_png(self) -> bytes:
+        return encode_png(self.mask)
+
+    @cached_property
+    def color_png(self) -> bytes:
+        """The mask PNG with the label colors as its palette; RGB above 255 labels."""
+        if self.mask.dtype == np.uint8:
+            return palette_png(self.mask_png, self.palette)
+        return encode_png(colorize(self.mask, self.palette))
+
+    @cached_property
+    def color_bgr(self) -> np.ndarray:
+        return colorize_bgr(self.mask, self.palette, self.lut, out=scratch("color", self.mask.shape + (3,), np.uint8))
 
     @property
     def legend(self) -> list[tuple[str, tuple[int, int, int]]]:
@@ -50,11 +62,12 @@ class OutputKind:
 OUTPUT_KINDS: dict[str, OutputKind] = {
     kind.name: kind
     for kind in [
-        OutputKind("mask", "_mask.png", False, lambda r: encode_png(r.mask),
+        OutputKind("mask", "_mask.png", False, lambda r: r.mask_png,
                    "label index per pixel (0 = first label); 16-bit PNG above 255 labels"),
-        OutputKind("color", "_color.png", False, lambda r: encode_png(r.color), "the mask in the label colors"),
+        OutputKind("color", "_color.png", False, lambda r: r.color_png,
+                   "the mask in the label colors (a palette PNG: colors in any viewer, indices for PIL)"),
         OutputKind("overlay", "_overlay.jpg", True,
-                   lambda r: encode_jpeg(overlay(r.photo, r.color, r.alpha, r.legend)),
+                   lambda r: encode_jpeg_bgr(overlay_bgr(r.photo, r.color_bgr, r.alpha, r.legend, in_place=True)),
                    "the photo blended with the colors, with a legend"),
     ]
 }

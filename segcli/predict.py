@@ -1,8 +1,8 @@
 """The predict engine: a stream of named stages from SOURCE files to outputs in a run folder.
 
-    decode (thread pool, bounded window) -> infer (main thread, batches)
+    decode (worker pool, bounded window) -> infer (main thread, batches)
       -> restore (label map at the photo's size) -> render (one entry of OUTPUT_KINDS each) -> write
-         (thread pool, bounded)
+         (the same worker pool, bounded)
 
 Memory depends on the batch size and window, never on the number of inputs. The run folder's
 bookkeeping (settings check, records, summaries) is `segcli.runfolder.RunFolder`; what each output
@@ -20,18 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 
 from segcli.api import Segmenter
-from segcli.data.images import DEFAULT_MAX_PIXELS, Canvas, ImageDecodeError, decode_image
+from segcli.data.images import DEFAULT_MAX_PIXELS, Canvas, ImageDecodeError, decode_full_bgr, decode_photo
 from segcli.data.sources import Source, SourceList
 from segcli.errors import one_line
 from segcli.fileio import atomic_write_bytes
 from segcli.labels import LabelSet
-from segcli.masks import label_fractions
+from segcli.masks import label_fractions, mask_dtype
 from segcli.outputs import DEFAULT_OUTPUTS, OUTPUT_KINDS, RenderInput
-from segcli.render import palette_array
+from segcli.render import color_lut, palette_array, scratch
 from segcli.runfolder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
 
 
@@ -67,7 +68,7 @@ class Item:
     source: Source
     canvas: Canvas | None = None
     full_hw: tuple[int, int] = (0, 0)
-    photo: np.ndarray | None = None  # full-size RGB, only when an output kind needs it
+    photo: np.ndarray | None = None  # full-size BGR, only when an output kind needs it
     seconds: float = 0.0
     error: str | None = None
     logits: torch.Tensor | None = field(default=None, repr=False)
@@ -87,6 +88,7 @@ class PredictRun:
         self.sources = sources
         self.on_record = on_record or (lambda record: None)
         self.palette = palette_array(options.labels)
+        self.lut = color_lut(self.palette) if len(options.labels) <= 256 else None
         self.need_photo = any(OUTPUT_KINDS[k].needs_photo for k in options.save)
         settings = {
             "model": segmenter.name,
@@ -105,16 +107,18 @@ class PredictRun:
     # -- the stages ---------------------------------------------------------------------------
 
     def decode(self, item: Item) -> Item:
-        """File -> model canvas (+ the full-size photo when an output needs it). Errors are kept."""
+        """File -> model canvas. Errors are kept.
+
+        The canvas always comes from a DCT-reduced decode (cheap, and the label map does not depend
+        on which outputs are written); the full-size photo is decoded later, in `finish`, only for
+        overlays, so at most one full-size photo per worker is in memory."""
         t0 = time.perf_counter()
         if item.source.error:
             item.error = item.source.error
             return item
         try:
-            img, item.full_hw = decode_image(item.source.path, self.opt.max_pixels,
-                                             draft_long_side=None if self.need_photo else self.seg.imgsz)
-            item.canvas = self.seg.prepare(img)
-            item.photo = np.asarray(img) if self.need_photo else None
+            decoded = decode_photo(item.source.path, self.opt.max_pixels, draft_long_side=self.seg.imgsz)
+            item.canvas, item.full_hw = self.seg.prepare(decoded.image), decoded.full_hw
         except ImageDecodeError as exc:
             item.error = str(exc)
         except MemoryError:
@@ -134,8 +138,9 @@ class PredictRun:
             item.seconds += share
 
     def restore(self, item: Item) -> np.ndarray:
-        """Logits -> label map [H,W] at the photo's full size."""
-        mask = self.seg.label_map(item.logits, item.canvas, item.full_hw)
+        """Logits -> label map [H,W] at the photo's full size (in this thread's reused buffer)."""
+        buffer = scratch("mask", item.full_hw, mask_dtype(len(self.opt.labels)))
+        mask = self.seg.label_map(item.logits, item.canvas, item.full_hw, out=buffer)
         item.logits = None
         return mask
 
@@ -144,7 +149,8 @@ class PredictRun:
         fractions = label_fractions(mask, len(self.opt.labels))
         present = [int(k) for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0]  # most pixels first
         given = RenderInput(mask=mask, labels=self.opt.labels, palette=self.palette, present=present,
-                            alpha=self.opt.alpha, photo=item.photo)
+                            alpha=self.opt.alpha, photo=item.photo, lut=self.lut)
+        item.photo = None
         return {kind: OUTPUT_KINDS[kind].produce(given) for kind in self.opt.save}, fractions, present
 
     def write(self, item: Item, blobs: dict[str, bytes]) -> dict[str, Path]:
@@ -159,8 +165,15 @@ class PredictRun:
         return paths
 
     def finish(self, item: Item) -> dict:
-        """restore -> render -> write for one item (on a write thread); returns its record."""
+        """restore -> render -> write for one item (on a worker); returns its record."""
         t0 = time.perf_counter()
+        if self.need_photo:
+            try:
+                item.photo = decode_full_bgr(item.source.path, self.opt.max_pixels)
+            except ImageDecodeError as exc:  # the file changed since it was first read
+                raise _InputFailure(str(exc)) from None
+            if item.photo.shape[:2] != item.full_hw:
+                raise _InputFailure("the file changed while it was being processed")
         mask = self.restore(item)
         blobs, fractions, present = self.render(item, mask)
         paths = self.write(item, blobs)
@@ -200,6 +213,16 @@ class PredictRun:
                 self._done(item.index, error_record(item.source, f"failed: {type(exc).__name__}: {one_line(str(exc))}"))
 
     def run(self) -> PredictResult:
+        # host work is parallel across images (the workers), not inside one: OpenCV's own thread pool
+        # would only add overhead per image and fight the workers for the cores
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return self._run()
+        finally:
+            cv2.setNumThreads(threads)
+
+    def _run(self) -> PredictResult:
         done = self.folder.open()
         text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
         todo: list[Item] = []
@@ -213,10 +236,11 @@ class PredictRun:
             else:
                 todo.append(Item(index, source))
 
+        # one pool of `workers` threads does all host work per image (decode, then restore, render and
+        # write), so --workers is how many cores the host side uses besides the model's thread
         workers = max(1, self.opt.workers)
         window = self.opt.batch_size * 2 + workers
-        decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="segcli-decode")
-        write_pool = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="segcli-host")
         decoding: deque[Future] = deque()
         writing: deque[tuple[Item, Future]] = deque()
         pending = iter(todo)
@@ -224,7 +248,7 @@ class PredictRun:
 
         def refill() -> None:
             while len(decoding) < window and (item := next(pending, None)) is not None:
-                decoding.append(decode_pool.submit(self.decode, item))
+                decoding.append(pool.submit(self.decode, item))
 
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
@@ -242,7 +266,7 @@ class PredictRun:
                     batch.append(item)
                 if len(batch) == self.opt.batch_size or (not decoding and batch):
                     self.infer(batch, text)
-                    writing.extend((it, write_pool.submit(self.finish, it)) for it in batch)
+                    writing.extend((it, pool.submit(self.finish, it)) for it in batch)
                     self._collect(writing, limit=window)
                     batch = []
             self._collect(writing, limit=0)
@@ -251,8 +275,7 @@ class PredictRun:
             for fut in decoding:
                 fut.cancel()
         finally:
-            decode_pool.shutdown(wait=True, cancel_futures=True)
-            write_pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
+            pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
             self._collect(writing, limit=0)
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)

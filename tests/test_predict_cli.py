@@ -38,10 +38,10 @@ def test_predict_sample_images(tmp_path, tiny_checkpoint, samples):
         mask = np.array(Image.open(out / f"{name}_mask.png"))
         assert mask.shape == (size[1], size[0]) and mask.dtype == np.uint8 and mask.max() < 4
         color = Image.open(out / f"{name}_color.png")
-        assert color.size == size and color.mode == "RGB"
-        palette = np.array(json.loads((out / "labels.json").read_text())[0]["color"])
-        first = np.array(color)[mask == 0]
-        assert first.size == 0 or (first == palette).all()
+        assert color.size == size and color.mode == "P"  # a palette PNG: the mask's indices, shown in colors
+        assert np.array_equal(np.array(color), mask)
+        palette = np.array([entry["color"] for entry in json.loads((out / "labels.json").read_text())], np.uint8)
+        assert np.array_equal(np.array(color.convert("RGB")), palette[mask])
         assert Image.open(out / f"{name}_overlay.jpg").size == size
     labels = json.loads((out / "labels.json").read_text())
     assert [entry["label"] for entry in labels] == ["cat", "grass", "sky", "person"]

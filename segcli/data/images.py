@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -58,36 +61,65 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `path` to an upright 8-bit RGB image at full size."""
-    return decode_image(path, max_pixels)[0]
+    return decode_photo(path, max_pixels).image
 
 
-def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_long_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode `path` to an upright 8-bit RGB image; also returns the full upright size (H, W).
+@dataclass
+class DecodedPhoto:
+    image: Image.Image  # upright RGB; reduced by DCT scaling when a draft size was asked for
+    full_hw: tuple[int, int]  # the photo's full upright size
 
-    `draft_long_side` lets JPEG decoding skip detail (DCT scaling) when only a small copy is
-    needed; the image is then smaller than the returned size but at least that long on its long side.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
-            img = Image.open(path)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageDecodeError(
-                f"image is {w}x{h} ({w * h / 1e6:.0f} MP), above the {max_pixels / 1e6:.0f} MP limit "
-                "(possible decompression bomb; raise --max-pixels to allow)")
-        if w < 1 or h < 1:
-            raise ImageDecodeError("image has no pixels")
+
+def decode_photo(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_long_side: int | None = None) -> DecodedPhoto:
+    """Read and decode `path` (or its bytes) to an upright RGB image, DCT-reduced for JPEGs when only
+    `draft_long_side` pixels are needed on the long side. Failures: ImageDecodeError, one line."""
+    with _decode_errors():
+        img, full_hw, _ = _open(path, max_pixels)
         if draft_long_side and img.format == "JPEG":
+            w, h = img.size
             scale = draft_long_side / max(w, h)
             if scale < 1:
                 img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
-        orientation = img.getexif().get(0x0112, 1)
-        full_hw = (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # those orientations swap the axes
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img), full_hw
+        return DecodedPhoto(to_rgb(ImageOps.exif_transpose(img)), full_hw)
+
+
+def decode_full_bgr(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The upright full-size photo as [H,W,3] uint8 BGR (OpenCV's order, for blending and encoding).
+    Plain JPEGs are decoded by OpenCV (twice as fast as Pillow, the same pixels); others by Pillow."""
+    with _decode_errors():
+        img, full_hw, data = _open(path, max_pixels)
+        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            photo = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF orientation
+            if photo is not None and photo.shape[:2] == full_hw:
+                return photo
+        img.load()
+        return cv2.cvtColor(np.asarray(to_rgb(ImageOps.exif_transpose(img))), cv2.COLOR_RGB2BGR)
+
+
+def _open(path: str | Path | bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], bytes]:
+    """(lazily opened image, full upright size (H, W), the file's bytes) after the size checks."""
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+        img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageDecodeError(
+            f"image is {w}x{h} ({w * h / 1e6:.0f} MP), above the {max_pixels / 1e6:.0f} MP limit "
+            "(possible decompression bomb; raise --max-pixels to allow)")
+    if w < 1 or h < 1:
+        raise ImageDecodeError("image has no pixels")
+    orientation = img.getexif().get(0x0112, 1)
+    return img, ((w, h) if orientation in (5, 6, 7, 8) else (h, w)), data  # those orientations swap the axes
+
+
+@contextmanager
+def _decode_errors():
+    """Every way decoding can fail becomes an ImageDecodeError with a one-line message."""
+    try:
+        yield
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -100,7 +132,7 @@ def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageDecodeError("is a directory") from None
     except PermissionError:
         raise ImageDecodeError("permission denied") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, cv2.error) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageDecodeError(f"cannot decode image: {msg}") from None
 

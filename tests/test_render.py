@@ -1,0 +1,61 @@
+"""Outputs: palette PNGs, BGR overlays and OpenCV decoding give exactly what the plain paths give."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from segcli.data.images import decode_full_bgr, decode_photo
+from segcli.render import colorize, colorize_bgr, encode_png, overlay, overlay_bgr, palette_png
+
+from conftest import SAMPLES
+
+
+def _mask(h=120, w=170, k=5) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return ((yy // 30 + xx // 40) % k).astype(np.uint8)
+
+
+def test_color_png_is_the_mask_with_a_palette():
+    mask = _mask()
+    palette = np.random.default_rng(0).integers(0, 256, (5, 3), dtype=np.uint8)
+    mask_png = encode_png(mask)
+    assert np.array_equal(np.array(Image.open(io.BytesIO(mask_png))), mask)
+    color = Image.open(io.BytesIO(palette_png(mask_png, palette)))
+    assert color.mode == "P" and np.array_equal(np.array(color), mask)  # indices for PIL ...
+    assert np.array_equal(np.array(color.convert("RGB")), palette[mask])  # ... colors for any viewer
+    assert np.array_equal(cv2.imdecode(np.frombuffer(palette_png(mask_png, palette), np.uint8), cv2.IMREAD_COLOR),
+                          palette[mask][..., ::-1])
+    with pytest.raises(ValueError):
+        palette_png(encode_png(mask.astype(np.uint16)), palette)
+
+
+def test_bgr_overlay_is_the_rgb_overlay_with_channels_swapped():
+    photo = np.asarray(Image.open(SAMPLES / "cat.jpg").convert("RGB"))
+    h, w = photo.shape[:2]
+    mask = _mask(h, w)
+    palette = np.random.default_rng(1).integers(0, 256, (5, 3), dtype=np.uint8)
+    legend = [("cat", (255, 0, 0)), ("a long label name that runs past the panel", (0, 128, 255))]
+    rgb = overlay(photo.copy(), colorize(mask, palette), 0.4, legend)
+    bgr = overlay_bgr(np.ascontiguousarray(photo[..., ::-1]), colorize_bgr(mask, palette), 0.4, legend)
+    assert np.array_equal(rgb, bgr[..., ::-1])
+    assert np.array_equal(colorize_bgr(mask.astype(np.uint16), palette), colorize(mask, palette)[..., ::-1])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_opencv_full_decode_equals_pillow_for_every_exif_orientation(orientation, tmp_path):
+    path = tmp_path / f"o{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.open(SAMPLES / "cat.jpg").save(path, exif=exif.tobytes(), quality=92)
+    decoded = decode_photo(path, draft_long_side=64)
+    pillow = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    assert decoded.full_hw == pillow.shape[:2] and max(decoded.image.size) >= 64
+    assert np.array_equal(decode_full_bgr(path)[..., ::-1], pillow)
+    Image.open(path).convert("CMYK").save(tmp_path / "cmyk.jpg", exif=Image.open(path).getexif().tobytes())
+    cmyk = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "cmyk.jpg")).convert("RGB"))
+    assert np.array_equal(decode_full_bgr(tmp_path / "cmyk.jpg")[..., ::-1], cmyk)  # Pillow's path
