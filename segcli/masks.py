@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported only by the device path: host workers never load it
+    import torch
 
 
-def _source_coords(out_size: int, valid: float, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear taps (align_corners=False) mapping `out_size` pixels onto `valid` source pixels."""
-    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * (valid / out_size) - 0.5).clamp(min=0)
-    lo = src.floor().long().clamp(max=limit - 1)
-    hi = (lo + 1).clamp(max=limit - 1)
-    return lo, hi, (src - lo).clamp(0, 1)
+def _source_coords(out_size: int, valid: float, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps (align_corners=False) mapping `out_size` pixels onto `valid` source pixels:
+    (lower tap, upper tap, float32 weight of the upper one) per output pixel."""
+    src = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * np.float32(valid / out_size)
+                     - np.float32(0.5), np.float32(0.0))
+    lo = np.minimum(np.floor(src).astype(np.int64), limit - 1)
+    hi = np.minimum(lo + 1, limit - 1)
+    return lo, hi, np.clip(src - lo, 0.0, 1.0).astype(np.float32)
 
 
 def image_extent(resized_hw: tuple[int, int], stride: int) -> tuple[float, float]:
@@ -33,8 +39,8 @@ def mask_dtype(num_labels: int) -> np.dtype:
     return np.dtype(np.uint8) if num_labels <= 255 else np.dtype(np.uint16)
 
 
-def restore_label_map_torch(logits: torch.Tensor, valid_hw: tuple[float, float], out_hw: tuple[int, int],
-                            max_elements: int = 1 << 23, as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+def restore_label_map_torch(logits: "torch.Tensor", valid_hw: tuple[float, float], out_hw: tuple[int, int],
+                            max_elements: int = 1 << 23, as_tensor: bool = False) -> "np.ndarray | torch.Tensor":
     """Label map [H,W] from logits [K,h,w] whose top-left `valid_hw` (in logit pixels) is the image.
 
     Equivalent to bilinearly upsampling the logits to [K,H,W] and taking the argmax, but only the
@@ -42,6 +48,8 @@ def restore_label_map_torch(logits: torch.Tensor, valid_hw: tuple[float, float],
     chunks of at most `max_elements` values: a 24-megapixel photo with 150 labels needs tens of MB,
     not 14 GB, and boundaries stay smooth rather than blocky.
     """
+    import torch
+
     num_labels = logits.shape[0]
     out_h, out_w = out_hw
     dtype = mask_dtype(num_labels)
@@ -55,8 +63,8 @@ def restore_label_map_torch(logits: torch.Tensor, valid_hw: tuple[float, float],
     top2 = logits.topk(2, dim=0).indices
     candidates = torch.unique(top2)
     sub = logits[candidates]  # [P, lh, lw]
-    y0, y1, wy = (t.to(device) for t in _source_coords(out_h, vh, lh))
-    x0, x1, wx = (t.to(device) for t in _source_coords(out_w, vw, lw))
+    y0, y1, wy = (torch.from_numpy(t).to(device) for t in _source_coords(out_h, vh, lh))
+    x0, x1, wx = (torch.from_numpy(t).to(device) for t in _source_coords(out_w, vw, lw))
     out = torch.empty((out_h, out_w), dtype=torch.int64, device=device)
     rows = max(1, max_elements // max(1, 4 * out_w))
     for r0 in range(0, out_h, rows):
@@ -80,14 +88,25 @@ def _along_x(cand: np.ndarray, p: np.ndarray, row: np.ndarray, xl: np.ndarray, x
     return left + fx * (cand[p, row, xr] - left)
 
 
-def _taps(out_size: int, valid: float, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_source_coords` in NumPy: (lower tap, upper tap, float32 weight) per output pixel."""
-    lo, hi, w = _source_coords(out_size, valid, limit)
-    return lo.numpy(), hi.numpy(), w.numpy()
+def candidate_logits(logits, valid_hw: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate label indices [P], their logits [P,h,w] float32 over the image's cells): the labels
+    that are best or second best at some cell, the only ones the restored map can hold. Small, so
+    this is what travels to a host worker instead of all K channels."""
+    grid = logits.float().cpu().numpy() if hasattr(logits, "numpy") else np.asarray(logits, np.float32)
+    lh, lw = min(grid.shape[1], math.ceil(valid_hw[0])), min(grid.shape[2], math.ceil(valid_hw[1]))
+    grid = grid[:, :lh, :lw]
+    num_labels = grid.shape[0]
+    if num_labels == 1:
+        return np.zeros(1, np.int64), np.ascontiguousarray(grid)
+    first = grid.argmax(0)
+    runner_up = np.where(np.arange(num_labels)[:, None, None] == first, -np.inf, grid).argmax(0)
+    candidates = np.flatnonzero(np.bincount(np.concatenate([first.ravel(), runner_up.ravel()]), minlength=num_labels))
+    return candidates, np.ascontiguousarray(grid[candidates])
 
 
-def restore_label_map(logits: torch.Tensor | np.ndarray, valid_hw: tuple[float, float], out_hw: tuple[int, int],
-                      out: np.ndarray | None = None) -> np.ndarray:
+def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float, float], out_hw: tuple[int, int],
+                      out: np.ndarray | None = None, num_labels: int | None = None,
+                      candidates: np.ndarray | None = None) -> np.ndarray:
     """Label map [H,W] from logits [K,h,w] whose top-left `valid_hw` (in logit pixels) is the image.
 
     The same map as bilinearly upsampling the candidate labels' logits and taking the argmax, for a
@@ -98,23 +117,23 @@ def restore_label_map(logits: torch.Tensor | np.ndarray, valid_hw: tuple[float, 
     label whose best corner is below another's worst corner cannot). Memory: the output map plus a
     few floats per pixel between disagreeing cells. `out` (the right shape and dtype) is written
     into instead of a new array: a reused buffer saves the page faults of a fresh one.
+    With `candidates` (from `candidate_logits`), `logits` holds only those labels' channels and
+    `num_labels` says how many labels there are in all.
     """
-    num_labels = logits.shape[0]
+    if candidates is None:
+        num_labels = logits.shape[0]
+        candidates, cand = candidate_logits(logits, valid_hw)
+    else:
+        cand = np.asarray(logits, np.float32)
     out_h, out_w = out_hw
     dtype = mask_dtype(num_labels)
     vh, vw = valid_hw
-    lh, lw = min(logits.shape[1], math.ceil(vh)), min(logits.shape[2], math.ceil(vw))
-    grid = logits.float().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, np.float32)
-    grid = np.ascontiguousarray(grid[:, :lh, :lw])
+    lh, lw = cand.shape[1:]
     if out is None:
         out = np.empty(out_hw, dtype=dtype)
-    if num_labels == 1:
-        out.fill(0)
+    if len(candidates) == 1:
+        out.fill(candidates[0])
         return out
-    first = grid.argmax(0)
-    runner_up = np.where(np.arange(num_labels)[:, None, None] == first, -np.inf, grid).argmax(0)
-    candidates = np.flatnonzero(np.bincount(np.concatenate([first.ravel(), runner_up.ravel()]), minlength=num_labels))
-    cand = grid[candidates]  # [P, lh, lw]
     best = cand.argmax(0)  # [lh, lw], index into candidates
     below, right = np.minimum(np.arange(lh) + 1, lh - 1), np.minimum(np.arange(lw) + 1, lw - 1)
     c01, c10 = cand[:, :, right], cand[:, below]
@@ -126,45 +145,49 @@ def restore_label_map(logits: torch.Tensor | np.ndarray, valid_hw: tuple[float, 
     sentinel = np.iinfo(dtype).max  # never a label: K <= 255 for uint8, <= 65535 for uint16
     labels = candidates.astype(dtype)
     quad_label = np.where(uniform, labels[best], sentinel).astype(dtype)
-    y0, _, wy = _taps(out_h, vh, lh)
-    x0, x1, wx = _taps(out_w, vw, lw)
+    y0, _, wy = _source_coords(out_h, vh, lh)
+    x0, x1, wx = _source_coords(out_w, vw, lw)
     np.take(quad_label[:, x0], y0, axis=0, out=out)  # [H,W]: every pixel of an agreeing quad is done
     starts = np.searchsorted(y0, np.arange(lh + 1))  # output rows of band i: starts[i]:starts[i+1]
     counts = np.diff(starts)
     winners = can_win.sum(0)
 
     flat = out.reshape(-1)
-    mixed = (~uniform)[:, x0] & (counts > 0)[:, None]  # [lh, W]: (band, column) of disagreeing quads
-    many = winners[~uniform].max(initial=0) > 2
-    ranked = np.argsort(~can_win, axis=0, kind="stable") if many else None  # possible winners first, ascending
-    for n_win in np.unique(winners[~uniform]):
-        # every (band, column) whose quad has n_win possible winners, longest bands first, so that
-        # "the bands that still have a row k" is a prefix and each step works on views
-        band, col = np.nonzero(mixed & (winners == n_win)[:, x0])
-        order = np.argsort(-counts[band].astype(np.int16), kind="stable")  # radix sort: band heights are small
-        band, col = band[order], col[order]
-        rows = counts[band]
-        quad = (band, x0[col])
-        xl, xr, fx = x0[col], x1[col], wx[col]
+    band, col = np.nonzero((~uniform)[:, x0] & (counts > 0)[:, None])  # (band, column) of disagreeing quads
+    if band.size == 0:
+        return out
+    quad_winners = winners[band, x0[col]]
+    # groups of equal winner count, each with its longest bands first, so that "the bands that still
+    # have a row k" is a prefix of the group and every step works on views (one radix sort for all)
+    key = quad_winners.astype(np.int64) * (counts.max() + 1) + (counts.max() - counts[band])
+    order = np.argsort(key.astype(np.uint16) if key.max() < 1 << 16 else key, kind="stable")
+    band, col, quad_winners = band[order], col[order], quad_winners[order]
+    bounds = np.flatnonzero(np.diff(quad_winners)) + 1
+    ranked = np.argsort(~can_win, axis=0, kind="stable") if quad_winners[-1] > 2 else None  # winners first
+    for g0, g1 in zip(np.r_[0, bounds], np.r_[bounds, band.size]):
+        b, c, n_win = band[g0:g1], col[g0:g1], int(quad_winners[g0])
+        rows, first_row = counts[b], starts[b]
+        target = first_row * out_w + c  # flat index of each (band, column)'s first output pixel
+        xl, xr, fx = x0[c], x1[c], wx[c]
+        quad = (b, xl)
         if n_win == 2:  # two regions meet: the sign of one bilinear difference decides
             pa = can_win.argmax(0)[quad]  # the lower candidate: it wins ties, as argmax does
             pb = len(candidates) - 1 - can_win[::-1].argmax(0)[quad]
-            top = _along_x(cand, pa, band, xl, xr, fx) - _along_x(cand, pb, band, xl, xr, fx)
-            bottom = _along_x(cand, pa, below[band], xl, xr, fx) - _along_x(cand, pb, below[band], xl, xr, fx)
-            step, la, lb = bottom - top, labels[pa], labels[pb]
+            top = _along_x(cand, pa, b, xl, xr, fx) - _along_x(cand, pb, b, xl, xr, fx)
+            step = _along_x(cand, pa, below[b], xl, xr, fx) - _along_x(cand, pb, below[b], xl, xr, fx) - top
+            la, lb = labels[pa], labels[pb]
             for k in range(int(rows[0])):
                 n = int(np.searchsorted(-rows, -k, side="left"))  # bands with more than k rows
-                r = starts[band[:n]] + k
-                flat[r * out_w + col[:n]] = np.where(top[:n] + wy[r] * step[:n] >= 0, la[:n], lb[:n])
+                first = top[:n] + wy[first_row[:n] + k] * step[:n] >= 0
+                flat[target[:n] + k * out_w] = np.where(first, la[:n], lb[:n])
         else:  # three or more regions meet: argmax over the quad's possible winners
-            ps = ranked[(slice(0, n_win),) + quad]  # [n_win, n]
-            top = _along_x(cand, ps, band, xl, xr, fx)
-            step = _along_x(cand, ps, below[band], xl, xr, fx) - top
+            ps = ranked[(slice(0, n_win),) + quad]  # [n_win, n], ascending
+            top = _along_x(cand, ps, b, xl, xr, fx)
+            step = _along_x(cand, ps, below[b], xl, xr, fx) - top
             for k in range(int(rows[0])):
                 n = int(np.searchsorted(-rows, -k, side="left"))
-                r = starts[band[:n]] + k
-                best_slot = (top[:, :n] + wy[r] * step[:, :n]).argmax(0)  # ties: the lower label, as argmax
-                flat[r * out_w + col[:n]] = labels[np.take_along_axis(ps[:, :n], best_slot[None], 0)[0]]
+                best_slot = (top[:, :n] + wy[first_row[:n] + k] * step[:, :n]).argmax(0)  # ties: the lower label
+                flat[target[:n] + k * out_w] = labels[np.take_along_axis(ps[:, :n], best_slot[None], 0)[0]]
     return out
 
 

@@ -1,38 +1,40 @@
 """The predict engine: a stream of named stages from SOURCE files to outputs in a run folder.
 
-    decode (worker pool, bounded window) -> infer (main thread, batches)
+    decode (worker processes, bounded window) -> infer (this process, batches)
       -> restore (label map at the photo's size) -> render (one entry of OUTPUT_KINDS each) -> write
-         (the same worker pool, bounded)
+         (the same worker processes, bounded)
 
-Memory depends on the batch size and window, never on the number of inputs. The run folder's
-bookkeeping (settings check, records, summaries) is `segcli.runfolder.RunFolder`; what each output
-kind is and how it is made is the table `segcli.outputs.OUTPUT_KINDS`.
+Memory depends on the batch size and window, never on the number of inputs. The host stages live in
+`segcli.host` (torch-free, run by the workers); the run folder's bookkeeping (settings check,
+records, summaries) is `segcli.runfolder.RunFolder`; what each output kind is and how it is made is
+the table `segcli.outputs.OUTPUT_KINDS`.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 
+from segcli import host
 from segcli.api import Segmenter
-from segcli.data.images import DEFAULT_MAX_PIXELS, Canvas, ImageDecodeError, decode_full_bgr, decode_photo
+from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from segcli.data.sources import Source, SourceList
-from segcli.errors import one_line
-from segcli.fileio import atomic_write_bytes
+from segcli.errors import SegcliError, one_line
+from segcli.host import ModelInput
 from segcli.labels import LabelSet
-from segcli.masks import label_fractions, mask_dtype
-from segcli.outputs import DEFAULT_OUTPUTS, OUTPUT_KINDS, RenderInput
-from segcli.render import color_lut, palette_array, scratch
+from segcli.masks import candidate_logits, image_extent
+from segcli.outputs import DEFAULT_OUTPUTS
 from segcli.runfolder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
 
 
@@ -66,16 +68,8 @@ class Item:
 
     index: int
     source: Source
-    canvas: Canvas | None = None
-    full_hw: tuple[int, int] = (0, 0)
-    photo: np.ndarray | None = None  # full-size BGR, only when an output kind needs it
-    seconds: float = 0.0
+    model_input: ModelInput | None = None
     error: str | None = None
-    logits: torch.Tensor | None = field(default=None, repr=False)
-
-
-class _InputFailure(Exception):
-    """An input whose outputs could not be produced; recorded, the run goes on."""
 
 
 class PredictRun:
@@ -87,9 +81,6 @@ class PredictRun:
         self.opt = options
         self.sources = sources
         self.on_record = on_record or (lambda record: None)
-        self.palette = palette_array(options.labels)
-        self.lut = color_lut(self.palette) if len(options.labels) <= 256 else None
-        self.need_photo = any(OUTPUT_KINDS[k].needs_photo for k in options.save)
         settings = {
             "model": segmenter.name,
             "model_fingerprint": segmenter.fingerprint,
@@ -100,95 +91,25 @@ class PredictRun:
             "save": list(options.save),
             "alpha": options.alpha,
         }
-        self.folder = RunFolder(options.output, settings, options.save, options.shard, options.overwrite)
+        self.folder = RunFolder(options.output, settings, options.shard, options.overwrite)
         self.output = self.folder.path
+        self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
+                                  options.max_pixels, self.folder.path, self.folder.real)
         self.records: dict[int, dict] = {}
 
-    # -- the stages ---------------------------------------------------------------------------
-
-    def decode(self, item: Item) -> Item:
-        """File -> model canvas. Errors are kept.
-
-        The canvas always comes from a DCT-reduced decode (cheap, and the label map does not depend
-        on which outputs are written); the full-size photo is decoded later, in `finish`, only for
-        overlays, so at most one full-size photo per worker is in memory."""
+    def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
+        """A batch of canvases -> per image, the candidate labels' logits at model resolution."""
         t0 = time.perf_counter()
-        if item.source.error:
-            item.error = item.source.error
-            return item
-        try:
-            decoded = decode_photo(item.source.path, self.opt.max_pixels, draft_long_side=self.seg.imgsz)
-            item.canvas, item.full_hw = self.seg.prepare(decoded.image), decoded.full_hw
-        except ImageDecodeError as exc:
-            item.error = str(exc)
-        except MemoryError:
-            item.error = "out of memory while decoding"
-        except Exception as exc:  # a decoder bug on a strange file must not stop the batch
-            item.error = f"cannot decode image: {type(exc).__name__}: {one_line(str(exc))}"
-        item.seconds = time.perf_counter() - t0
-        return item
-
-    def infer(self, batch: list[Item], text: torch.Tensor | None) -> None:
-        """A batch of canvases -> logits per item at model resolution."""
-        t0 = time.perf_counter()
-        logits, _ = self.seg.segment_canvases(np.stack([it.canvas.pixels for it in batch]), text)
+        logits, _ = self.seg.segment_canvases(np.stack([it.model_input.pixels for it in batch]), text)
         share = (time.perf_counter() - t0) / len(batch)
+        jobs = []
         for i, item in enumerate(batch):
-            item.logits, item.canvas.pixels = logits[i], None
-            item.seconds += share
-
-    def restore(self, item: Item) -> np.ndarray:
-        """Logits -> label map [H,W] at the photo's full size (in this thread's reused buffer)."""
-        buffer = scratch("mask", item.full_hw, mask_dtype(len(self.opt.labels)))
-        mask = self.seg.label_map(item.logits, item.canvas, item.full_hw, out=buffer)
-        item.logits = None
-        return mask
-
-    def render(self, item: Item, mask: np.ndarray) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
-        """Label map -> the encoded bytes of every requested output kind."""
-        fractions = label_fractions(mask, len(self.opt.labels))
-        present = [int(k) for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0]  # most pixels first
-        given = RenderInput(mask=mask, labels=self.opt.labels, palette=self.palette, present=present,
-                            alpha=self.opt.alpha, photo=item.photo, lut=self.lut)
-        item.photo = None
-        return {kind: OUTPUT_KINDS[kind].produce(given) for kind in self.opt.save}, fractions, present
-
-    def write(self, item: Item, blobs: dict[str, bytes]) -> dict[str, Path]:
-        """Each output atomically into its place inside DIR (never outside it, symlinks included)."""
-        paths = self.folder.outputs(item.source)
-        folder = next(iter(paths.values())).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        if not self.folder.inside(folder):
-            raise _InputFailure(f"output folder {folder} leads outside {self.output} (symlink); not written")
-        for kind, path in paths.items():
-            atomic_write_bytes(path, blobs[kind])
-        return paths
-
-    def finish(self, item: Item) -> dict:
-        """restore -> render -> write for one item (on a worker); returns its record."""
-        t0 = time.perf_counter()
-        if self.need_photo:
-            try:
-                item.photo = decode_full_bgr(item.source.path, self.opt.max_pixels)
-            except ImageDecodeError as exc:  # the file changed since it was first read
-                raise _InputFailure(str(exc)) from None
-            if item.photo.shape[:2] != item.full_hw:
-                raise _InputFailure("the file changed while it was being processed")
-        mask = self.restore(item)
-        blobs, fractions, present = self.render(item, mask)
-        paths = self.write(item, blobs)
-        src = item.source
-        return {
-            "input": src.display,
-            "path": str(src.path),
-            "output": str(src.rel),
-            "status": "ok",
-            "width": int(mask.shape[1]),
-            "height": int(mask.shape[0]),
-            "seconds": round(item.seconds + time.perf_counter() - t0, 4),
-            "labels": {self.opt.labels.names[k]: round(float(fractions[k]), 6) for k in present},
-            "files": [str(p.relative_to(self.output)) for p in paths.values()],
-        }
+            got = item.model_input
+            valid = image_extent(got.resized_hw, self.seg.model.output_stride)
+            candidates, cand = candidate_logits(logits[i], valid)
+            jobs.append(host.FinishJob(item.source, candidates, cand, valid, got.full_hw, got.seconds + share))
+            item.model_input = None
+        return jobs
 
     # -- the stream ---------------------------------------------------------------------------
 
@@ -205,50 +126,50 @@ class PredictRun:
                 continue
             try:
                 self._done(item.index, fut.result())
-            except _InputFailure as exc:
+            except host.InputFailure as exc:
                 self._done(item.index, error_record(item.source, str(exc)))
             except OSError as exc:
                 self._done(item.index, error_record(item.source, f"cannot write outputs: {exc.strerror or exc}"))
             except (MemoryError, ValueError, RuntimeError) as exc:
+                if isinstance(exc, BrokenProcessPool):
+                    raise
                 self._done(item.index, error_record(item.source, f"failed: {type(exc).__name__}: {one_line(str(exc))}"))
 
-    def run(self) -> PredictResult:
-        # host work is parallel across images (the workers), not inside one: OpenCV's own thread pool
-        # would only add overhead per image and fight the workers for the cores
-        threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
+    def _decoded(self, item: Item, fut: Future) -> Item:
         try:
-            return self._run()
-        finally:
-            cv2.setNumThreads(threads)
+            item.model_input = fut.result()
+        except ImageDecodeError as exc:
+            item.error = str(exc)
+        return item
 
-    def _run(self) -> PredictResult:
+    def run(self) -> PredictResult:
         done = self.folder.open()
         text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
         todo: list[Item] = []
         reused = 0
         for index, source in enumerate(self.sources.sources):
-            previous = self.folder.reusable(source, done)
+            previous = self.folder.reusable(source, done, self.plan.outputs(source))
             if previous is not None:
                 self.records[index] = previous
                 reused += 1
                 self.on_record(previous)
             else:
-                todo.append(Item(index, source))
+                todo.append(Item(index, source, error=source.error))
 
-        # one pool of `workers` threads does all host work per image (decode, then restore, render and
-        # write), so --workers is how many cores the host side uses besides the model's thread
+        # `workers` single-threaded processes do all host work per image (decode, then restore,
+        # render and write): --workers N uses N cores besides the model's, with no GIL between them
         workers = max(1, self.opt.workers)
         window = self.opt.batch_size * 2 + workers
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="segcli-host")
-        decoding: deque[Future] = deque()
+        pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=host.start_worker,
+                                   initargs=(self.plan,))
+        decoding: deque[tuple[Item, Future | None]] = deque()
         writing: deque[tuple[Item, Future]] = deque()
         pending = iter(todo)
         interrupted = False
 
         def refill() -> None:
             while len(decoding) < window and (item := next(pending, None)) is not None:
-                decoding.append(pool.submit(self.decode, item))
+                decoding.append((item, None if item.error else pool.submit(host.decode, item.source.path)))
 
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
@@ -257,7 +178,8 @@ class PredictRun:
             refill()
             batch: list[Item] = []
             while decoding:
-                item = decoding.popleft().result()
+                item, fut = decoding.popleft()
+                item = self._decoded(item, fut) if fut is not None else item
                 refill()
                 self._collect(writing, limit=window)
                 if item.error:
@@ -265,18 +187,25 @@ class PredictRun:
                 else:
                     batch.append(item)
                 if len(batch) == self.opt.batch_size or (not decoding and batch):
-                    self.infer(batch, text)
-                    writing.extend((it, pool.submit(self.finish, it)) for it in batch)
+                    jobs = self.infer(batch, text)
+                    writing.extend((it, pool.submit(host.finish, job)) for it, job in zip(batch, jobs))
                     self._collect(writing, limit=window)
                     batch = []
             self._collect(writing, limit=0)
         except KeyboardInterrupt:
             interrupted = True
-            for fut in decoding:
-                fut.cancel()
+            for _, fut in decoding:
+                if fut is not None:
+                    fut.cancel()
+        except BrokenProcessPool:
+            raise SegcliError("a worker process died (killed, or out of memory); every file written is whole: "
+                              "run again to finish") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
-            self._collect(writing, limit=0)
+            try:
+                self._collect(writing, limit=0)
+            except BrokenProcessPool:
+                pass
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
 
@@ -285,6 +214,16 @@ class PredictRun:
                                     self.opt.labels.to_json())
         failed = sum(1 for r in ordered if r["status"] != "ok")
         return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
+
+
+def _worker_context():
+    """forkserver where there is one (fast starts, and no fork of a process holding a model and its
+    threads), else spawn. Workers preload only the torch-free host module."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["segcli.host"])
+    return ctx
 
 
 def _raise_interrupt(signum, frame):

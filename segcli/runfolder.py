@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Iterable
 
 from segcli import __version__
 from segcli.data.sources import Source
 from segcli.errors import SegcliError
 from segcli.fileio import atomic_write_json, remove_stale_temp_files
-from segcli.outputs import OUTPUT_KINDS
 
 STATE_DIR = ".segcli"
 
@@ -51,11 +49,11 @@ def _writable(path: Path) -> Path:
 class RunFolder:
     """DIR of one predict run (or one shard of it): settings check, records, summary."""
 
-    def __init__(self, output: Path | None, settings: dict, kinds: Iterable[str],
-                 shard: tuple[int, int] | None = None, overwrite: bool = False):
+    def __init__(self, output: Path | None, settings: dict, shard: tuple[int, int] | None = None,
+                 overwrite: bool = False):
         self.path = _writable(output or next_run_dir())
         self.real = self.path.resolve()
-        self.settings, self.kinds, self.shard, self.overwrite = settings, tuple(kinds), shard, overwrite
+        self.settings, self.shard, self.overwrite = settings, shard, overwrite
         self.state = self.path / STATE_DIR
         tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
         self.records_file = self.state / f"records{tag}.jsonl"
@@ -98,22 +96,12 @@ class RunFolder:
         self._records = open(self.records_file, "a", encoding="utf-8")
         return done
 
-    def outputs(self, source: Source) -> dict[str, Path]:
-        """Where each requested output of `source` goes: DIR/REL + the kind's suffix."""
-        base = self.path / Path(*source.rel.parent.parts)
-        return {kind: base / (source.rel.name + OUTPUT_KINDS[kind].suffix) for kind in self.kinds}
-
-    def reusable(self, source: Source, done: dict[str, dict]) -> dict | None:
-        """The finished record of `source` when all its files are still there."""
+    def reusable(self, source: Source, done: dict[str, dict], outputs: dict[str, Path]) -> dict | None:
+        """The finished record of `source` when all its files (`outputs`) are still there."""
         record = done.get(str(source.rel))
-        if record and record.get("path") == str(source.path) and all(p.is_file() for p in self.outputs(source).values()):
+        if record and record.get("path") == str(source.path) and all(p.is_file() for p in outputs.values()):
             return record
         return None
-
-    def inside(self, folder: Path) -> bool:
-        """Whether `folder` (created) really is inside DIR, symlinks followed."""
-        real = folder.resolve()
-        return real == self.real or self.real in real.parents
 
     def record(self, record: dict) -> None:
         self._records.write(json.dumps(record, ensure_ascii=False) + "\n")

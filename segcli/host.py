@@ -1,0 +1,172 @@
+"""The host-side stages of predict, run by worker processes: decode, then restore, render and write.
+
+Nothing here imports torch, so a worker starts in a fraction of a second and holds no model. The
+worker processes are single-threaded: work on one image never fights another for the GIL, so
+--workers N really uses N cores. What crosses between the model process and a worker is small: a
+path in, a model-size canvas out; then the candidate labels' logits in, a record out. The
+full-size photo (for overlays) is decoded by the worker that blends it, when it blends it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segcli.data.images import ImageDecodeError, decode_full_bgr, decode_photo, fit_to_canvas
+from segcli.data.sources import Source
+from segcli.errors import one_line
+from segcli.fileio import atomic_write_bytes
+from segcli.labels import LabelSet
+from segcli.masks import label_fractions, mask_dtype, restore_label_map
+from segcli.outputs import OUTPUT_KINDS, RenderInput
+from segcli.render import color_lut, palette_array, scratch
+
+
+class InputFailure(Exception):
+    """An input whose outputs could not be produced; recorded, the run goes on."""
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Everything a worker needs for any image of one run (sent to each worker once)."""
+
+    labels: LabelSet
+    kinds: tuple[str, ...]
+    alpha: float
+    imgsz: int
+    max_pixels: int
+    output: Path  # DIR
+    output_real: Path  # DIR with symlinks resolved: nothing is written outside it
+
+    @cached_property
+    def palette(self) -> np.ndarray:
+        return palette_array(self.labels)
+
+    @cached_property
+    def lut(self) -> np.ndarray | None:
+        return color_lut(self.palette) if len(self.labels) <= 256 else None
+
+    @property
+    def need_photo(self) -> bool:
+        return any(OUTPUT_KINDS[k].needs_photo for k in self.kinds)
+
+    def outputs(self, source: Source) -> dict[str, Path]:
+        """Where each requested output of `source` goes: DIR/REL + the kind's suffix."""
+        base = self.output / Path(*source.rel.parent.parts)
+        return {kind: base / (source.rel.name + OUTPUT_KINDS[kind].suffix) for kind in self.kinds}
+
+
+@dataclass
+class ModelInput:
+    """What decoding sends back: the model input and the sizes needed to undo the fit."""
+
+    pixels: np.ndarray | None  # [S,S,3] uint8, the image at the top-left
+    resized_hw: tuple[int, int]
+    full_hw: tuple[int, int]
+    seconds: float
+
+
+@dataclass
+class FinishJob:
+    """What the model sends to a worker for one image."""
+
+    source: Source
+    candidates: np.ndarray  # [P] label indices that can appear
+    logits: np.ndarray  # [P,h,w] their logits over the image's cells
+    valid_hw: tuple[float, float]  # the image's exact extent in cells
+    full_hw: tuple[int, int]
+    seconds: float  # spent on it so far
+
+
+_plan: HostPlan | None = None
+
+
+def start_worker(plan: HostPlan) -> None:
+    """Worker initializer. Interrupts are the main process's to handle: it lets running jobs finish
+    (their files stay whole) and cancels the rest."""
+    global _plan
+    _plan = plan
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cv2.setNumThreads(1)  # one image per core: OpenCV's own threads would only add overhead
+
+
+def decode(path: Path, plan: HostPlan | None = None) -> ModelInput:
+    """File -> model canvas, from a DCT-reduced decode (cheap; the label map then does not depend on
+    which outputs are written). Raises ImageDecodeError with a one-line message for bad files."""
+    plan = plan or _plan
+    t0 = time.perf_counter()
+    try:
+        decoded = decode_photo(path, plan.max_pixels, draft_long_side=plan.imgsz)
+        canvas = fit_to_canvas(decoded.image, plan.imgsz)
+    except MemoryError:
+        raise ImageDecodeError("out of memory while decoding") from None
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # a decoder bug on a strange file must not stop the batch
+        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {one_line(str(exc))}") from None
+    return ModelInput(canvas.pixels, canvas.resized_hw, decoded.full_hw, time.perf_counter() - t0)
+
+
+def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
+    """restore -> render -> write for one image; returns its record."""
+    plan = plan or _plan
+    t0 = time.perf_counter()
+    photo = None
+    if plan.need_photo:
+        try:
+            photo = decode_full_bgr(job.source.path, plan.max_pixels)
+        except ImageDecodeError as exc:  # the file changed since it was first read
+            raise InputFailure(str(exc)) from None
+        if photo.shape[:2] != job.full_hw:
+            raise InputFailure("the file changed while it was being processed")
+    mask = restore(job, plan)
+    blobs, fractions, present = render(mask, photo, plan)
+    paths = write(job.source, blobs, plan)
+    src = job.source
+    return {
+        "input": src.display,
+        "path": str(src.path),
+        "output": str(src.rel),
+        "status": "ok",
+        "width": int(mask.shape[1]),
+        "height": int(mask.shape[0]),
+        "seconds": round(job.seconds + time.perf_counter() - t0, 4),
+        "labels": {plan.labels.names[k]: round(float(fractions[k]), 6) for k in present},
+        "files": [str(p.relative_to(plan.output)) for p in paths.values()],
+    }
+
+
+def restore(job: FinishJob, plan: HostPlan) -> np.ndarray:
+    """Candidate logits -> label map [H,W] at the photo's full size (in this worker's reused buffer)."""
+    buffer = scratch("mask", job.full_hw, mask_dtype(len(plan.labels)))
+    return restore_label_map(job.logits, job.valid_hw, job.full_hw, out=buffer, num_labels=len(plan.labels),
+                             candidates=job.candidates)
+
+
+def render(mask: np.ndarray, photo: np.ndarray | None, plan: HostPlan) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
+    """Label map -> the encoded bytes of every requested output kind."""
+    fractions = label_fractions(mask, len(plan.labels))
+    present = [int(k) for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0]  # most pixels first
+    given = RenderInput(mask=mask, labels=plan.labels, palette=plan.palette, present=present, alpha=plan.alpha,
+                        photo=photo, lut=plan.lut)
+    return {kind: OUTPUT_KINDS[kind].produce(given) for kind in plan.kinds}, fractions, present
+
+
+def write(source: Source, blobs: dict[str, bytes], plan: HostPlan) -> dict[str, Path]:
+    """Each output atomically into its place inside DIR (never outside it, symlinks included)."""
+    paths = plan.outputs(source)
+    folder = next(iter(paths.values())).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    real = folder.resolve()
+    if real != plan.output_real and plan.output_real not in real.parents:
+        raise InputFailure(f"output folder {folder} leads outside {plan.output} (symlink); not written")
+    for kind, path in paths.items():
+        atomic_write_bytes(path, blobs[kind])
+    return paths
