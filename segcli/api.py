@@ -152,11 +152,17 @@ class Segmenter:
 
     @torch.inference_mode()
     def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor | None,
-                         return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32 on the CPU (and embeddings [B,C,S/s,S/s])."""
-        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+                         return_embeddings: bool = False, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32 on the CPU, or left on the model's
+        device with `on_device` (and embeddings [B,C,S/s,S/s]). uint8 travels (from pinned memory on
+        CUDA); the conversion to float happens on the device."""
+        batch = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         logits, emb = self.model.dense_logits(batch, label_embeddings, self.autocast_dtype, return_embeddings)
+        if on_device:
+            return logits, emb
         return logits.cpu(), (emb.cpu() if emb is not None else None)
 
     def predict(self, images: Image.Image | np.ndarray | str | os.PathLike | Sequence, labels: str | LabelSet | None = None,

@@ -77,8 +77,8 @@ class FinishJob:
     """What the model sends to a worker for one image."""
 
     source: Source
-    candidates: np.ndarray  # [P] label indices that can appear
-    logits: np.ndarray  # [P,h,w] their logits over the image's cells
+    candidates: np.ndarray | None  # [P] label indices that can appear (None: all, for the device path)
+    logits: np.ndarray  # [P,h,w] their logits over the image's cells (the device path: [K,h,w] there)
     valid_hw: tuple[float, float]  # the image's exact extent in cells
     full_hw: tuple[int, int]
     seconds: float  # spent on it so far
@@ -127,17 +127,25 @@ def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
         if photo.shape[:2] != job.full_hw:
             raise InputFailure("the file changed while it was being processed")
     mask = restore(job, plan)
-    blobs, fractions, present = render(mask, photo, plan)
-    paths = write(job.source, blobs, plan)
-    src = job.source
+    return complete(job.source, mask, plan, job.seconds + time.perf_counter() - t0, photo)
+
+
+def complete(source: Source, mask: np.ndarray, plan: HostPlan, seconds: float, photo: np.ndarray | None = None,
+             made: dict[str, bytes] | None = None) -> dict:
+    """render -> write for a restored label map; `made` holds outputs produced elsewhere (the
+    device's overlay). Returns the image's record."""
+    t0 = time.perf_counter()
+    made = made or {}
+    blobs, fractions, present = render(mask, photo, plan, [k for k in plan.kinds if k not in made])
+    paths = write(source, {**blobs, **made}, plan)
     return {
-        "input": src.display,
-        "path": str(src.path),
-        "output": str(src.rel),
+        "input": source.display,
+        "path": str(source.path),
+        "output": str(source.rel),
         "status": "ok",
         "width": int(mask.shape[1]),
         "height": int(mask.shape[0]),
-        "seconds": round(job.seconds + time.perf_counter() - t0, 4),
+        "seconds": round(seconds + time.perf_counter() - t0, 4),
         "labels": {plan.labels.names[k]: round(float(fractions[k]), 6) for k in present},
         "files": [str(p.relative_to(plan.output)) for p in paths.values()],
     }
@@ -150,13 +158,19 @@ def restore(job: FinishJob, plan: HostPlan) -> np.ndarray:
                              candidates=job.candidates)
 
 
-def render(mask: np.ndarray, photo: np.ndarray | None, plan: HostPlan) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
-    """Label map -> the encoded bytes of every requested output kind."""
-    fractions = label_fractions(mask, len(plan.labels))
-    present = [int(k) for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0]  # most pixels first
+def present_labels(mask: np.ndarray, num_labels: int) -> tuple[np.ndarray, list[int]]:
+    """(fraction of pixels per label, the labels present, most pixels first)."""
+    fractions = label_fractions(mask, num_labels)
+    return fractions, [int(k) for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0]
+
+
+def render(mask: np.ndarray, photo: np.ndarray | None, plan: HostPlan,
+           kinds: list[str]) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
+    """Label map -> the encoded bytes of each of `kinds`."""
+    fractions, present = present_labels(mask, len(plan.labels))
     given = RenderInput(mask=mask, labels=plan.labels, palette=plan.palette, present=present, alpha=plan.alpha,
                         photo=photo, lut=plan.lut)
-    return {kind: OUTPUT_KINDS[kind].produce(given) for kind in plan.kinds}, fractions, present
+    return {kind: OUTPUT_KINDS[kind].produce(given) for kind in kinds}, fractions, present
 
 
 def write(source: Source, blobs: dict[str, bytes], plan: HostPlan) -> dict[str, Path]:

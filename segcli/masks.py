@@ -92,12 +92,18 @@ def candidate_logits(logits, valid_hw: tuple[float, float]) -> tuple[np.ndarray,
     """(candidate label indices [P], their logits [P,h,w] float32 over the image's cells): the labels
     that are best or second best at some cell, the only ones the restored map can hold. Small, so
     this is what travels to a host worker instead of all K channels."""
-    grid = logits.float().cpu().numpy() if hasattr(logits, "numpy") else np.asarray(logits, np.float32)
-    lh, lw = min(grid.shape[1], math.ceil(valid_hw[0])), min(grid.shape[2], math.ceil(valid_hw[1]))
-    grid = grid[:, :lh, :lw]
-    num_labels = grid.shape[0]
+    lh, lw = min(logits.shape[1], math.ceil(valid_hw[0])), min(logits.shape[2], math.ceil(valid_hw[1]))
+    num_labels = logits.shape[0]
     if num_labels == 1:
-        return np.zeros(1, np.int64), np.ascontiguousarray(grid)
+        grid = logits[:, :lh, :lw]
+        return np.zeros(1, np.int64), np.ascontiguousarray(grid.float().cpu().numpy() if hasattr(grid, "numpy") else grid)
+    if hasattr(logits, "topk"):  # a torch tensor: its top-2 is much faster than NumPy's
+        import torch
+
+        grid = logits[:, :lh, :lw].float()
+        candidates = torch.unique(grid.topk(2, dim=0).indices)
+        return candidates.cpu().numpy(), np.ascontiguousarray(grid[candidates].cpu().numpy())
+    grid = np.asarray(logits, np.float32)[:, :lh, :lw]
     first = grid.argmax(0)
     runner_up = np.where(np.arange(num_labels)[:, None, None] == first, -np.inf, grid).argmax(0)
     candidates = np.flatnonzero(np.bincount(np.concatenate([first.ravel(), runner_up.ravel()]), minlength=num_labels))

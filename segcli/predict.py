@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ class PredictOptions:
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard: tuple[int, int] | None = None  # (I, N): this run is shard I of N, writing into a shared DIR
+    postprocess: str = "auto"  # where full-size work happens: host, device, or auto (device on CUDA)
 
 
 @dataclass
@@ -96,20 +97,49 @@ class PredictRun:
         self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
                                   options.max_pixels, self.folder.path, self.folder.real)
         self.records: dict[int, dict] = {}
+        if options.postprocess not in ("auto", "host", "device"):
+            raise SegcliError(f"--postprocess {options.postprocess!r}: use auto, host or device")
+        on_device = options.postprocess == "device" or (options.postprocess == "auto" and segmenter.device.type == "cuda")
+        self.device_post = None
+        if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
+            from segcli.device_post import DevicePostprocess
+
+            self.device_post = DevicePostprocess(self.plan, segmenter.device)
 
     def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
-        """A batch of canvases -> per image, the candidate labels' logits at model resolution."""
+        """A batch of canvases -> per image, the candidate labels' logits at model resolution (all
+        labels', on the device, when post-processing happens there)."""
         t0 = time.perf_counter()
-        logits, _ = self.seg.segment_canvases(np.stack([it.model_input.pixels for it in batch]), text)
+        pixels = np.stack([it.model_input.pixels for it in batch])
+        logits, _ = self.seg.segment_canvases(pixels, text, on_device=self.device_post is not None)
         share = (time.perf_counter() - t0) / len(batch)
         jobs = []
         for i, item in enumerate(batch):
             got = item.model_input
             valid = image_extent(got.resized_hw, self.seg.model.output_stride)
-            candidates, cand = candidate_logits(logits[i], valid)
+            if self.device_post is not None:
+                candidates, cand = None, logits[i]
+            else:
+                candidates, cand = candidate_logits(logits[i], valid)
             jobs.append(host.FinishJob(item.source, candidates, cand, valid, got.full_hw, got.seconds + share))
             item.model_input = None
         return jobs
+
+    def finish_on_device(self, job: host.FinishJob, writers: ThreadPoolExecutor) -> Future:
+        """restore (+ the overlay) on the device, here; PNGs and writes on a host thread."""
+        t0 = time.perf_counter()
+        post = self.device_post
+        mask_on_device = post.label_map(job.logits, job.valid_hw, job.full_hw)
+        mask = post.to_host(mask_on_device)
+        made = {}
+        if "overlay" in self.plan.kinds:
+            try:
+                _, present = host.present_labels(mask, len(self.plan.labels))
+                made["overlay"] = post.overlay_jpeg(job.source.path, mask_on_device, present)
+            except host.InputFailure as exc:
+                return _failed(exc)
+        seconds = job.seconds + time.perf_counter() - t0
+        return writers.submit(host.complete, job.source, mask, self.plan, seconds, None, made)
 
     # -- the stream ---------------------------------------------------------------------------
 
@@ -162,6 +192,7 @@ class PredictRun:
         window = self.opt.batch_size * 2 + workers
         pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=host.start_worker,
                                    initargs=(self.plan,))
+        writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
         decoding: deque[tuple[Item, Future | None]] = deque()
         writing: deque[tuple[Item, Future]] = deque()
         pending = iter(todo)
@@ -188,7 +219,9 @@ class PredictRun:
                     batch.append(item)
                 if len(batch) == self.opt.batch_size or (not decoding and batch):
                     jobs = self.infer(batch, text)
-                    writing.extend((it, pool.submit(host.finish, job)) for it, job in zip(batch, jobs))
+                    for it, job in zip(batch, jobs):
+                        fut = self.finish_on_device(job, writers) if writers else pool.submit(host.finish, job)
+                        writing.append((it, fut))
                     self._collect(writing, limit=window)
                     batch = []
             self._collect(writing, limit=0)
@@ -202,6 +235,8 @@ class PredictRun:
                               "run again to finish") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
+            if writers is not None:
+                writers.shutdown(wait=True, cancel_futures=True)
             try:
                 self._collect(writing, limit=0)
             except BrokenProcessPool:
@@ -214,6 +249,12 @@ class PredictRun:
                                     self.opt.labels.to_json())
         failed = sum(1 for r in ordered if r["status"] != "ok")
         return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
+
+
+def _failed(exc: Exception) -> Future:
+    fut: Future = Future()
+    fut.set_exception(exc)
+    return fut
 
 
 def _worker_context():

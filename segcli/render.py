@@ -91,11 +91,7 @@ def overlay(photo: np.ndarray, color: np.ndarray, alpha: float, legend: list[tup
     return blended
 
 
-def draw_legend(image: np.ndarray, legend: list[tuple[str, tuple[int, int, int]]], bgr: bool) -> None:
-    """Draw a darkened panel with a color box and name per label into `image` [H,W,3] (in place)."""
-    if not legend:
-        return
-    h, w = image.shape[:2]
+def _legend_layout(h: int, w: int, legend: list) -> tuple:
     size = max(10, min(h, w) // 28)
     font = _font(size)
     pad, box = max(2, size // 4), size
@@ -103,9 +99,28 @@ def draw_legend(image: np.ndarray, legend: list[tuple[str, tuple[int, int, int]]
     text_w = max(int(font.getlength(name)) for name, _ in rows)
     panel_w = min(w, pad * 3 + box + text_w)
     panel_h = min(h, pad + len(rows) * (size + pad))
-    # drawing happens on a corner a font size larger than the panel, so glyphs that overhang it
-    # land exactly as they would on the whole image
-    corner = Image.fromarray(image[:min(h, panel_h + 2 * size), :min(w, panel_w + 2 * size)])
+    return size, font, pad, box, rows, panel_w, panel_h
+
+
+def legend_corner(h: int, w: int, legend: list) -> tuple[int, int]:
+    """(rows, columns) of the top-left corner of an [h,w] image that drawing the legend touches: the
+    panel and a font size more, so glyphs that overhang the panel land as on the whole image."""
+    if not legend:
+        return 0, 0
+    size, _, _, _, _, panel_w, panel_h = _legend_layout(h, w, legend)
+    return min(h, panel_h + 2 * size), min(w, panel_w + 2 * size)
+
+
+def draw_legend(image: np.ndarray, legend: list[tuple[str, tuple[int, int, int]]], bgr: bool,
+                full_hw: tuple[int, int] | None = None) -> None:
+    """Draw a darkened panel with a color box and name per label into `image` [H,W,3] (in place).
+    `image` may be just the `legend_corner` of a photo of size `full_hw`."""
+    if not legend:
+        return
+    h, w = full_hw or image.shape[:2]
+    size, font, pad, box, rows, panel_w, panel_h = _legend_layout(h, w, legend)
+    corner_h, corner_w = legend_corner(h, w, legend)
+    corner = Image.fromarray(np.ascontiguousarray(image[:corner_h, :corner_w]))
     panel = corner.crop((0, 0, panel_w, panel_h))
     corner.paste(Image.blend(panel, Image.new("RGB", panel.size, (0, 0, 0)), 0.6), (0, 0))
     draw = ImageDraw.Draw(corner)
@@ -114,7 +129,7 @@ def draw_legend(image: np.ndarray, legend: list[tuple[str, tuple[int, int, int]]
         fill = tuple(rgb)[::-1] if bgr else tuple(rgb)
         draw.rectangle((pad, top, pad + box, top + box), fill=fill, outline=(255, 255, 255))
         draw.text((pad * 2 + box, top), name, fill=(255, 255, 255), font=font)
-    image[:corner.height, :corner.width] = np.asarray(corner)
+    image[:corner_h, :corner_w] = np.asarray(corner)
 
 
 def encode_png(array: np.ndarray) -> bytes:

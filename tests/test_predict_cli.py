@@ -303,3 +303,23 @@ def test_torchrun_ranks_are_shards_and_rank_0_merges(tmp_path, tiny_checkpoint, 
     merged = json.loads((out / "summary.json").read_text())
     assert merged["counts"]["ok"] == 4 and len({r["output"] for r in merged["images"]}) == 4
     assert len(list(out.glob("*_mask.png"))) == 4
+
+
+def test_device_postprocessing_gives_the_host_paths_results(tmp_path, tiny_checkpoint, samples):
+    """The torch path (restore, color, blend, JPEG on the model's device) run on the CPU."""
+    outs = {}
+    for where in ("host", "device"):
+        outs[where] = tmp_path / where
+        result = run([str(samples), "--labels", "cat,grass,sky,person,tree,road", "--model", str(tiny_checkpoint),
+                      "-o", str(outs[where]), "--postprocess", where, "-q"])
+        assert result.exit_code == 0, result.output
+    for name in ("astronaut", "cat", "coffee", "rocket"):
+        host_mask, device_mask = (np.array(Image.open(outs[w] / f"{name}_mask.png")) for w in ("host", "device"))
+        assert (host_mask == device_mask).mean() > 0.999  # interpolation ties only
+        same = host_mask == device_mask
+        colors = [np.array(Image.open(outs[w] / f"{name}_color.png").convert("RGB")) for w in ("host", "device")]
+        assert np.array_equal(colors[0][same], colors[1][same])
+        overlays = [np.array(Image.open(outs[w] / f"{name}_overlay.jpg")).astype(int) for w in ("host", "device")]
+        assert overlays[0].shape == overlays[1].shape and np.abs(overlays[0] - overlays[1]).mean() < 2.0  # two JPEG encoders
+    summaries = [json.loads((outs[w] / "summary.json").read_text())["images"] for w in ("host", "device")]
+    assert [r["labels"].keys() for r in summaries[0]] == [r["labels"].keys() for r in summaries[1]]
