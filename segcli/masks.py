@@ -169,7 +169,7 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
     order = np.argsort(key.astype(np.uint16) if key.max() < 1 << 16 else key, kind="stable")
     band, col, quad_winners = band[order], col[order], quad_winners[order]
     bounds = np.flatnonzero(np.diff(quad_winners)) + 1
-    ranked = np.argsort(~can_win, axis=0, kind="stable") if quad_winners[-1] > 2 else None  # winners first
+    ranked = None  # per quad, the labels that can win first, ascending (computed when needed)
     for g0, g1 in zip(np.r_[0, bounds], np.r_[bounds, band.size]):
         b, c, n_win = band[g0:g1], col[g0:g1], int(quad_winners[g0])
         rows, first_row = counts[b], starts[b]
@@ -187,6 +187,8 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
                 first = top[:n] + wy[first_row[:n] + k] * step[:n] >= 0
                 flat[target[:n] + k * out_w] = np.where(first, la[:n], lb[:n])
         else:  # three or more regions meet: argmax over the quad's possible winners
+            if ranked is None:
+                ranked = np.argsort(~can_win, axis=0, kind="stable")
             ps = ranked[(slice(0, n_win),) + quad]  # [n_win, n], ascending
             top = _along_x(cand, ps, b, xl, xr, fx)
             step = _along_x(cand, ps, below[b], xl, xr, fx) - top

@@ -61,3 +61,20 @@ def test_host_and_device_restoration_agree_on_hard_maps():
     logits = torch.zeros(3, 4, 4)
     logits[0, :, :2], logits[1, :, 2:], logits[2] = 2.0, 2.0, -5.0
     assert set(np.unique(restore_label_map(logits, (4, 4), (40, 40)))) == {0, 1}
+
+
+def test_host_restoration_equals_the_device_path_on_random_small_cases():
+    """Edge cases: one-cell grids, fractional extents, outputs smaller than the grid, many labels."""
+    from segcli.masks import restore_label_map_torch
+
+    gen = torch.Generator().manual_seed(5)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    for _ in range(300):
+        k, h, w = draw(2, 12), draw(1, 9), draw(1, 9)
+        logits = torch.randn(k, h, w, generator=gen)
+        valid = (h - float(torch.rand(1, generator=gen)) * 0.9, w - float(torch.rand(1, generator=gen)) * 0.9)
+        out_hw = (draw(1, 60), draw(1, 60))
+        assert np.array_equal(restore_label_map(logits, valid, out_hw), restore_label_map_torch(logits, valid, out_hw))
