@@ -50,8 +50,8 @@ def scale_logits(seg: Segmenter, image: Image.Image, text: torch.Tensor, size: i
         gh, gw = math.ceil(max(rh, window) / s), math.ceil(max(rw, window) / s)
         total = torch.zeros(text.shape[0], gh, gw)
         count = torch.zeros(1, gh, gw)
-        for y in _starts(max(rh, window), window, stride):
-            for x in _starts(max(rw, window), window, stride):
+        for y in _starts(max(rh, window), window, stride, s):
+            for x in _starts(max(rw, window), window, stride, s):
                 tile = np.zeros((window, window, 3), np.uint8)
                 crop = pixels[y:y + window, x:x + window]
                 tile[:crop.shape[0], :crop.shape[1]] = crop
@@ -65,10 +65,12 @@ def scale_logits(seg: Segmenter, image: Image.Image, text: torch.Tensor, size: i
     return region, valid
 
 
-def _starts(length: int, window: int, stride: int) -> list[int]:
+def _starts(length: int, window: int, stride: int, cell: int) -> list[int]:
+    """Window offsets covering `length`; the last one rounded up to a whole logit cell, so every
+    cell of the image is covered (an odd offset left the last cell row uncovered)."""
     starts = list(range(0, max(length - window, 0) + 1, stride))
     if starts[-1] + window < length:
-        starts.append(length - window)
+        starts.append(-(-(length - window) // cell) * cell)
     return starts
 
 
