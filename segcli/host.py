@@ -9,7 +9,9 @@ full-size photo (for overlays) is decoded by the worker that blends it, when it 
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -87,14 +89,27 @@ class FinishJob:
 _plan: HostPlan | None = None
 
 
-def start_worker(plan: HostPlan) -> None:
+def start_worker(plan: HostPlan, parent_pid: int) -> None:
     """Worker initializer. Interrupts are the main process's to handle: it lets running jobs finish
-    (their files stay whole) and cancels the rest."""
+    (their files stay whole) and cancels the rest. If the main process is killed outright (kill -9,
+    the OOM killer), the worker ends itself: its queue would never close, so it would wait forever."""
     global _plan
     _plan = plan
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)  # one image per core: OpenCV's own threads would only add overhead
+    threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True, name="segcli-parent-watch").start()
+
+
+def _exit_with(pid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # a process of another user took the pid: ours is gone
+            os._exit(1)
 
 
 def decode(path: Path, plan: HostPlan | None = None) -> ModelInput:
@@ -126,17 +141,19 @@ def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
             raise InputFailure(str(exc)) from None
         if photo.shape[:2] != job.full_hw:
             raise InputFailure("the file changed while it was being processed")
-    mask = restore(job, plan)
-    return complete(job.source, mask, plan, job.seconds + time.perf_counter() - t0, photo)
+    counts = np.zeros(len(plan.labels), np.int64)
+    mask = restore(job, plan, counts)
+    return complete(job.source, mask, plan, job.seconds + time.perf_counter() - t0, photo, counts=counts)
 
 
 def complete(source: Source, mask: np.ndarray, plan: HostPlan, seconds: float, photo: np.ndarray | None = None,
-             made: dict[str, bytes] | None = None) -> dict:
+             made: dict[str, bytes] | None = None, counts: np.ndarray | None = None) -> dict:
     """render -> write for a restored label map; `made` holds outputs produced elsewhere (the
-    device's overlay). Returns the image's record."""
+    device's overlay), `counts` the pixels per label when restoring counted them. Returns the
+    image's record."""
     t0 = time.perf_counter()
     made = made or {}
-    blobs, fractions, present = render(mask, photo, plan, [k for k in plan.kinds if k not in made])
+    blobs, fractions, present = render(mask, photo, plan, [k for k in plan.kinds if k not in made], counts)
     paths = write(source, {**blobs, **made}, plan)
     return {
         "input": source.display,
@@ -151,23 +168,23 @@ def complete(source: Source, mask: np.ndarray, plan: HostPlan, seconds: float, p
     }
 
 
-def restore(job: FinishJob, plan: HostPlan) -> np.ndarray:
+def restore(job: FinishJob, plan: HostPlan, counts: np.ndarray | None = None) -> np.ndarray:
     """Candidate logits -> label map [H,W] at the photo's full size (in this worker's reused buffer)."""
     buffer = scratch("mask", job.full_hw, mask_dtype(len(plan.labels)))
     return restore_label_map(job.logits, job.valid_hw, job.full_hw, out=buffer, num_labels=len(plan.labels),
-                             candidates=job.candidates)
+                             candidates=job.candidates, histogram=counts)
 
 
-def present_labels(mask: np.ndarray, num_labels: int) -> tuple[np.ndarray, list[int]]:
+def present_labels(mask: np.ndarray, num_labels: int, counts: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
     """(fraction of pixels per label, the labels present, most pixels first)."""
-    fractions = label_fractions(mask, num_labels)
+    fractions = label_fractions(mask, num_labels) if counts is None else counts / max(1, mask.size)
     return fractions, [int(k) for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0]
 
 
-def render(mask: np.ndarray, photo: np.ndarray | None, plan: HostPlan,
-           kinds: list[str]) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
+def render(mask: np.ndarray, photo: np.ndarray | None, plan: HostPlan, kinds: list[str],
+           counts: np.ndarray | None = None) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
     """Label map -> the encoded bytes of each of `kinds`."""
-    fractions, present = present_labels(mask, len(plan.labels))
+    fractions, present = present_labels(mask, len(plan.labels), counts)
     given = RenderInput(mask=mask, labels=plan.labels, palette=plan.palette, present=present, alpha=plan.alpha,
                         photo=photo, lut=plan.lut)
     return {kind: OUTPUT_KINDS[kind].produce(given) for kind in kinds}, fractions, present

@@ -112,7 +112,7 @@ def candidate_logits(logits, valid_hw: tuple[float, float]) -> tuple[np.ndarray,
 
 def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float, float], out_hw: tuple[int, int],
                       out: np.ndarray | None = None, num_labels: int | None = None,
-                      candidates: np.ndarray | None = None) -> np.ndarray:
+                      candidates: np.ndarray | None = None, histogram: np.ndarray | None = None) -> np.ndarray:
     """Label map [H,W] from logits [K,h,w] whose top-left `valid_hw` (in logit pixels) is the image.
 
     The same map as bilinearly upsampling the candidate labels' logits and taking the argmax, for a
@@ -124,7 +124,9 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
     few floats per pixel between disagreeing cells. `out` (the right shape and dtype) is written
     into instead of a new array: a reused buffer saves the page faults of a fresh one.
     With `candidates` (from `candidate_logits`), `logits` holds only those labels' channels and
-    `num_labels` says how many labels there are in all.
+    `num_labels` says how many labels there are in all. `histogram` (int64, one per label), when given,
+    receives the number of pixels of each label, worked out from the quads rather than by a pass
+    over the whole map.
     """
     if candidates is None:
         num_labels = logits.shape[0]
@@ -139,6 +141,8 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
         out = np.empty(out_hw, dtype=dtype)
     if len(candidates) == 1:
         out.fill(candidates[0])
+        if histogram is not None:
+            histogram[candidates[0]] += out.size
         return out
     best = cand.argmax(0)  # [lh, lw], index into candidates
     below, right = np.minimum(np.arange(lh) + 1, lh - 1), np.minimum(np.arange(lw) + 1, lw - 1)
@@ -154,12 +158,17 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
     y0, _, wy = _source_coords(out_h, vh, lh)
     x0, x1, wx = _source_coords(out_w, vw, lw)
     np.take(quad_label[:, x0], y0, axis=0, out=out)  # [H,W]: every pixel of an agreeing quad is done
+    written = []  # the labels of the pixels between disagreeing cells, for `histogram`
     starts = np.searchsorted(y0, np.arange(lh + 1))  # output rows of band i: starts[i]:starts[i+1]
     counts = np.diff(starts)
     winners = can_win.sum(0)
 
     flat = out.reshape(-1)
     band, col = np.nonzero((~uniform)[:, x0] & (counts > 0)[:, None])  # (band, column) of disagreeing quads
+    if histogram is not None:  # agreeing quads: rows of the band x columns that fall in the quad
+        area = np.outer(counts, np.bincount(x0, minlength=lw))
+        histogram += np.bincount(labels[best][uniform].astype(np.int64), weights=area[uniform],
+                                 minlength=len(histogram)).astype(np.int64)[:len(histogram)]
     if band.size == 0:
         return out
     quad_winners = winners[band, x0[col]]
@@ -169,7 +178,6 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
     order = np.argsort(key.astype(np.uint16) if key.max() < 1 << 16 else key, kind="stable")
     band, col, quad_winners = band[order], col[order], quad_winners[order]
     bounds = np.flatnonzero(np.diff(quad_winners)) + 1
-    ranked = None  # per quad, the labels that can win first, ascending (computed when needed)
     for g0, g1 in zip(np.r_[0, bounds], np.r_[bounds, band.size]):
         b, c, n_win = band[g0:g1], col[g0:g1], int(quad_winners[g0])
         rows, first_row = counts[b], starts[b]
@@ -185,17 +193,21 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
             for k in range(int(rows[0])):
                 n = int(np.searchsorted(-rows, -k, side="left"))  # bands with more than k rows
                 first = top[:n] + wy[first_row[:n] + k] * step[:n] >= 0
-                flat[target[:n] + k * out_w] = np.where(first, la[:n], lb[:n])
+                flat[target[:n] + k * out_w] = chosen = np.where(first, la[:n], lb[:n])
+                if histogram is not None:
+                    written.append(chosen)
         else:  # three or more regions meet: argmax over the quad's possible winners
-            if ranked is None:
-                ranked = np.argsort(~can_win, axis=0, kind="stable")
-            ps = ranked[(slice(0, n_win),) + quad]  # [n_win, n], ascending
+            ps = np.argsort(~can_win[:, b, xl].T, axis=1, kind="stable")[:, :n_win].T  # [n_win, n], ascending
             top = _along_x(cand, ps, b, xl, xr, fx)
             step = _along_x(cand, ps, below[b], xl, xr, fx) - top
             for k in range(int(rows[0])):
                 n = int(np.searchsorted(-rows, -k, side="left"))
                 best_slot = (top[:, :n] + wy[first_row[:n] + k] * step[:, :n]).argmax(0)  # ties: the lower label
-                flat[target[:n] + k * out_w] = labels[np.take_along_axis(ps[:, :n], best_slot[None], 0)[0]]
+                flat[target[:n] + k * out_w] = chosen = labels[np.take_along_axis(ps[:, :n], best_slot[None], 0)[0]]
+                if histogram is not None:
+                    written.append(chosen)
+    if histogram is not None and written:
+        histogram += np.bincount(np.concatenate(written), minlength=len(histogram))[:len(histogram)]
     return out
 
 

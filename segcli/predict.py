@@ -13,6 +13,7 @@ the table `segcli.outputs.OUTPUT_KINDS`.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -191,7 +192,7 @@ class PredictRun:
         workers = max(1, self.opt.workers)
         window = self.opt.batch_size * 2 + workers
         pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=host.start_worker,
-                                   initargs=(self.plan,))
+                                   initargs=(self.plan, os.getpid()))
         writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
         decoding: deque[tuple[Item, Future | None]] = deque()
         writing: deque[tuple[Item, Future]] = deque()

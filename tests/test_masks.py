@@ -77,4 +77,7 @@ def test_host_restoration_equals_the_device_path_on_random_small_cases():
         logits = torch.randn(k, h, w, generator=gen)
         valid = (h - float(torch.rand(1, generator=gen)) * 0.9, w - float(torch.rand(1, generator=gen)) * 0.9)
         out_hw = (draw(1, 60), draw(1, 60))
-        assert np.array_equal(restore_label_map(logits, valid, out_hw), restore_label_map_torch(logits, valid, out_hw))
+        counts = np.zeros(k, np.int64)
+        host = restore_label_map(logits, valid, out_hw, histogram=counts)
+        assert np.array_equal(host, restore_label_map_torch(logits, valid, out_hw))
+        assert np.array_equal(counts, np.bincount(host.ravel(), minlength=k))  # counted without a pass over the map

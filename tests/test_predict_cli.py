@@ -323,3 +323,41 @@ def test_device_postprocessing_gives_the_host_paths_results(tmp_path, tiny_check
         assert overlays[0].shape == overlays[1].shape and np.abs(overlays[0] - overlays[1]).mean() < 2.0  # two JPEG encoders
     summaries = [json.loads((outs[w] / "summary.json").read_text())["images"] for w in ("host", "device")]
     assert [r["labels"].keys() for r in summaries[0]] == [r["labels"].keys() for r in summaries[1]]
+
+
+@pytest.mark.slow
+def test_workers_end_when_the_run_is_killed_outright(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(200):
+        shutil.copy(SAMPLES / "coffee.jpg", folder / f"p{i:03d}.jpg")
+    proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(folder), "-l", "a,b", "-m", str(tiny_checkpoint),
+                             "-o", str(tmp_path / "out"), "-q"], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "out").glob("*_mask.png")):
+        time.sleep(0.05)
+
+    def children(pids: set[int]) -> set[int]:
+        found = set()
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                ppid = int(next(line for line in status.read_text().splitlines() if line.startswith("PPid:")).split()[1])
+            except (OSError, StopIteration, ValueError):
+                continue
+            if ppid in pids:
+                found.add(int(status.parent.name))
+        return found
+
+    def alive(pids: set[int]) -> set[int]:
+        return {pid for pid in pids if Path(f"/proc/{pid}").exists()
+                and "zombie" not in Path(f"/proc/{pid}/status").read_text()}
+
+    server = children({proc.pid})  # the forkserver, then the workers it forked
+    spawned = server | children(server)
+    assert len(spawned) >= 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and alive(spawned):
+        time.sleep(0.2)
+    assert not alive(spawned)  # no process of the killed run is left behind
