@@ -13,7 +13,7 @@ Random weights throughout (speed does not depend on their values), same machine,
 (e) the host ceiling: `segcli predict`'s pipeline with a stand-in model that costs next to nothing
     (a colour probe with LSeg's output stride 2 at 384, so label maps have real boundaries), on JPEGs
     of 0.3, 2 and 12 MP: the machine's CPU time (user + sys, /proc/stat, so worker processes count)
-    per photo with start-up subtracted by two folder sizes,
+    during the run per photo, the workers' start-up subtracted by two folder sizes,
     images/s with --workers 1 and 2, and the codec floor (decode + the encodes alone, the fastest of
     Pillow/OpenCV, one core) measured in the same run; then what a 16- or 32-core host can feed.
 Every part runs in its own process; peak RSS is that process's. `--memory` adds the memory checks:
@@ -207,14 +207,17 @@ def part_host(args) -> dict:
     labels = LabelSet.from_synonyms([[n] for n in label_names(args.k)])
     save = tuple(args.save.split(","))
     opts = PredictOptions(labels=labels, output=Path(args.out), save=save, batch_size=args.batch_size, workers=args.workers)
-    result = PredictRun(seg, opts, collect_sources([args.folder])).run()
+    sources = collect_sources([args.folder])
+    cpu0, t0 = machine_cpu_seconds(), time.perf_counter()  # the run alone: imports are not part of it
+    result = PredictRun(seg, opts, sources).run()
+    wall, cpu = time.perf_counter() - t0, machine_cpu_seconds() - cpu0
     assert result.failed == 0
-    return {"images": len(result.records), "cv2_threads": cv2.getNumThreads()}
+    return {"images": len(result.records), "wall_s": wall, "cpu_s": cpu, "cv2_threads": cv2.getNumThreads()}
 
 
 PARTS = {"ceiling": part_ceiling, "naive": part_naive, "clipseg": part_clipseg, "host": part_host}
 
-HOST_SIZES = {"0.3 MP": ((640, 480), 32, 160), "2 MP": ((1920, 1080), 16, 64), "12 MP": ((4000, 3000), 4, 16)}
+HOST_SIZES = {"0.3 MP": ((640, 480), 32, 160), "2 MP": ((1920, 1080), 16, 64), "12 MP": ((4000, 3000), 4, 20)}
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
@@ -239,15 +242,14 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def run_cpu(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds user + sys of everything it ran) of a child process."""
+def run_host_part(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, machine CPU seconds) of one predict run, as the child measured it around the run."""
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}  # as segcli's CLI sets it
-    cpu0, t0 = machine_cpu_seconds(), time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, stderr = proc.communicate()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{stderr.decode()[-2000:]}")
-    return time.perf_counter() - t0, machine_cpu_seconds() - cpu0
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return got["wall_s"], got["cpu_s"]
 
 
 def codec_floor(folder: Path, masks: Path, mask_only: bool) -> float:
@@ -316,7 +318,7 @@ def host_ceiling(args, tmp: Path, model_images_per_s: float | None) -> None:
                     out = tmp / f"host_out_{size[0]}_{n}_{workers}_{save.count(',')}"
                     cmd = [sys.executable, __file__, "--part", "host", "--k", str(args.host_k), "--folder", str(folder),
                            "--out", str(out), "--save", save, "--workers", str(workers)]
-                    wall[workers, n], cpu[workers, n] = run_cpu(cmd)
+                    wall[workers, n], cpu[workers, n] = run_host_part(cmd)
             core_ms = (cpu[2, large] - cpu[2, small]) / (large - small) * 1000
             rate = {w: (large - small) / (wall[w, large] - wall[w, small]) for w in (1, 2)}
             floor = codec_floor(photos[small], tmp / f"host_out_{size[0]}_{small}_2_{save.count(',')}", save == "mask")
