@@ -164,7 +164,7 @@ def part_clipseg(args) -> dict:
 class ColorProbe:
     """(e)'s stand-in model (a segcli.backend.DenseBackend): logits = cosine of the mean colour of
     8x8 cells with K fixed colours, brought to LSeg's output stride 2 bilinearly (LSeg's stride-2 map
-    is likewise upsampled from coarser ViT tokens). Costs ~nothing; its label maps have real
+    is likewise upsampled from coarser ViT tokens). Costs ~1 ms per image; its label maps have real
     boundaries, so restoring them to full size costs what it costs with a real model."""
 
     architecture, open_vocabulary, baked_labels, fixed_imgsz = "color-probe", True, None, None
@@ -189,9 +189,9 @@ class ColorProbe:
         import torch
         import torch.nn.functional as F
 
-        cells = F.interpolate(F.avg_pool2d(images - 0.5, 8), scale_factor=4, mode="bilinear", align_corners=False)
-        cells = F.normalize(cells, dim=1)
-        return torch.einsum("bchw,kc->bkhw", cells, label_embeddings) * 20.0, None
+        cells = F.normalize(F.avg_pool2d(images, 8) - 0.5, dim=1)
+        logits = torch.einsum("bchw,kc->bkhw", cells, label_embeddings) * 20.0
+        return F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False), None
 
 
 def part_host(args) -> dict:

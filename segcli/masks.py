@@ -101,7 +101,7 @@ def candidate_logits(logits, valid_hw: tuple[float, float]) -> tuple[np.ndarray,
         import torch
 
         grid = logits[:, :lh, :lw].float()
-        candidates = torch.unique(grid.topk(2, dim=0).indices)
+        candidates = torch.bincount(grid.topk(2, dim=0).indices.flatten(), minlength=num_labels).nonzero().flatten()
         return candidates.cpu().numpy(), np.ascontiguousarray(grid[candidates].cpu().numpy())
     grid = np.asarray(logits, np.float32)[:, :lh, :lw]
     first = grid.argmax(0)

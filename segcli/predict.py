@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -259,13 +260,12 @@ def _failed(exc: Exception) -> Future:
 
 
 def _worker_context():
-    """forkserver where there is one (fast starts, and no fork of a process holding a model and its
-    threads), else spawn. Workers preload only the torch-free host module."""
+    """fork on Linux, as torch's DataLoader does: workers start in milliseconds and never re-run the
+    caller's main script (forkserver and spawn do, which breaks scripts without a __main__ guard).
+    The workers never touch torch, so the model process's threads do not matter to them. spawn
+    elsewhere (macOS, Windows), where fork is unsafe or missing."""
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["segcli.host"])
-    return ctx
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
 
 
 def _raise_interrupt(signum, frame):
