@@ -14,7 +14,7 @@ test:
 
 bench:
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/bench_predict.py
+	$(PY) benchmarks/bench_predict.py --memory
 
 bench-train:
 	$(PY) benchmarks/bench_train.py

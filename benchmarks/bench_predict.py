@@ -392,6 +392,7 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip (c)")
     ap.add_argument("--memory", action="store_true", help="also run the memory checks")
     ap.add_argument("--host-only", action="store_true", help="run only (e), the host ceiling")
+    ap.add_argument("--no-host", action="store_true", help="skip (e)")
     ap.add_argument("--host-k", type=int, default=8, help="labels for (e)")
     ap.add_argument("--save", default="mask,color,overlay", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
@@ -436,7 +437,8 @@ def main() -> None:
             model_rate = model_rate or a
             print(f"| {k} | {a:.2f} | {b:.2f} | {c:.2f} | {d:.2f} | {b / a:.2f} | {b / c:.2f} | {b / d:.2f} "
                   f"| {rss_a:.0f} / {rss_b:.0f} / {rss_c:.0f} / {rss_d:.0f} |", flush=True)
-        host_ceiling(args, tmp, model_rate)
+        if not args.no_host:
+            host_ceiling(args, tmp, model_rate)
         if args.memory:
             memory_checks(args, tmp)
     finally:
