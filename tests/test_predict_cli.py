@@ -24,6 +24,14 @@ def run(args, stdin=None):
     return CliRunner().invoke(app, ["predict", *args], input=stdin)
 
 
+def copies(photo: Path, folder: Path, count: int) -> Path:
+    """`folder` holding `count` copies of `photo`."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        shutil.copy(photo, folder / f"p{i:03d}{photo.suffix}")
+    return folder
+
+
 def outputs_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and ".segcli" not in p.parts and p.name != "summary.json"}
@@ -233,10 +241,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, tiny_checkpoint):
 
 @pytest.mark.slow
 def test_sigterm_stops_cleanly_with_exit_130(tmp_path, tiny_checkpoint):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(60):
-        shutil.copy(SAMPLES / "rocket.jpg", photos / f"r{i:02d}.jpg")
+    photos = copies(SAMPLES / "rocket.jpg", tmp_path / "photos", 60)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(photos), "-l", "a,b", "-m", str(tiny_checkpoint),
                              "-o", str(out), "-b", "1", "--imgsz", "256", "-q"], stderr=subprocess.PIPE, text=True)
@@ -327,10 +332,7 @@ def test_device_postprocessing_gives_the_host_paths_results(tmp_path, tiny_check
 
 @pytest.mark.slow
 def test_workers_end_when_the_run_is_killed_outright(tmp_path, tiny_checkpoint):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(200):
-        shutil.copy(SAMPLES / "coffee.jpg", folder / f"p{i:03d}.jpg")
+    folder = copies(SAMPLES / "coffee.jpg", tmp_path / "many", 200)
     proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(folder), "-l", "a,b", "-m", str(tiny_checkpoint),
                              "-o", str(tmp_path / "out"), "-q"], stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
