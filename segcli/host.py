@@ -1,6 +1,6 @@
 """The host-side stages of predict, run by worker processes: decode, then restore, render and write.
 
-Nothing here uses torch: a worker holds no model state of its own and runs no torch threads. The
+Nothing here imports torch, so a worker starts in a fraction of a second and holds no model. The
 worker processes are single-threaded: work on one image never fights another for the GIL, so
 --workers N really uses N cores. What crosses between the model process and a worker is small: a
 path in, a model-size canvas out; then the candidate labels' logits in, a record out. The

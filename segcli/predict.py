@@ -15,7 +15,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -260,12 +259,15 @@ def _failed(exc: Exception) -> Future:
 
 
 def _worker_context():
-    """fork on Linux, as torch's DataLoader does: workers start in milliseconds and never re-run the
-    caller's main script (forkserver and spawn do, which breaks scripts without a __main__ guard).
-    The workers never touch torch, so the model process's threads do not matter to them. spawn
-    elsewhere (macOS, Windows), where fork is unsafe or missing."""
+    """forkserver where there is one, else spawn: workers start from a clean single-threaded process.
+    Not fork: a child forked from a process whose OpenCV (or OpenMP) thread pool is running inherits
+    the pool's locks without its threads, and its first parallel call can hang for ever (seen here).
+    The server preloads only the torch-free host module, so workers start in milliseconds."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["segcli.host"])
+    return ctx
 
 
 def _raise_interrupt(signum, frame):

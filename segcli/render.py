@@ -77,17 +77,10 @@ def overlay_bgr(photo: np.ndarray, color: np.ndarray, alpha: float,
                 legend: list[tuple[str, tuple[int, int, int]]], in_place: bool = False) -> np.ndarray:
     """Photo [H,W,3] BGR blended with the BGR color mask, with a legend of the labels present (top-left).
 
-    The same pixels as `overlay` on RGB arrays, channels swapped. Only the legend's corner goes
+    The same pixels as blending RGB arrays, channels swapped. Only the legend's corner goes
     through Pillow, so no full-size image is copied for it; `in_place` blends into `photo`."""
     blended = cv2.addWeighted(photo, 1.0 - alpha, color, alpha, 0.0, dst=photo if in_place else None)
     draw_legend(blended, legend, bgr=True)
-    return blended
-
-
-def overlay(photo: np.ndarray, color: np.ndarray, alpha: float, legend: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
-    """Photo [H,W,3] RGB blended with the RGB color mask, with a legend of the labels present (top-left)."""
-    blended = cv2.addWeighted(photo, 1.0 - alpha, color, alpha, 0.0)
-    draw_legend(blended, legend, bgr=False)
     return blended
 
 
@@ -160,10 +153,6 @@ def palette_png(mask_png: bytes, palette: np.ndarray) -> bytes:
     header[9] = 3  # color type: palette
     plte = np.asarray(palette, np.uint8).reshape(-1, 3)[:256].tobytes()
     return signature + _chunk(b"IHDR", bytes(header)) + _chunk(b"PLTE", plte) + rest[8 + 13 + 4:]
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    return encode_jpeg_bgr(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), quality)
 
 
 def encode_jpeg_bgr(bgr: np.ndarray, quality: int = 90) -> bytes:

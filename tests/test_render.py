@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from segcli.data.images import decode_full_bgr, decode_photo
-from segcli.render import colorize, colorize_bgr, encode_png, overlay, overlay_bgr, palette_png
+from segcli.render import colorize, colorize_bgr, draw_legend, encode_png, overlay_bgr, palette_png
 
 from conftest import SAMPLES
 
@@ -40,7 +40,8 @@ def test_bgr_overlay_is_the_rgb_overlay_with_channels_swapped():
     mask = _mask(h, w)
     palette = np.random.default_rng(1).integers(0, 256, (5, 3), dtype=np.uint8)
     legend = [("cat", (255, 0, 0)), ("a long label name that runs past the panel", (0, 128, 255))]
-    rgb = overlay(photo.copy(), colorize(mask, palette), 0.4, legend)
+    rgb = cv2.addWeighted(photo, 0.6, colorize(mask, palette), 0.4, 0.0)  # the plain RGB overlay
+    draw_legend(rgb, legend, bgr=False)
     bgr = overlay_bgr(np.ascontiguousarray(photo[..., ::-1]), colorize_bgr(mask, palette), 0.4, legend)
     assert np.array_equal(rgb, bgr[..., ::-1])
     assert np.array_equal(colorize_bgr(mask.astype(np.uint16), palette), colorize(mask, palette)[..., ::-1])
