@@ -47,7 +47,7 @@ class PredictOptions:
     save: tuple[str, ...] = DEFAULT_OUTPUTS
     alpha: float = 0.5
     batch_size: int = 8
-    workers: int = 2
+    workers: int | None = None  # None: 2 when the model runs on the CPU, else all cores but one (at most 16)
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard: tuple[int, int] | None = None  # (I, N): this run is shard I of N, writing into a shared DIR
@@ -189,7 +189,7 @@ class PredictRun:
 
         # `workers` single-threaded processes do all host work per image (decode, then restore,
         # render and write): --workers N uses N cores besides the model's, with no GIL between them
-        workers = max(1, self.opt.workers)
+        workers = max(1, self.opt.workers or default_workers(self.seg.device))
         window = self.opt.batch_size * 2 + workers
         pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=host.start_worker,
                                    initargs=(self.plan, os.getpid()))
@@ -250,6 +250,14 @@ class PredictRun:
                                     self.opt.labels.to_json())
         failed = sum(1 for r in ordered if r["status"] != "ok")
         return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
+
+
+def default_workers(device: torch.device) -> int:
+    """Host worker processes when --workers is not given: with the model on a GPU the host's work
+    is what limits throughput, so all cores but one (at most 16); on the CPU the model needs them."""
+    if device.type == "cpu":
+        return 2
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 def _failed(exc: Exception) -> Future:

@@ -363,3 +363,15 @@ def test_workers_end_when_the_run_is_killed_outright(tmp_path, tiny_checkpoint):
     while time.time() < deadline and alive(spawned):
         time.sleep(0.2)
     assert not alive(spawned)  # no process of the killed run is left behind
+
+
+def test_default_workers_use_the_cores_the_model_does_not(monkeypatch):
+    import torch
+
+    from segcli.predict import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert default_workers(torch.device("cpu")) == 2  # the model needs the cores
+    assert default_workers(torch.device("cuda")) == 16  # the host feeds a GPU: all but one, at most 16
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert default_workers(torch.device("cuda")) == 3
