@@ -29,16 +29,23 @@ class DevicePostprocess:
         self.plan, self.device = plan, device
         self.palette = torch.from_numpy(plan.palette).to(device)  # [K,3] uint8 RGB
         self.dtype = torch.uint8 if mask_dtype(len(plan.labels)) == np.uint8 else torch.int32
+        self._pinned: torch.Tensor | None = None
 
     def label_map(self, logits: torch.Tensor, valid_hw: tuple[float, float], full_hw: tuple[int, int]) -> torch.Tensor:
         """Logits [K,h,w] on the device -> label map [H,W] on the device."""
         return restore_label_map_torch(logits, valid_hw, full_hw, as_tensor=True).to(self.dtype)
 
     def to_host(self, mask: torch.Tensor) -> np.ndarray:
-        """The label map as a host array (through pinned memory on CUDA)."""
-        host = torch.empty(mask.shape, dtype=mask.dtype, pin_memory=mask.is_cuda)
-        host.copy_(mask)
-        array = host.numpy()
+        """The label map as a host array, copied through a pinned buffer kept for the run on CUDA
+        (allocating pinned memory per photo would cost more than the copy)."""
+        if not mask.is_cuda:
+            array = mask.cpu().numpy()
+        else:
+            if self._pinned is None or self._pinned.numel() < mask.numel():
+                self._pinned = torch.empty(mask.numel(), dtype=mask.dtype, pin_memory=True)
+            staged = self._pinned[:mask.numel()].view(mask.shape)
+            staged.copy_(mask)
+            array = staged.numpy().copy()  # the buffer is reused for the next photo
         return array if array.dtype == np.uint8 else array.astype(np.uint16)
 
     def photo(self, path: Path, full_hw: tuple[int, int]) -> torch.Tensor:
