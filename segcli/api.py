@@ -17,7 +17,7 @@ from segcli.backend import DenseBackend
 from segcli.data.images import Canvas, fit_to_canvas, load_image, to_rgb
 from segcli.errors import SegcliError, check_input_size
 from segcli.labels import LabelSet, parse_labels
-from segcli.masks import image_extent, restore_label_map
+from segcli.masks import image_extent, image_region, restore_label_map
 from segcli.models import UNTRAINED_WARNING, load_model
 from segcli.options import PRECISIONS
 from segcli.registry import DEFAULT_MODEL
@@ -194,13 +194,6 @@ class Segmenter:
                     embeddings=self.image_region(emb[i], canvas) if emb is not None else None,
                 ))
         return results
-
-
-def image_region(per_pixel: torch.Tensor, resized_hw: tuple[int, int], stride: int) -> torch.Tensor:
-    """[X,h',w'] model-resolution map -> [X,h,w], the cells that cover an image of `resized_hw` input
-    pixels at its top-left (a partly covered edge cell counts)."""
-    h, w = (-(-side // stride) for side in resized_hw)
-    return per_pixel[:, :h, :w].clone()
 
 
 def _as_pil(image) -> Image.Image:

@@ -263,7 +263,7 @@ def train(resume: Optional[Path] = None, quiet: bool = False, **options) -> None
     if resume is not None:
         trainer = resume_training(resume, on_event=reporter.event, time_limit=options.get("time_limit"))
     else:
-        opts = TrainOptions(**{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
+        opts = TrainOptions(**options)
         trainer = start_training(opts, on_event=reporter.event)
     if trainer.dist.main:
         reporter.start(trainer)

@@ -35,6 +35,10 @@ class DevicePostprocess:
         """Logits [K,h,w] on the device -> label map [H,W] on the device."""
         return restore_label_map_torch(logits, valid_hw, full_hw, as_tensor=True).to(self.dtype)
 
+    def histogram(self, mask: torch.Tensor) -> np.ndarray:
+        """Pixels per label of a label map on the device, [K] int64 on the host."""
+        return torch.bincount(mask.flatten().long(), minlength=len(self.plan.labels)).cpu().numpy()
+
     def to_host(self, mask: torch.Tensor) -> np.ndarray:
         """The label map as a host array, copied through a pinned buffer kept for the run on CUDA
         (allocating pinned memory per photo would cost more than the copy)."""

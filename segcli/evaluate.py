@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segcli.api import Segmenter, image_region
+from segcli.api import Segmenter
 from segcli.data.images import fit_to_canvas
 from segcli.data.segmentation import SegmentationData
 from segcli.errors import SegcliError, check_input_size
 from segcli.labels import LabelSet
-from segcli.masks import image_extent, restore_label_map
+from segcli.masks import image_extent, image_region, restore_label_map
 from segcli.metrics import ConfusionMatrix
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

@@ -261,18 +261,12 @@ def write_label_embeddings(model, labels: LabelSet, output: str | Path, prompt: 
                            source: str = "") -> tuple[Path, tuple[int, int]]:
     """FILE.npy (float32 [K,C], L2-normalised) + FILE.json (labels, model, prompt) for an
     open-vocabulary export, written atomically. `model` is any open-vocabulary DenseBackend."""
-    import io
-
     if not model.open_vocabulary:
         raise SegcliError(f"{source or model.architecture} has its labels baked in: it has no text space to embed new labels")
-    emb = model.label_embeddings(labels, prompt or model.default_prompt).float().cpu().numpy().astype(np.float32)
-    output = Path(output)
-    if output.suffix != ".npy":
-        output = output.with_suffix(".npy")
-    buf = io.BytesIO()
-    np.save(buf, emb)
-    with atomic_path(output) as tmp:
-        Path(tmp).write_bytes(buf.getvalue())
+    emb = model.label_embeddings(labels, prompt or model.default_prompt).float().cpu().numpy()
+    output = Path(output).with_suffix(".npy")
+    with atomic_path(output) as tmp, open(tmp, "wb") as f:
+        np.save(f, emb)
     atomic_write_json(output.with_suffix(".json"), {"labels": labels.to_json(), "model": source,
                                                     "prompt": prompt or model.default_prompt,
                                                     "shape": list(emb.shape)})

@@ -25,7 +25,7 @@ from segcli.data.sources import Source
 from segcli.errors import one_line
 from segcli.fileio import atomic_write_bytes
 from segcli.labels import LabelSet
-from segcli.masks import label_fractions, mask_dtype, restore_label_map
+from segcli.masks import mask_dtype, restore_label_map
 from segcli.outputs import OUTPUT_KINDS, RenderInput
 from segcli.render import color_lut, palette_array, scratch
 
@@ -143,17 +143,16 @@ def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
             raise InputFailure("the file changed while it was being processed")
     counts = np.zeros(len(plan.labels), np.int64)
     mask = restore(job, plan, counts)
-    return complete(job.source, mask, plan, job.seconds + time.perf_counter() - t0, photo, counts=counts)
+    return complete(job.source, mask, counts, plan, job.seconds + time.perf_counter() - t0, photo)
 
 
-def complete(source: Source, mask: np.ndarray, plan: HostPlan, seconds: float, photo: np.ndarray | None = None,
-             made: dict[str, bytes] | None = None, counts: np.ndarray | None = None) -> dict:
-    """render -> write for a restored label map; `made` holds outputs produced elsewhere (the
-    device's overlay), `counts` the pixels per label when restoring counted them. Returns the
-    image's record."""
+def complete(source: Source, mask: np.ndarray, counts: np.ndarray, plan: HostPlan, seconds: float,
+             photo: np.ndarray | None = None, made: dict[str, bytes] | None = None) -> dict:
+    """render -> write for a restored label map and its pixels per label (`counts`, counted while
+    restoring); `made` holds outputs produced elsewhere (the device's overlay). Returns the record."""
     t0 = time.perf_counter()
     made = made or {}
-    blobs, fractions, present = render(mask, photo, plan, [k for k in plan.kinds if k not in made], counts)
+    blobs, fractions, present = render(mask, counts, photo, plan, [k for k in plan.kinds if k not in made])
     paths = write(source, {**blobs, **made}, plan)
     return {
         "input": source.display,
@@ -175,16 +174,16 @@ def restore(job: FinishJob, plan: HostPlan, counts: np.ndarray | None = None) ->
                              candidates=job.candidates, histogram=counts)
 
 
-def present_labels(mask: np.ndarray, num_labels: int, counts: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
-    """(fraction of pixels per label, the labels present, most pixels first)."""
-    fractions = label_fractions(mask, num_labels) if counts is None else counts / max(1, mask.size)
+def present_labels(counts: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Pixels per label -> (fraction of pixels per label, the labels present, most pixels first)."""
+    fractions = counts / max(1, int(counts.sum()))
     return fractions, [int(k) for k in np.argsort(-fractions, kind="stable") if fractions[k] > 0]
 
 
-def render(mask: np.ndarray, photo: np.ndarray | None, plan: HostPlan, kinds: list[str],
-           counts: np.ndarray | None = None) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
-    """Label map -> the encoded bytes of each of `kinds`."""
-    fractions, present = present_labels(mask, len(plan.labels), counts)
+def render(mask: np.ndarray, counts: np.ndarray, photo: np.ndarray | None, plan: HostPlan,
+           kinds: list[str]) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
+    """Label map (and its pixels per label) -> the encoded bytes of each of `kinds`."""
+    fractions, present = present_labels(counts)
     given = RenderInput(mask=mask, labels=plan.labels, palette=plan.palette, present=present, alpha=plan.alpha,
                         photo=photo, lut=plan.lut)
     return {kind: OUTPUT_KINDS[kind].produce(given) for kind in kinds}, fractions, present

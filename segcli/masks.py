@@ -10,13 +10,11 @@ run wherever the logits are: CUDA, MPS or the CPU).
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 
-if TYPE_CHECKING:  # torch is imported only by the device path: host workers never load it
+if TYPE_CHECKING:  # torch is imported where the logits are (the model's process), never by host workers
     import torch
 
 
@@ -33,6 +31,21 @@ def _source_coords(out_size: int, valid: float, limit: int) -> tuple[np.ndarray,
 def image_extent(resized_hw: tuple[int, int], stride: int) -> tuple[float, float]:
     """Exact extent, in model-resolution cells, of an image covering `resized_hw` input pixels."""
     return resized_hw[0] / stride, resized_hw[1] / stride
+
+
+def image_region(per_pixel, resized_hw: tuple[int, int], stride: int):
+    """[X,h',w'] model-resolution map -> [X,h,w] (a copy), the cells that cover an image of
+    `resized_hw` input pixels at its top-left (a partly covered edge cell counts)."""
+    h, w = (-(-side // stride) for side in resized_hw)
+    return per_pixel[:, :h, :w].clone() if hasattr(per_pixel, "clone") else per_pixel[:, :h, :w].copy()
+
+
+def _candidates(logits: "torch.Tensor") -> "torch.Tensor":
+    """Sorted indices of the labels that are best or second best at some cell of logits [K,h,w]."""
+    import torch
+
+    top2 = logits.topk(2, dim=0).indices.flatten()
+    return torch.bincount(top2, minlength=logits.shape[0]).nonzero().flatten()
 
 
 def mask_dtype(num_labels: int) -> np.dtype:
@@ -60,8 +73,7 @@ def restore_label_map_torch(logits: "torch.Tensor", valid_hw: tuple[float, float
     if num_labels == 1:
         zeros = torch.zeros(out_hw, dtype=torch.int64, device=device)
         return zeros if as_tensor else zeros.cpu().numpy().astype(dtype)
-    top2 = logits.topk(2, dim=0).indices
-    candidates = torch.unique(top2)
+    candidates = _candidates(logits)
     sub = logits[candidates]  # [P, lh, lw]
     y0, y1, wy = (torch.from_numpy(t).to(device) for t in _source_coords(out_h, vh, lh))
     x0, x1, wx = (torch.from_numpy(t).to(device) for t in _source_coords(out_w, vw, lw))
@@ -88,29 +100,19 @@ def _along_x(cand: np.ndarray, p: np.ndarray, row: np.ndarray, xl: np.ndarray, x
     return left + fx * (cand[p, row, xr] - left)
 
 
-def candidate_logits(logits, valid_hw: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def candidate_logits(logits: "torch.Tensor", valid_hw: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """(candidate label indices [P], their logits [P,h,w] float32 over the image's cells): the labels
     that are best or second best at some cell, the only ones the restored map can hold. Small, so
     this is what travels to a host worker instead of all K channels."""
     lh, lw = min(logits.shape[1], math.ceil(valid_hw[0])), min(logits.shape[2], math.ceil(valid_hw[1]))
-    num_labels = logits.shape[0]
-    if num_labels == 1:
-        grid = logits[:, :lh, :lw]
-        return np.zeros(1, np.int64), np.ascontiguousarray(grid.float().cpu().numpy() if hasattr(grid, "numpy") else grid)
-    if hasattr(logits, "topk"):  # a torch tensor: its top-2 is much faster than NumPy's
-        import torch
-
-        grid = logits[:, :lh, :lw].float()
-        candidates = torch.bincount(grid.topk(2, dim=0).indices.flatten(), minlength=num_labels).nonzero().flatten()
-        return candidates.cpu().numpy(), np.ascontiguousarray(grid[candidates].cpu().numpy())
-    grid = np.asarray(logits, np.float32)[:, :lh, :lw]
-    first = grid.argmax(0)
-    runner_up = np.where(np.arange(num_labels)[:, None, None] == first, -np.inf, grid).argmax(0)
-    candidates = np.flatnonzero(np.bincount(np.concatenate([first.ravel(), runner_up.ravel()]), minlength=num_labels))
-    return candidates, np.ascontiguousarray(grid[candidates])
+    grid = logits[:, :lh, :lw].float()
+    if grid.shape[0] == 1:
+        return np.zeros(1, np.int64), np.ascontiguousarray(grid.cpu().numpy())
+    candidates = _candidates(grid)
+    return candidates.cpu().numpy(), np.ascontiguousarray(grid[candidates].cpu().numpy())
 
 
-def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float, float], out_hw: tuple[int, int],
+def restore_label_map(logits: "torch.Tensor", valid_hw: tuple[float, float], out_hw: tuple[int, int],
                       out: np.ndarray | None = None, num_labels: int | None = None,
                       candidates: np.ndarray | None = None, histogram: np.ndarray | None = None) -> np.ndarray:
     """Label map [H,W] from logits [K,h,w] whose top-left `valid_hw` (in logit pixels) is the image.
@@ -160,13 +162,13 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
     np.take(quad_label[:, x0], y0, axis=0, out=out)  # [H,W]: every pixel of an agreeing quad is done
     written = []  # the labels of the pixels between disagreeing cells, for `histogram`
     starts = np.searchsorted(y0, np.arange(lh + 1))  # output rows of band i: starts[i]:starts[i+1]
-    counts = np.diff(starts)
+    band_rows = np.diff(starts)
     winners = can_win.sum(0)
 
     flat = out.reshape(-1)
-    band, col = np.nonzero((~uniform)[:, x0] & (counts > 0)[:, None])  # (band, column) of disagreeing quads
+    band, col = np.nonzero((~uniform)[:, x0] & (band_rows > 0)[:, None])  # (band, column) of disagreeing quads
     if histogram is not None:  # agreeing quads: rows of the band x columns that fall in the quad
-        area = np.outer(counts, np.bincount(x0, minlength=lw))
+        area = np.outer(band_rows, np.bincount(x0, minlength=lw))
         histogram += np.bincount(labels[best][uniform].astype(np.int64), weights=area[uniform],
                                  minlength=len(histogram)).astype(np.int64)[:len(histogram)]
     if band.size == 0:
@@ -174,13 +176,14 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
     quad_winners = winners[band, x0[col]]
     # groups of equal winner count, each with its longest bands first, so that "the bands that still
     # have a row k" is a prefix of the group and every step works on views (one radix sort for all)
-    key = quad_winners.astype(np.int64) * (counts.max() + 1) + (counts.max() - counts[band])
+    tallest = band_rows.max()
+    key = quad_winners.astype(np.int64) * (tallest + 1) + (tallest - band_rows[band])
     order = np.argsort(key.astype(np.uint16) if key.max() < 1 << 16 else key, kind="stable")
     band, col, quad_winners = band[order], col[order], quad_winners[order]
     bounds = np.flatnonzero(np.diff(quad_winners)) + 1
     for g0, g1 in zip(np.r_[0, bounds], np.r_[bounds, band.size]):
         b, c, n_win = band[g0:g1], col[g0:g1], int(quad_winners[g0])
-        rows, first_row = counts[b], starts[b]
+        rows, first_row = band_rows[b], starts[b]
         target = first_row * out_w + c  # flat index of each (band, column)'s first output pixel
         xl, xr, fx = x0[c], x1[c], wx[c]
         quad = (b, xl)
@@ -209,12 +212,3 @@ def restore_label_map(logits: "torch.Tensor | np.ndarray", valid_hw: tuple[float
     if histogram is not None and written:
         histogram += np.bincount(np.concatenate(written), minlength=len(histogram))[:len(histogram)]
     return out
-
-
-def label_fractions(mask: np.ndarray, num_labels: int) -> np.ndarray:
-    """Fraction of pixels per label, [K] float64."""
-    if mask.dtype == np.uint8 and num_labels <= 256:  # a histogram, without bincount's int64 copy of the map
-        counts = cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel()[:num_labels].astype(np.int64)
-    else:
-        counts = np.bincount(mask.ravel(), minlength=num_labels)
-    return counts / max(1, mask.size)

@@ -156,7 +156,7 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
     if spec.kind == "onnx":
         from segcli.onnx_model import OnnxModel
 
-        model = OnnxModel(spec.path)
+        model = OnnxModel(spec.path, spec.metadata)
         return LoadedModel(model, spec, model.baked_labels, fingerprint)
     if spec.kind == "checkpoint":
         from segcli.checkpoint import load_checkpoint
@@ -201,11 +201,8 @@ def describe_model(value: str) -> dict:
     elif spec.kind == "architecture":
         with torch.device("meta"):
             params = sum(p.numel() for p in FAMILIES[spec.family].model_class()(config).state_dict().values())
-    else:  # hub: the config is read off the weights, which may not be here yet
-        from segcli.registry import CLIPDenseConfig
-
-        params, config = None, None
-        data["input size"] = CLIPDenseConfig.__dataclass_fields__["default_imgsz"].default
+    else:  # hub: the config is read off the weights, which may not be here yet; the input size is the family's
+        data["input size"] = FAMILIES[spec.family].config.__dataclass_fields__["default_imgsz"].default
         data["labels"] = "any (open vocabulary)"
         data.update(meta)
         return data

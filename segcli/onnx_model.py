@@ -35,11 +35,12 @@ class OnnxModel:
     exportable = False
     input_multiple = 1
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, meta: dict | None = None):
+        """`meta`: the sidecar, when the caller has read it already."""
         from segcli.export import onnx_session
 
         path = Path(path)
-        meta = read_sidecar(path)
+        meta = meta or read_sidecar(path)
         self.path, self.meta = path, meta
         self.session = onnx_session(path)
         self.open_vocabulary = meta["mode"] == "open-vocabulary"

@@ -55,20 +55,16 @@ class OutputKind:
     name: str
     suffix: str  # NAME + suffix is the file written beside the mirrored input path
     needs_photo: bool  # the full-size photo must be decoded
-    produce: Callable[[RenderInput], bytes]
-    help: str
+    produce: Callable[[RenderInput], bytes]  # what the file holds is said in README's outputs table
 
 
 OUTPUT_KINDS: dict[str, OutputKind] = {
     kind.name: kind
     for kind in [
-        OutputKind("mask", "_mask.png", False, lambda r: r.mask_png,
-                   "label index per pixel (0 = first label); 16-bit PNG above 255 labels"),
-        OutputKind("color", "_color.png", False, lambda r: r.color_png,
-                   "the mask in the label colors (a palette PNG: colors in any viewer, indices for PIL)"),
-        OutputKind("overlay", "_overlay.jpg", True,
-                   lambda r: encode_jpeg_bgr(overlay_bgr(r.photo, r.color_bgr, r.alpha, r.legend, in_place=True)),
-                   "the photo blended with the colors, with a legend"),
+        OutputKind("mask", "_mask.png", False, lambda r: r.mask_png),  # label index per pixel
+        OutputKind("color", "_color.png", False, lambda r: r.color_png),  # palette PNG in the label colors
+        OutputKind("overlay", "_overlay.jpg", True,  # the photo blended with the colors, with a legend
+                   lambda r: encode_jpeg_bgr(overlay_bgr(r.photo, r.color_bgr, r.alpha, r.legend, in_place=True))),
     ]
 }
 DEFAULT_OUTPUTS = tuple(OUTPUT_KINDS)

@@ -79,6 +79,8 @@ class PredictRun:
 
     def __init__(self, segmenter: Segmenter, options: PredictOptions, sources: SourceList,
                  on_record: Callable[[dict], None] | None = None):
+        if options.postprocess not in ("auto", "host", "device"):
+            raise SegcliError(f"--postprocess {options.postprocess!r}: use auto, host or device")
         self.seg = segmenter
         self.opt = options
         self.sources = sources
@@ -98,8 +100,6 @@ class PredictRun:
         self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
                                   options.max_pixels, self.folder.path, self.folder.real)
         self.records: dict[int, dict] = {}
-        if options.postprocess not in ("auto", "host", "device"):
-            raise SegcliError(f"--postprocess {options.postprocess!r}: use auto, host or device")
         on_device = options.postprocess == "device" or (options.postprocess == "auto" and segmenter.device.type == "cuda")
         self.device_post = None
         if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
@@ -131,16 +131,15 @@ class PredictRun:
         t0 = time.perf_counter()
         post = self.device_post
         mask_on_device = post.label_map(job.logits, job.valid_hw, job.full_hw)
-        mask = post.to_host(mask_on_device)
+        mask, counts = post.to_host(mask_on_device), post.histogram(mask_on_device)
         made = {}
         if "overlay" in self.plan.kinds:
             try:
-                _, present = host.present_labels(mask, len(self.plan.labels))
-                made["overlay"] = post.overlay_jpeg(job.source.path, mask_on_device, present)
+                made["overlay"] = post.overlay_jpeg(job.source.path, mask_on_device, host.present_labels(counts)[1])
             except host.InputFailure as exc:
                 return _failed(exc)
         seconds = job.seconds + time.perf_counter() - t0
-        return writers.submit(host.complete, job.source, mask, self.plan, seconds, None, made)
+        return writers.submit(host.complete, job.source, mask, counts, self.plan, seconds, None, made)
 
     # -- the stream ---------------------------------------------------------------------------
 
@@ -161,9 +160,9 @@ class PredictRun:
                 self._done(item.index, error_record(item.source, str(exc)))
             except OSError as exc:
                 self._done(item.index, error_record(item.source, f"cannot write outputs: {exc.strerror or exc}"))
+            except BrokenProcessPool:
+                raise
             except (MemoryError, ValueError, RuntimeError) as exc:
-                if isinstance(exc, BrokenProcessPool):
-                    raise
                 self._done(item.index, error_record(item.source, f"failed: {type(exc).__name__}: {one_line(str(exc))}"))
 
     def _decoded(self, item: Item, fut: Future) -> Item:

@@ -56,10 +56,10 @@ def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     return buf[:size].view(dtype).reshape(shape)
 
 
-def color_lut(palette: np.ndarray, bgr: bool = True) -> np.ndarray:
-    """[1,256,3] uint8 lookup table: label value -> color (BGR by default) for cv2.LUT (K <= 256)."""
+def color_lut(palette: np.ndarray) -> np.ndarray:
+    """[1,256,3] uint8 lookup table for cv2.LUT: label value -> BGR color (K <= 256)."""
     lut = np.zeros((1, 256, 3), np.uint8)
-    lut[0, :len(palette)] = palette[:, ::-1] if bgr else palette
+    lut[0, :len(palette)] = palette[:, ::-1]
     return lut
 
 

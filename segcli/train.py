@@ -118,8 +118,8 @@ def lr_factor(progress: float, step: int, warmup: int) -> float:
 
 class Trainer:
     def __init__(self, opts: TrainOptions, output: Path, resume: bool = False,
-                 on_event: Callable[[dict], None] | None = None):
-        spec = opts.validate()
+                 on_event: Callable[[dict], None] | None = None, spec: ModelSpec | None = None):
+        spec = spec or opts.validate()
         self.opts = opts
         self.dist = Distributed(opts.device)
         self.device = self.dist.device
@@ -345,6 +345,8 @@ def _default(value, fallback):
 def start_training(opts: TrainOptions, on_event=None) -> Trainer:
     """A new run in `opts.output` (default runs/train/N) with its config written."""
     rank = int(os.environ.get("RANK", "0"))
+    spec = opts.validate()  # before any folder is made
+    created = None
     if opts.output:
         output = Path(opts.output)
         if (output / STATE_FILE).exists():
@@ -352,8 +354,14 @@ def start_training(opts: TrainOptions, on_event=None) -> Trainer:
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SegcliError("give --output when training on several processes (they must agree on one folder)")
     else:
-        output = next_run_dir(Path("runs/train"))  # created now, so parallel runs differ
-    trainer = Trainer(opts, output, resume=False, on_event=on_event)  # checks data and weights first
+        output = created = next_run_dir(Path("runs/train"))  # created now, so parallel runs differ
+    try:
+        trainer = Trainer(opts, output, resume=False, on_event=on_event, spec=spec)  # checks data and weights first
+    except BaseException:
+        if created is not None:  # a run that never started leaves no empty runs/train/N behind
+            with contextlib.suppress(OSError):
+                created.rmdir()
+        raise
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output / "config.json", {"options": opts.to_json(), "segcli_version": __version__})

@@ -65,3 +65,10 @@ def test_train_options_are_checked_before_anything_is_read_or_downloaded(args, m
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_refused_train_run_leaves_no_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no -o: the run folder would be runs/train/N here
+    result = CliRunner().invoke(app, ["train", "--data", "synthetic", "--model", "lseg_tiny", "--crop", "100", "--steps", "1"])
+    assert result.exit_code == 2 and "--crop 100 must be a multiple of 32" in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcli.masks import label_fractions, mask_dtype, restore_label_map
+from segcli.masks import mask_dtype, restore_label_map
 
 
 def test_restore_equals_full_bilinear_upsampling_then_argmax():
@@ -36,12 +36,17 @@ def test_boundaries_are_sharp_and_smooth():
     assert (mask[:, :38] == 0).all() and (mask[:, 42:] == 1).all()
 
 
-def test_mask_dtype_and_fractions():
+def test_mask_dtype_and_label_counts():
     assert mask_dtype(255) == np.uint8 and mask_dtype(256) == np.uint16
     logits = torch.randn(300, 4, 4)
-    assert restore_label_map(logits, (4, 4), (10, 10)).dtype == np.uint16
-    frac = label_fractions(np.array([[0, 1], [1, 1]], dtype=np.uint8), 3)
-    assert frac.tolist() == [0.25, 0.75, 0.0]
+    counts = np.zeros(300, np.int64)
+    mask = restore_label_map(logits, (4, 4), (10, 10), histogram=counts)
+    assert mask.dtype == np.uint16 and counts.sum() == 100
+    assert np.array_equal(counts, np.bincount(mask.ravel(), minlength=300))
+    from segcli.host import present_labels
+
+    fractions, present = present_labels(np.array([1, 3, 0]))
+    assert fractions.tolist() == [0.25, 0.75, 0.0] and present == [1, 0]
 
 
 def test_host_and_device_restoration_agree_on_hard_maps():

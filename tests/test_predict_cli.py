@@ -375,3 +375,40 @@ def test_default_workers_use_the_cores_the_model_does_not(monkeypatch):
     assert default_workers(torch.device("cuda")) == 16  # the host feeds a GPU: all but one, at most 16
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert default_workers(torch.device("cuda")) == 3
+
+
+def test_unknown_postprocess_is_refused_before_the_output_folder_is_made(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    result = run([str(SAMPLES / "cat.jpg"), "-l", "a,b", "-m", str(tiny_checkpoint), "-o", str(out), "--postprocess", "gpu"])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --postprocess 'gpu': use auto, host or device"
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_from_outside_stops_the_run_in_one_line(tmp_path, tiny_checkpoint):
+    folder = copies(SAMPLES / "coffee.jpg", tmp_path / "many", 300)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(folder), "-l", "a,b", "-m", str(tiny_checkpoint),
+                             "-o", str(out), "-q", "-j", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("*_mask.png")):
+        time.sleep(0.05)
+    server = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/status")
+              if f"PPid:\t{proc.pid}\n" in _read(p)]
+    workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/status") if any(f"PPid:\t{s}\n" in _read(p) for s in server)]
+    assert workers, "no worker process found"
+    os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would
+    _, stderr = proc.communicate(timeout=60)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "a worker process died" in lines[0], stderr
+    assert not list(out.rglob(".segcli-tmp-*"))  # every file written is whole
+    width, height = Image.open(SAMPLES / "coffee.jpg").size
+    for mask in out.glob("*_mask.png"):
+        assert np.array(Image.open(mask)).shape == (height, width)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
