@@ -32,6 +32,7 @@ from segcli.api import Segmenter
 from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from segcli.data.sources import Source, SourceList
 from segcli.errors import SegcliError, one_line
+from segcli.fileio import remove_stale_temp_files
 from segcli.host import ModelInput
 from segcli.labels import LabelSet
 from segcli.masks import candidate_logits, image_extent
@@ -196,7 +197,7 @@ class PredictRun:
         decoding: deque[tuple[Item, Future | None]] = deque()
         writing: deque[tuple[Item, Future]] = deque()
         pending = iter(todo)
-        interrupted = False
+        interrupted = broken = False
 
         def refill() -> None:
             while len(decoding) < window and (item := next(pending, None)) is not None:
@@ -231,10 +232,13 @@ class PredictRun:
                 if fut is not None:
                     fut.cancel()
         except BrokenProcessPool:
+            broken = True
             raise SegcliError("a worker process died (killed, or out of memory); every file written is whole: "
                               "run again to finish") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
+            if broken:  # the dead worker cannot remove the temp file it was writing; its pid tells it is stale
+                remove_stale_temp_files(self.output)
             if writers is not None:
                 writers.shutdown(wait=True, cancel_futures=True)
             try:
