@@ -11,7 +11,6 @@ the host path's label maps.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,11 +51,11 @@ class DevicePostprocess:
             array = staged.numpy().copy()  # the buffer is reused for the next photo
         return array if array.dtype == np.uint8 else array.astype(np.uint16)
 
-    def photo(self, path: Path, full_hw: tuple[int, int]) -> torch.Tensor:
-        """The upright full-size photo [3,H,W] uint8 RGB on the device: JPEGs decoded there."""
+    def photo(self, data: bytes, full_hw: tuple[int, int]) -> torch.Tensor:
+        """The upright full-size photo [3,H,W] uint8 RGB from the file's bytes, on the device: JPEGs
+        decoded there."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        data = Path(path).read_bytes()
         if data[:3] == b"\xff\xd8\xff":
             try:
                 photo = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
@@ -66,17 +65,17 @@ class DevicePostprocess:
             except RuntimeError:  # a JPEG flavour the device decoder does not take (CMYK, ...): the host's
                 pass
         try:
-            bgr = decode_full_bgr(path, self.plan.max_pixels)
+            bgr = decode_full_bgr(data, self.plan.max_pixels)
         except ImageDecodeError as exc:
             raise InputFailure(str(exc)) from None
         return torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1).to(self.device)
 
-    def overlay_jpeg(self, path: Path, mask: torch.Tensor, present: list[int], quality: int = 90) -> bytes:
-        """The overlay of one photo, blended and encoded on the device; the legend's corner is drawn
-        on the host (a few kB)."""
+    def overlay_jpeg(self, data: bytes, mask: torch.Tensor, present: list[int], quality: int = 90) -> bytes:
+        """The overlay of one photo (the file's bytes), blended and encoded on the device; the
+        legend's corner is drawn on the host (a few kB)."""
         from torchvision.io import encode_jpeg
 
-        photo = self.photo(path, tuple(mask.shape))
+        photo = self.photo(data, tuple(mask.shape))
         color = self.palette[mask.long()].permute(2, 0, 1)  # [3,H,W]
         alpha = self.plan.alpha
         blended = (photo.float() * (1.0 - alpha) + color.float() * alpha).round_().clamp_(0, 255).to(torch.uint8)

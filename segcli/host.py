@@ -72,6 +72,7 @@ class ModelInput:
     resized_hw: tuple[int, int]
     full_hw: tuple[int, int]
     seconds: float
+    stamp: tuple[int, int]  # the file's (size, mtime) when it was read, to notice a change before re-reading
 
 
 @dataclass
@@ -84,6 +85,7 @@ class FinishJob:
     valid_hw: tuple[float, float]  # the image's exact extent in cells
     full_hw: tuple[int, int]
     seconds: float  # spent on it so far
+    stamp: tuple[int, int]  # from ModelInput
 
 
 _plan: HostPlan | None = None
@@ -118,15 +120,36 @@ def decode(path: Path, plan: HostPlan | None = None) -> ModelInput:
     plan = plan or _plan
     t0 = time.perf_counter()
     try:
+        stamp = file_stamp(path)
         decoded = decode_photo(path, plan.max_pixels, draft_long_side=plan.imgsz)
         canvas = fit_to_canvas(decoded.image, plan.imgsz)
     except MemoryError:
         raise ImageDecodeError("out of memory while decoding") from None
+    except FileNotFoundError:  # deleted since the folder was listed
+        raise ImageDecodeError("file not found (deleted since the inputs were listed)") from None
     except ImageDecodeError:
         raise
     except Exception as exc:  # a decoder bug on a strange file must not stop the batch
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {one_line(str(exc))}") from None
-    return ModelInput(canvas.pixels, canvas.resized_hw, decoded.full_hw, time.perf_counter() - t0)
+    return ModelInput(canvas.pixels, canvas.resized_hw, decoded.full_hw, time.perf_counter() - t0, stamp)
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def reread(path: Path, stamp: tuple[int, int]) -> bytes:
+    """The photo's bytes again (for the full-size outputs), when the file is still the one decoded:
+    a photo replaced, truncated or deleted meanwhile fails as an input, never mixes two files."""
+    try:
+        data = Path(path).read_bytes()
+        now = file_stamp(path)
+    except OSError as exc:
+        raise InputFailure(f"the file went away while it was being processed ({exc.strerror or exc})") from None
+    if now != stamp or len(data) != stamp[0]:
+        raise InputFailure("the file changed while it was being processed; run again to redo it")
+    return data
 
 
 def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
@@ -136,11 +159,9 @@ def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
     photo = None
     if plan.need_photo:
         try:
-            photo = decode_full_bgr(job.source.path, plan.max_pixels)
-        except ImageDecodeError as exc:  # the file changed since it was first read
+            photo = decode_full_bgr(reread(job.source.path, job.stamp), plan.max_pixels)
+        except ImageDecodeError as exc:
             raise InputFailure(str(exc)) from None
-        if photo.shape[:2] != job.full_hw:
-            raise InputFailure("the file changed while it was being processed")
     counts = np.zeros(len(plan.labels), np.int64)
     mask = restore(job, plan, counts)
     return complete(job.source, mask, counts, plan, job.seconds + time.perf_counter() - t0, photo)

@@ -32,12 +32,22 @@ from segcli.api import Segmenter
 from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from segcli.data.sources import Source, SourceList
 from segcli.errors import SegcliError, one_line
-from segcli.fileio import remove_stale_temp_files
+from segcli.fileio import is_disk_error, remove_stale_temp_files
 from segcli.host import ModelInput
 from segcli.labels import LabelSet
 from segcli.masks import candidate_logits, image_extent
 from segcli.outputs import DEFAULT_OUTPUTS
 from segcli.runfolder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
+
+
+# A write failure is one input's failure, except when it is the disk's (full, over quota, read-only,
+# I/O error: fileio.DISK_ERRNOS), or when the same errno fails this many inputs in a row: then the
+# run stops, those inputs stay not done, and the next run finishes the job.
+FAILED_WRITES_IN_A_ROW = 8
+
+
+class OutputWriteError(SegcliError):
+    """The run stopped because its output folder stopped taking writes (exit status 2)."""
 
 
 @dataclass
@@ -101,6 +111,8 @@ class PredictRun:
         self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
                                   options.max_pixels, self.folder.path, self.folder.real)
         self.records: dict[int, dict] = {}
+        self.stop: OSError | None = None  # the write failure that ended the run early
+        self._failed_writes: list[int | None] = []  # errnos of the write failures since the last success
         on_device = options.postprocess == "device" or (options.postprocess == "auto" and segmenter.device.type == "cuda")
         self.device_post = None
         if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
@@ -123,7 +135,7 @@ class PredictRun:
                 candidates, cand = None, logits[i]
             else:
                 candidates, cand = candidate_logits(logits[i], valid)
-            jobs.append(host.FinishJob(item.source, candidates, cand, valid, got.full_hw, got.seconds + share))
+            jobs.append(host.FinishJob(item.source, candidates, cand, valid, got.full_hw, got.seconds + share, got.stamp))
             item.model_input = None
         return jobs
 
@@ -136,7 +148,8 @@ class PredictRun:
         made = {}
         if "overlay" in self.plan.kinds:
             try:
-                made["overlay"] = post.overlay_jpeg(job.source.path, mask_on_device, host.present_labels(counts)[1])
+                data = host.reread(job.source.path, job.stamp)
+                made["overlay"] = post.overlay_jpeg(data, mask_on_device, host.present_labels(counts)[1])
             except host.InputFailure as exc:
                 return _failed(exc)
         seconds = job.seconds + time.perf_counter() - t0
@@ -146,8 +159,24 @@ class PredictRun:
 
     def _done(self, index: int, record: dict) -> None:
         self.records[index] = record
-        self.folder.record(record)
+        if record["status"] == "ok":
+            self._failed_writes.clear()
+        try:
+            self.folder.record(record)
+        except OSError as exc:  # without its records the run cannot tell what it did: stop
+            self.stop = self.stop or exc
         self.on_record(record)
+
+    def _write_failed(self, item: Item, exc: OSError) -> None:
+        """An input's outputs could not be written: its failure, or the end of the run (see above)."""
+        if self.stop is not None:
+            return  # written while stopping: not the input's fault, the next run does it
+        self._failed_writes.append(exc.errno)
+        streak = self._failed_writes[-FAILED_WRITES_IN_A_ROW:]
+        if is_disk_error(exc) or (len(streak) == FAILED_WRITES_IN_A_ROW and len(set(streak)) == 1):
+            self.stop = exc
+            return
+        self._done(item.index, error_record(item.source, f"cannot write outputs: {exc.strerror or exc}"))
 
     def _collect(self, writing: deque, limit: int) -> None:
         """Record finished writes (all that are done, and more until at most `limit` are pending)."""
@@ -160,7 +189,7 @@ class PredictRun:
             except host.InputFailure as exc:
                 self._done(item.index, error_record(item.source, str(exc)))
             except OSError as exc:
-                self._done(item.index, error_record(item.source, f"cannot write outputs: {exc.strerror or exc}"))
+                self._write_failed(item, exc)
             except BrokenProcessPool:
                 raise
             except (MemoryError, ValueError, RuntimeError) as exc:
@@ -174,7 +203,15 @@ class PredictRun:
         return item
 
     def run(self) -> PredictResult:
+        """Every source through the stages. Raises OutputWriteError (after writing what it can of
+        the summary) when the output folder stops taking writes."""
         done = self.folder.open()
+        try:
+            return self._run(done)
+        finally:
+            self.folder.release()
+
+    def _run(self, done: dict[str, dict]) -> PredictResult:
         text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
         todo: list[Item] = []
         reused = 0
@@ -225,17 +262,19 @@ class PredictRun:
                         writing.append((it, fut))
                     self._collect(writing, limit=window)
                     batch = []
+                if self.stop is not None:
+                    break
             self._collect(writing, limit=0)
         except KeyboardInterrupt:
             interrupted = True
-            for _, fut in decoding:
-                if fut is not None:
-                    fut.cancel()
         except BrokenProcessPool:
             broken = True
             raise SegcliError("a worker process died (killed, or out of memory); every file written is whole: "
                               "run again to finish") from None
         finally:
+            for _, fut in decoding:
+                if fut is not None:
+                    fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
             if broken:  # the dead worker cannot remove the temp file it was writing; its pid tells it is stale
                 remove_stale_temp_files(self.output)
@@ -249,8 +288,21 @@ class PredictRun:
                 signal.signal(signal.SIGTERM, previous_handler)
 
         ordered = [self.records[i] for i in sorted(self.records)]
-        summary = self.folder.close(ordered, len(self.sources.sources), reused, interrupted, self.sources.skipped,
-                                    self.opt.labels.to_json())
+        total = len(self.sources.sources)
+        stopped = None if self.stop is None else f"cannot write to {self.output}: {self.stop.strerror or self.stop}"
+        try:
+            summary = self.folder.close(ordered, total, reused, interrupted, self.sources.skipped,
+                                        self.opt.labels.to_json(), stopped=stopped)
+            written = "summary.json written"
+        except OSError as exc:
+            if stopped is None:
+                raise OutputWriteError(f"all inputs processed, but the summary could not be written to {self.output}: "
+                                       f"{exc.strerror or exc}; run the same command again to write it") from None
+            written = "summary.json not written either"
+        if stopped is not None:
+            ok = sum(r["status"] == "ok" for r in ordered)
+            raise OutputWriteError(f"stopped: {stopped} ({ok} of {total} inputs done, {written}); once the folder "
+                                   "can be written again, run the same command to finish")
         failed = sum(1 for r in ordered if r["status"] != "ok")
         return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
 

@@ -3,19 +3,23 @@
 DIR/.segcli/run.json holds the settings that produced DIR; DIR/.segcli/records[.shard-I-of-N].jsonl
 one line per finished input (appended as they finish, so a killed run loses nothing it finished);
 DIR/summary[.shard-I-of-N].json the run's summary. A re-run reuses finished records only when the
-settings are the same; shard summaries merge into DIR/summary.json.
+settings are the same; shard summaries merge into DIR/summary.json. DIR/.segcli/lock*.json says
+which run fills DIR now (`segcli.runlock`): a second run into DIR is refused, shards of one split
+share it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
 from segcli import __version__
 from segcli.data.sources import Source
 from segcli.errors import SegcliError
-from segcli.fileio import atomic_write_json, remove_stale_temp_files
+from segcli.fileio import AppendLog, atomic_write_json, read_json_lines, remove_stale_temp_files
+from segcli.runlock import FolderLock
 
 STATE_DIR = ".segcli"
 
@@ -58,13 +62,25 @@ class RunFolder:
         tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
         self.records_file = self.state / f"records{tag}.jsonl"
         self.summary_file = self.path / f"summary{tag}.json"
-        self._records = None
+        self._records: AppendLog | None = None
+        what = f"predict shard {shard[0]}/{shard[1]}" if shard else "predict"
+        self.lock = FolderLock(self.state, f"lock{tag}.json", what, _conflicts_with(shard))
 
     def open(self) -> dict[str, dict]:
-        """Clean up a killed run's temp files, check the settings, start the record file.
-        Returns the finished records that can be reused, by output location."""
+        """Take the folder's lock, clean up a killed run's temp files, check the settings, start the
+        record file. Returns the finished records that can be reused, by output location."""
+        try:
+            self.lock.acquire()
+            try:
+                return self._open()
+            except BaseException:
+                self.lock.release()
+                raise
+        except OSError as exc:
+            raise SegcliError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
+
+    def _open(self) -> dict[str, dict]:
         remove_stale_temp_files(self.path)
-        self.state.mkdir(exist_ok=True)
         run_file = self.state / "run.json"
         previous = None
         if run_file.exists():
@@ -86,14 +102,10 @@ class RunFolder:
         for path in sorted(self.state.glob("records*.jsonl")) if not self.overwrite else [self.records_file]:
             if not path.exists():
                 continue
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a killed run
+            for record in read_json_lines(path):
                 if record.get("status") == "ok":
                     done[record["output"]] = record
-        self._records = open(self.records_file, "a", encoding="utf-8")
+        self._records = AppendLog(self.records_file)
         return done
 
     def reusable(self, source: Source, done: dict[str, dict], outputs: dict[str, Path]) -> dict | None:
@@ -104,14 +116,17 @@ class RunFolder:
         return None
 
     def record(self, record: dict) -> None:
-        self._records.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._records.flush()
+        self._records.append(record)
 
-    def close(self, records: list[dict], total: int, reused: int, interrupted: bool, skipped: list[str],
-              labels_json: list[dict]) -> dict:
-        """Write labels.json and the summary; returns the summary."""
+    def release(self) -> None:
+        """Close the record file and let other runs in (also after a failure)."""
         if self._records is not None:
             self._records.close()
+        self.lock.release()
+
+    def close(self, records: list[dict], total: int, reused: int, interrupted: bool, skipped: list[str],
+              labels_json: list[dict], stopped: str | None = None) -> dict:
+        """Write labels.json and the summary (raises OSError when the disk refuses); returns the summary."""
         ok = sum(1 for r in records if r["status"] == "ok")
         summary = {
             "segcli_version": __version__,
@@ -121,6 +136,7 @@ class RunFolder:
             "counts": {"inputs": total, "ok": ok, "failed": len(records) - ok,
                        "reused": reused, "not_done": total - len(records)},
             "interrupted": interrupted,
+            "stopped": stopped,
             "shard": list(self.shard) if self.shard else None,
             "skipped_non_images": skipped,
             "images": records,
@@ -128,6 +144,14 @@ class RunFolder:
         atomic_write_json(self.path / "labels.json", labels_json)
         atomic_write_json(self.summary_file, summary)
         return summary
+
+
+def _conflicts_with(shard: tuple[int, int] | None):
+    """Which other lock files exclude a run with `shard`: all but those of other shards of its split."""
+    def conflicts(name: str) -> bool:
+        other = re.fullmatch(r"lock\.shard-(\d+)-of-(\d+)\.json", name)
+        return not (shard and other and int(other[2]) == shard[1])
+    return conflicts
 
 
 def error_record(source: Source, message: str) -> dict:
@@ -162,6 +186,7 @@ def merge_summaries(folder: Path) -> dict:
     merged.update({
         "counts": {k: sum(s["counts"][k] for s in summaries) for k in first["counts"]},
         "interrupted": any(s["interrupted"] for s in summaries),
+        "stopped": next((s["stopped"] for s in summaries if s.get("stopped")), None),
         "shard": None,
         "merged_from": [p.name for p in parts],
         "skipped_non_images": sorted({x for s in summaries for x in s["skipped_non_images"]}),

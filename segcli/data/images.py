@@ -85,9 +85,9 @@ def decode_photo(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         return DecodedPhoto(to_rgb(ImageOps.exif_transpose(img)), full_hw)
 
 
-def decode_full_bgr(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The upright full-size photo as [H,W,3] uint8 BGR (OpenCV's order, for blending and encoding).
-    Plain JPEGs are decoded by OpenCV (twice as fast as Pillow, the same pixels); others by Pillow."""
+def decode_full_bgr(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The upright full-size photo (a file or its bytes) as [H,W,3] uint8 BGR (OpenCV's order, for
+    blending and encoding). Plain JPEGs are decoded by OpenCV (twice as fast as Pillow, the same pixels); others by Pillow."""
     with _decode_errors():
         img, full_hw, data = _open(path, max_pixels)
         if img.format == "JPEG" and img.mode in ("RGB", "L"):

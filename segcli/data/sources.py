@@ -45,9 +45,14 @@ def _placed(paths: list[Path]) -> list[PurePosixPath]:
     return [PurePosixPath(*Path(os.path.relpath(a, common)).parts) for a in absolute]
 
 
-def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str]]:
-    images, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
+def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str], list[tuple[Path, str]]]:
+    """(image files, non-image files, folders that could not be read with why), all sorted by path."""
+    images, skipped, unreadable = [], [], []
+
+    def failed(exc: OSError) -> None:  # a subfolder that vanished or cannot be read: reported, not skipped
+        unreadable.append((Path(exc.filename or folder), exc.strerror or str(exc)))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=failed):
         here = Path(dirpath)
         dirnames[:] = sorted(
             d for d in dirnames
@@ -61,7 +66,7 @@ def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str]]:
                 images.append(p)
             else:
                 skipped.append(str(p))
-    return images, skipped
+    return images, skipped, unreadable
 
 
 def _read_list(lines: list[str], base: Path | None) -> list[tuple[Path, str]]:
@@ -82,10 +87,11 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
     result = SourceList()
     seen: set[Path] = set()
     exclude = exclude.resolve() if exclude else None
-    candidates: list[tuple[Path, str, PurePosixPath | None]] = []  # None: placed with the other named files
+    # (path, as named, output location or None: placed with the other named files, known error)
+    candidates: list[tuple[Path, str, PurePosixPath | None, str | None]] = []
 
-    def add_file(p: Path, display: str, rel: PurePosixPath | None = None) -> None:
-        candidates.append((p, display, rel))
+    def add_file(p: Path, display: str, rel: PurePosixPath | None = None, error: str | None = None) -> None:
+        candidates.append((p, display, rel, error))
 
     for arg in args:
         if arg == "-":
@@ -95,10 +101,13 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
             continue
         path = Path(arg).expanduser()
         if path.is_dir():
-            images, skipped = _walk(path, exclude)
+            images, skipped, unreadable = _walk(path, exclude)
             result.skipped += skipped
             for p in images:
                 add_file(p, str(p), PurePosixPath(*p.relative_to(path).parts))
+            for p, why in unreadable:
+                rel = PurePosixPath(*p.relative_to(path).parts, ".unreadable-folder")  # never written
+                add_file(p, str(p), rel, error=f"cannot read this folder: {why}")
         elif path.is_file():
             if path.suffix.lower() in LIST_SUFFIXES and not looks_like_image(path):
                 try:
@@ -120,27 +129,26 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
             raise SegcliError(f"no such file or folder: {arg}")
 
     unique = []
-    for p, display, rel in candidates:
+    for p, display, rel, error in candidates:
         key = p.resolve() if p.exists() else p.absolute()
         if key in seen:
             continue
         seen.add(key)
-        unique.append((p, display, rel))
-    named = iter(_placed([p for p, _, rel in unique if rel is None]))
-    unique = [(p, display, rel if rel is not None else next(named)) for p, display, rel in unique]
+        unique.append((p, display, rel, error))
+    named = iter(_placed([p for p, _, rel, _ in unique if rel is None]))
+    unique = [(p, display, rel if rel is not None else next(named), error) for p, display, rel, error in unique]
     names: dict[PurePosixPath, int] = {}
-    for _, _, rel in unique:
+    for _, _, rel, _ in unique:
         stem = rel.with_suffix("") if rel.suffix else rel
         names[stem] = names.get(stem, 0) + 1
     taken: set[PurePosixPath] = set()
-    for p, display, rel in unique:
+    for p, display, rel, error in unique:
         stem = rel.with_suffix("") if rel.suffix else rel
         # two inputs that differ only by extension (a.jpg, a.png) keep the extension in their NAME
         out = rel.parent / rel.name.replace(".", "_") if names[stem] > 1 else stem
-        error = None
-        if out in taken:
+        if error is None and out in taken:
             error = f"its output name {out} is already used by another input"
-        elif not p.exists():
+        elif error is None and not p.exists():
             error = "file not found"
         taken.add(out)
         result.sources.append(Source(path=p, display=display, rel=out, error=error))
