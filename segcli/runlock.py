@@ -12,6 +12,7 @@ other pair of runs into one folder conflicts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from segcli.errors import SegcliError
-from segcli.fileio import _write
+from segcli import fileio
 
 LOCK_GLOB = "lock*.json"
 
@@ -127,6 +128,8 @@ class FolderLock:
             holder = _read(self.path)
             if holder is not None and (holder.host, holder.pid) == (self.me.host, self.me.pid):
                 self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a folder that held only the lock goes too
+                self.state_dir.rmdir()
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
@@ -142,7 +145,7 @@ class FolderLock:
         except FileExistsError:
             return _read(self.path) or Holder(socket.gethostname(), 0, None, "", "")  # gone meanwhile: try again
         try:
-            _write(fd, json.dumps(asdict(self.me)).encode())
+            fileio._write(fd, json.dumps(asdict(self.me)).encode())
         except BaseException:
             os.close(fd)
             self.path.unlink(missing_ok=True)

@@ -4,6 +4,8 @@ The image encoder and the DPT decoder learn with per-pixel cross-entropy; the fr
 tower turns the class names into the classifier once. DIR gets last/best.safetensors (normal segcli
 checkpoints), metrics.jsonl, curves.png, config.json and state.safetensors (weights, optimizer and
 progress in one atomically written file, no pickling), from which `--resume DIR` continues.
+One run at a time holds DIR (DIR/.segcli/lock.json); a disk that stops taking writes ends the run
+with one line, the last saved state intact.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,12 +32,13 @@ from segcli.data.segmentation import EpochBatches, SegmentationData, TrainingSet
 from segcli.distributed import Distributed
 from segcli.errors import SegcliError, mismatch_detail
 from segcli.evaluate import evaluate
-from segcli.fileio import atomic_write_bytes, atomic_write_json
+from segcli.fileio import AppendLog, atomic_write_bytes, atomic_write_json, read_json_lines
 from segcli.metrics import IGNORE_INDEX
 from segcli.models import ModelSpec, load_model
 from segcli.modeling.lseg import LSeg, build_model
 from segcli.options import DEFAULT_LR, TrainOptions  # noqa: F401  (TrainOptions: part of this API)
-from segcli.runfolder import next_run_dir
+from segcli.runfolder import STATE_DIR, next_run_dir
+from segcli.runlock import FolderLock
 from segcli.weights import read_state_dict
 
 STATE_FILE = "state.safetensors"
@@ -125,6 +129,26 @@ class Trainer:
         self.device = self.dist.device
         self.on_event = on_event or (lambda e: None)
         self.output = output
+        self.lock, self._log_file = None, None
+        if self.dist.main:  # before anything in DIR is read or written; let go by run(), or when collected
+            self.lock = FolderLock(output / STATE_DIR, "lock.json", "train", conflicts=lambda name: True).acquire()
+            weakref.finalize(self, self.lock.release)
+        try:
+            self._setup(opts, resume, spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let other runs into DIR (run() does this when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def _setup(self, opts: TrainOptions, resume: bool, spec: ModelSpec) -> None:
+        self.saved_step: int | None = None  # the step of the state on disk
         if opts.batch_size % (self.dist.world * opts.accumulate):
             raise SegcliError(f"--batch-size {opts.batch_size} must divide by processes x --accumulate "
                               f"({self.dist.world} x {opts.accumulate})")
@@ -197,6 +221,23 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Around every write into DIR: a disk that refuses (full, read-only, failing) ends the run in
+        one line; the files written before are whole (atomic), so --resume goes on from the last state."""
+        try:
+            yield
+        except OSError as exc:
+            kept = f"the state saved at step {self.saved_step} is intact" if self.saved_step is not None else "no state was saved yet"
+            raise SegcliError(f"stopped at step {self.step}: cannot write to {self.output}: {exc.strerror or exc}; {kept}; "
+                              f"once the folder can be written again, run segcli train --resume {self.output}") from None
+
+    def _run(self) -> TrainResult:
         sampler = EpochBatches(len(self.train_set), self.micro_batch, self.opts.seed,
                                start=divmod(self.step * self.opts.accumulate, self.micro_per_epoch),
                                rank=self.dist.rank, world=self.dist.world)
@@ -271,12 +312,13 @@ class Trainer:
             record = {"step": self.step, "mIoU": metrics["mIoU"], "pixAcc": metrics["pixAcc"], "seconds": seconds,
                       "elapsed": self.elapsed}
             self.last_eval = record
-            save_checkpoint(self.model, self.output / "last.safetensors", labels=self.classes,
-                            extra={"trained_on": self.data.name, "step": self.step, "val": record})
-            if self.best is None or metrics["mIoU"] > self.best["mIoU"]:
-                self.best = record
-                save_checkpoint(self.model, self.output / "best.safetensors", labels=self.classes,
+            with self._writing():
+                save_checkpoint(self.model, self.output / "last.safetensors", labels=self.classes,
                                 extra={"trained_on": self.data.name, "step": self.step, "val": record})
+                if self.best is None or metrics["mIoU"] > self.best["mIoU"]:
+                    save_checkpoint(self.model, self.output / "best.safetensors", labels=self.classes,
+                                    extra={"trained_on": self.data.name, "step": self.step, "val": record})
+                    self.best = record
             self._log({"step": self.step, "eval": record, "per_class": metrics["per_class"]})
         self.last_eval_at = self.elapsed
         self.model.train()  # the Segmenter switched it to eval mode
@@ -286,15 +328,19 @@ class Trainer:
         self.history.append(record)
         self.on_event(record)
         if self.dist.main:
-            with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            with self._writing():
+                if self._log_file is None:
+                    self._log_file = AppendLog(self.output / "metrics.jsonl")
+                self._log_file.append(record)
 
     # --- resumable state ---------------------------------------------------------------
     def _save_state(self) -> None:
         if self.dist.main:
             progress = {"step": self.step, "elapsed": self.elapsed, "best": self.best, "last_eval": self.last_eval,
                         "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-            save_training_state(self.output / STATE_FILE, self.model, self.optimizer, progress)
+            with self._writing():
+                save_training_state(self.output / STATE_FILE, self.model, self.optimizer, progress)
+            self.saved_step = self.step
         self.dist.barrier()
 
     def _load_state(self) -> None:
@@ -305,15 +351,14 @@ class Trainer:
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.elapsed = meta["step"], meta["elapsed"]
+        self.saved_step = self.step
         self.best, self.last_eval = meta["best"], meta["last_eval"]
         self.last_eval_at = (self.last_eval or {}).get("elapsed", 0.0)
         # drop log lines written after the saved state: the resumed run writes them again
         log = self.output / "metrics.jsonl"
         if log.exists() and self.dist.main:
-            kept = [line for line in log.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
-            atomic_write_bytes(log, ("\n".join(kept) + "\n" if kept else "").encode())
-            self.history = [json.loads(line) for line in kept]
+            self.history = [r for r in read_json_lines(log) if r.get("step", 0) <= self.step]
+            atomic_write_bytes(log, "".join(json.dumps(r) + "\n" for r in self.history).encode())
 
     def _write_curves(self) -> None:
         if self.dist.main:
@@ -321,7 +366,8 @@ class Trainer:
 
             losses = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
             mious = [(r["step"], r["eval"]["mIoU"]) for r in self.history if "eval" in r]
-            atomic_write_bytes(self.output / "curves.png", plot_curves(losses, mious))
+            with self._writing():
+                atomic_write_bytes(self.output / "curves.png", plot_curves(losses, mious))
 
 
 @contextlib.contextmanager
