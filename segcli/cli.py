@@ -54,6 +54,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except SegcliError as exc:
             raise _fail(str(exc), exc.exit_code) from None
+        except OSError as exc:  # the environment (a full disk, permissions), not a bug: one line as well
+            where = f": {exc.filename}" if exc.filename else ""
+            raise _fail(f"{exc.strerror or exc}{where}", 2) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
 
