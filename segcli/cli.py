@@ -86,7 +86,9 @@ def predict(
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set (ade20k). Default: the labels the checkpoint was trained on.'),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="clip-dense[:ARCH[@TAG]] (training-free CLIP, the default: clip-dense:ViT-B-16), a segcli checkpoint (.safetensors), an LSeg .ckpt, an open_clip weights file, or an architecture name (untrained, for smoke tests)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/predict/N."),
-    save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay."),
+    save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay,embeddings (NAME_embed.safetensors: the pixel embeddings, for segcli relabel and search)."),
+    embed_dtype: str = typer.Option("auto", "--embed-dtype", help="Stored embeddings' dtype: auto (the 16-bit dtype the model computed in, else float16), float16, bfloat16, float32."),
+    embed_stride: Optional[int] = typer.Option(None, "--embed-stride", min=1, help="Store embeddings average-pooled to this stride in input pixels (a multiple of the model's output stride; default: that stride)."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}." (default: the raw label for LSeg models, "a photo of a {}." for clip-dense).'),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (long side; a multiple of 32 for LSeg, of the patch size for clip-dense). Default: the model's (LSeg 384, clip-dense 448)."),
@@ -139,7 +141,7 @@ def predict(
     label_set = seg.resolve_labels(label_set)
     options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
                              batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels,
-                             shard=shard_spec, postprocess=postprocess)
+                             shard=shard_spec, postprocess=postprocess, embed_dtype=embed_dtype, embed_stride=embed_stride)
     reporter = _Reporter(total=len(found.sources), quiet=quiet, json_lines=json_lines)
     run = PredictRun(seg, options, found, on_record=reporter.record)
     with reporter:

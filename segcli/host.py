@@ -86,6 +86,7 @@ class FinishJob:
     full_hw: tuple[int, int]
     seconds: float  # spent on it so far
     stamp: tuple[int, int]  # from ModelInput
+    made: dict[str, bytes] | None = None  # outputs the model's process made (the pixel embeddings)
 
 
 _plan: HostPlan | None = None
@@ -164,13 +165,14 @@ def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
             raise InputFailure(str(exc)) from None
     counts = np.zeros(len(plan.labels), np.int64)
     mask = restore(job, plan, counts)
-    return complete(job.source, mask, counts, plan, job.seconds + time.perf_counter() - t0, photo)
+    return complete(job.source, mask, counts, plan, job.seconds + time.perf_counter() - t0, photo, job.made)
 
 
 def complete(source: Source, mask: np.ndarray, counts: np.ndarray, plan: HostPlan, seconds: float,
              photo: np.ndarray | None = None, made: dict[str, bytes] | None = None) -> dict:
     """render -> write for a restored label map and its pixels per label (`counts`, counted while
-    restoring); `made` holds outputs produced elsewhere (the device's overlay). Returns the record."""
+    restoring); `made` holds outputs produced elsewhere (the device's overlay, the model's embeddings).
+    Returns the record."""
     t0 = time.perf_counter()
     made = made or {}
     blobs, fractions, present = render(mask, counts, photo, plan, [k for k in plan.kinds if k not in made])

@@ -1,7 +1,8 @@
 """The output kinds of `segcli predict`, as one table: a new kind is one entry here.
 
 Each kind names its file suffix, whether it needs the full-size decoded photo (decoding can skip
-detail otherwise), and how its bytes are produced from a label map.
+detail otherwise), and how its bytes are produced from a label map — or that the model's process
+makes them (the pixel embeddings, see `segcli.embeddings`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class OutputKind:
     name: str
     suffix: str  # NAME + suffix is the file written beside the mirrored input path
     needs_photo: bool  # the full-size photo must be decoded
-    produce: Callable[[RenderInput], bytes]  # what the file holds is said in README's outputs table
+    produce: Callable[[RenderInput], bytes] | None  # None: made by the model's process, not from the label map
 
 
 OUTPUT_KINDS: dict[str, OutputKind] = {
@@ -65,9 +66,10 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
         OutputKind("color", "_color.png", False, lambda r: r.color_png),  # palette PNG in the label colors
         OutputKind("overlay", "_overlay.jpg", True,  # the photo blended with the colors, with a legend
                    lambda r: encode_jpeg_bgr(overlay_bgr(r.photo, r.color_bgr, r.alpha, r.legend, in_place=True))),
+        OutputKind("embeddings", "_embed.safetensors", False, None),  # pixel embeddings, for relabel and search
     ]
 }
-DEFAULT_OUTPUTS = tuple(OUTPUT_KINDS)
+DEFAULT_OUTPUTS = ("mask", "color", "overlay")
 
 
 def parse_outputs(spec: str) -> tuple[str, ...]:

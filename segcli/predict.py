@@ -35,7 +35,8 @@ from segcli.errors import SegcliError, one_line
 from segcli.fileio import is_disk_error, remove_stale_temp_files
 from segcli.host import ModelInput
 from segcli.labels import LabelSet
-from segcli.masks import candidate_logits, image_extent
+from segcli.embeddings import EmbeddingInfo, check_embed_stride, encode, pool, resolve_embed_dtype
+from segcli.masks import candidate_logits, image_extent, image_region
 from segcli.outputs import DEFAULT_OUTPUTS
 from segcli.runfolder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
 
@@ -63,6 +64,8 @@ class PredictOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard: tuple[int, int] | None = None  # (I, N): this run is shard I of N, writing into a shared DIR
     postprocess: str = "auto"  # where full-size work happens: host, device, or auto (device on CUDA)
+    embed_dtype: str = "auto"  # the stored pixel embeddings' dtype (see segcli.embeddings)
+    embed_stride: int | None = None  # their stride in input pixels (None: the model's output stride)
 
 
 @dataclass
@@ -96,6 +99,13 @@ class PredictRun:
         self.opt = options
         self.sources = sources
         self.on_record = on_record or (lambda record: None)
+        self.embed = None  # (dtype, stride) when the pixel embeddings are stored
+        if "embeddings" in options.save:
+            if not segmenter.model.provides_embeddings:
+                raise SegcliError("this model gives no pixel embeddings (an ONNX export): --save embeddings needs "
+                                  "a PyTorch model (a checkpoint, clip-dense, ...)")
+            self.embed = (resolve_embed_dtype(options.embed_dtype, segmenter.autocast_dtype),
+                          check_embed_stride(options.embed_stride, segmenter.model.output_stride))
         settings = {
             "model": segmenter.name,
             "model_fingerprint": segmenter.fingerprint,
@@ -106,6 +116,8 @@ class PredictRun:
             "save": list(options.save),
             "alpha": options.alpha,
         }
+        if self.embed is not None:
+            settings["embeddings"] = {"dtype": str(self.embed[0]).replace("torch.", ""), "stride": self.embed[1]}
         self.folder = RunFolder(options.output, settings, options.shard, options.overwrite)
         self.output = self.folder.path
         self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
@@ -125,7 +137,8 @@ class PredictRun:
         labels', on the device, when post-processing happens there)."""
         t0 = time.perf_counter()
         pixels = np.stack([it.model_input.pixels for it in batch])
-        logits, _ = self.seg.segment_canvases(pixels, text, on_device=self.device_post is not None)
+        logits, emb = self.seg.segment_canvases(pixels, text, return_embeddings=self.embed is not None,
+                                                on_device=self.device_post is not None)
         share = (time.perf_counter() - t0) / len(batch)
         jobs = []
         for i, item in enumerate(batch):
@@ -135,9 +148,24 @@ class PredictRun:
                 candidates, cand = None, logits[i]
             else:
                 candidates, cand = candidate_logits(logits[i], valid)
-            jobs.append(host.FinishJob(item.source, candidates, cand, valid, got.full_hw, got.seconds + share, got.stamp))
+            made = {"embeddings": self._embeddings_file(emb[i], item)} if emb is not None else None
+            jobs.append(host.FinishJob(item.source, candidates, cand, valid, got.full_hw, got.seconds + share,
+                                       got.stamp, made))
             item.model_input = None
         return jobs
+
+    def _embeddings_file(self, emb: torch.Tensor, item: Item) -> bytes:
+        """[C,S/s,S/s] of one canvas -> the NAME_embed.safetensors bytes of the photo's cells."""
+        dtype, stride = self.embed
+        got, model = item.model_input, self.seg.model
+        region = pool(image_region(emb, got.resized_hw, model.output_stride), stride // model.output_stride)
+        info = EmbeddingInfo(
+            model=self.seg.name, model_fingerprint=self.seg.fingerprint, family=getattr(model, "family", model.architecture),
+            channels=int(region.shape[0]), stride=stride, imgsz=self.seg.imgsz, full_hw=got.full_hw,
+            resized_hw=got.resized_hw, normalised=stride != model.output_stride,
+            compute_dtype=str(self.seg.autocast_dtype or torch.float32).replace("torch.", ""),
+            photo={"path": os.path.abspath(item.source.path), "size": got.stamp[0], "mtime_ns": got.stamp[1]})
+        return encode(region, info, dtype)
 
     def finish_on_device(self, job: host.FinishJob, writers: ThreadPoolExecutor) -> Future:
         """restore (+ the overlay) on the device, here; PNGs and writes on a host thread."""
@@ -153,7 +181,7 @@ class PredictRun:
             except host.InputFailure as exc:
                 return _failed(exc)
         seconds = job.seconds + time.perf_counter() - t0
-        return writers.submit(host.complete, job.source, mask, counts, self.plan, seconds, None, made)
+        return writers.submit(host.complete, job.source, mask, counts, self.plan, seconds, None, {**(job.made or {}), **made})
 
     # -- the stream ---------------------------------------------------------------------------
 

@@ -58,15 +58,25 @@ class PixelTextModel(nn.Module):
         pixels = F.normalize(pixel_embeddings.float(), dim=1)
         return torch.einsum("bchw,kc->bkhw", pixels, label_embeddings.float()) * self.logit_scale
 
+    def image_logits(self, pixel_embeddings: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
+        """One image: [C,h,w] x [K,C] (normalised) -> [K,h,w] fp32, the same numbers as `logits`
+        up to rounding. Scored alone, an image's logits do not depend on the batch it came in, so
+        stored embeddings (segcli relabel) reproduce them bit for bit on the same device."""
+        # one memory layout (decoders hand out channels-last maps): the reduction order, hence the
+        # rounding, follows the layout
+        pixels = F.normalize(pixel_embeddings.float().contiguous(), dim=0)
+        return torch.einsum("chw,kc->khw", pixels, label_embeddings.float()) * self.logit_scale
+
     def dense_logits(self, images: torch.Tensor, label_embeddings: torch.Tensor, autocast_dtype: torch.dtype | None = None,
                      return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B,3,H,W] in [0,1] -> (logits [B,K,H/s,W/s] fp32, pixel embeddings [B,C,H/s,W/s] or None).
 
-        Only the image branch runs under autocast; the scoring stays in fp32.
+        Only the image branch runs under autocast; the scoring stays in fp32, one image at a time.
         """
         with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             emb = self.pixel_embeddings(images)
-        logits = self.logits(emb, label_embeddings.to(images.device))
+        text = label_embeddings.to(images.device)
+        logits = torch.stack([self.image_logits(one, text) for one in emb])
         return logits, (emb.float() if return_embeddings else None)
 
     def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor:
