@@ -158,21 +158,58 @@ class Segmenter:
         """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32 on the CPU, or left on the model's
         device with `on_device` (and embeddings [B,C,S/s,S/s]). uint8 travels (from pinned memory on
         CUDA); the conversion to float happens on the device."""
+        logits, emb = self.model.dense_logits(self._input_batch(pixels), label_embeddings, self.autocast_dtype,
+                                              return_embeddings)
+        if on_device:
+            return logits, emb
+        return logits.cpu(), (emb.cpu() if emb is not None else None)
+
+    def embed(self, images: Image.Image | np.ndarray | str | os.PathLike | Sequence, batch_size: int = 4) -> list:
+        """Pixel embeddings of images, as the model computes them at its output stride: a list of
+        `segcli.embeddings.PixelEmbeddings` ([C,h,w], the cells covering each image) whose
+        `.query(labels)` gives the label map `predict` would, running only the text tower."""
+        from segcli.embeddings import EmbeddingInfo, PixelEmbeddings
+
+        if not self.model.provides_embeddings:
+            raise SegcliError("this model gives no pixel embeddings (an ONNX export): use a PyTorch model")
+        items = images if isinstance(images, (list, tuple)) else [images]
+        stride = self.model.output_stride
+        out = []
+        for start in range(0, len(items), batch_size):
+            pil = [_as_pil(x) for x in items[start:start + batch_size]]
+            canvases = [self.prepare(im) for im in pil]
+            emb = self._embeddings(np.stack([c.pixels for c in canvases]))
+            for i, (im, canvas) in enumerate(zip(pil, canvases)):
+                region = self.image_region(emb[i], canvas).contiguous()
+                info = EmbeddingInfo(
+                    model=self.name, model_fingerprint=self.fingerprint, family=getattr(self.model, "family", ""),
+                    channels=int(region.shape[0]), stride=stride, imgsz=self.imgsz, full_hw=(im.height, im.width),
+                    resized_hw=canvas.resized_hw, normalised=False,
+                    compute_dtype=str(self.autocast_dtype or torch.float32).replace("torch.", ""))
+                out.append(PixelEmbeddings(region, info, self))
+        return out
+
+    def _input_batch(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 canvases [B,S,S,3] -> [B,3,S,S] float in [0,1] on the model's device."""
         batch = torch.from_numpy(pixels)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
             # reorder the bytes, then convert: a strided float conversion costs several times more
-            batch = batch.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-        else:  # one pass into a buffer kept between batches (per thread): a fresh one costs page faults
-            shape = (batch.shape[0], 3, batch.shape[1], batch.shape[2])
-            buffer = getattr(self._input, "batch", None)
-            if buffer is None or buffer.shape != shape or buffer.device != self.device:
-                buffer = self._input.batch = torch.empty(shape, device=self.device)
-            batch = buffer.copy_(batch.permute(0, 3, 1, 2)).div_(255.0)
-        logits, emb = self.model.dense_logits(batch, label_embeddings, self.autocast_dtype, return_embeddings)
-        if on_device:
-            return logits, emb
-        return logits.cpu(), (emb.cpu() if emb is not None else None)
+            return batch.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+        # one pass into a buffer kept between batches (per thread): a fresh one costs page faults
+        shape = (batch.shape[0], 3, batch.shape[1], batch.shape[2])
+        buffer = getattr(self._input, "batch", None)
+        if buffer is None or buffer.shape != shape or buffer.device != self.device:
+            buffer = self._input.batch = torch.empty(shape, device=self.device)
+        return buffer.copy_(batch.permute(0, 3, 1, 2)).div_(255.0)
+
+    @torch.inference_mode()
+    def _embeddings(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 canvases [B,S,S,3] -> pixel embeddings [B,C,S/s,S/s] (fp32 values of the compute dtype)."""
+        batch = self._input_batch(pixels)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            emb = self.model.pixel_embeddings(batch)
+        return emb.float().cpu()
 
     def predict(self, images: Image.Image | np.ndarray | str | os.PathLike | Sequence, labels: str | LabelSet | None = None,
                 prompt: str | None = None, batch_size: int = 4, return_logits: bool = False,

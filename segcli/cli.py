@@ -159,6 +159,91 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+@user_errors
+def relabel(
+    folder: Path = typer.Argument(..., help="A predict run's DIR that holds stored embeddings (--save embeddings)."),
+    labels: str = typer.Option(..., "--labels", "-l", help='The new labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set.'),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/relabel/N."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that made the embeddings, when it moved (default: the one DIR records)."),
+    save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay (overlays need the original photos)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template for the labels (as predict's)."),
+    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for label maps, rendering and writing."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every photo, replacing results made with other settings."),
+    json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per photo on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors are still reported)."),
+) -> None:
+    """Predict's outputs for new labels from stored embeddings, without running the image encoder."""
+    from segcli.api import Segmenter
+    from segcli.labels import parse_labels
+    from segcli.outputs import parse_outputs
+    from segcli.predict import PredictOptions
+    from segcli.relabel import RelabelRun, recorded_model, stored_embeddings
+    from segcli.runfolder import next_run_dir
+
+    label_set = parse_labels(labels)
+    kinds = parse_outputs(save)
+    stored = stored_embeddings(folder)
+    sizes = {e.info.imgsz for e in stored}
+    if len(sizes) > 1:
+        raise SegcliError(f"{folder} mixes embeddings made at several --imgsz ({sorted(sizes)}): relabel one at a time")
+    seg = Segmenter.from_pretrained(model or recorded_model(folder), device=device, imgsz=sizes.pop(), warn=False)
+    options = PredictOptions(labels=label_set, prompt=prompt, output=output or next_run_dir(Path("runs/relabel")),
+                             save=kinds, alpha=alpha, workers=workers, overwrite=overwrite)
+    reporter = _Reporter(total=len(stored), quiet=quiet, json_lines=json_lines)
+    run = RelabelRun(seg, options, stored, folder, on_record=reporter.record)
+    with reporter:
+        result = run.run()
+    if result.interrupted:
+        raise _fail(f"interrupted: {len(result.records)} of {len(stored)} done; run again to finish", 130)
+    if not quiet:
+        ok = len(result.records) - result.failed
+        print(f"done: {ok} ok, {result.failed} failed, {result.reused} already done -> {result.output}", file=sys.stderr)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def search(
+    folder: Path = typer.Argument(..., help="A predict run's DIR that holds stored embeddings (--save embeddings)."),
+    query: List[str] = typer.Option(..., "--query", "-q", help='What to look for, e.g. "red car" (repeat for several).'),
+    against: Optional[str] = typer.Option(None, "--against", help="The labels a query must beat at a pixel (default: the labels the run was made with)."),
+    top: Optional[int] = typer.Option(None, "--top", "-n", min=1, help="Only the N best photos per query."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that made the embeddings, when it moved."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template for the queries and labels."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per line: query, score, cells, path, embeddings."),
+) -> None:
+    """Rank stored photos by the fraction of their pixels where a query wins: SCORE<TAB>PATH, best first."""
+    from segcli.api import Segmenter
+    from segcli.labels import LabelSet, parse_labels
+    from segcli.relabel import recorded_model
+    from segcli.search import search as run_search
+
+    queries = [q.strip() for q in query if q.strip()]
+    if not queries:
+        raise SegcliError("--query is empty: say what to look for")
+    if against is not None:
+        rivals = parse_labels(against)
+    else:
+        try:
+            rivals = LabelSet.from_json(json.loads((folder / "labels.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError) as exc:
+            raise SegcliError(f"{folder}/labels.json is missing or unreadable ({exc}): give --against") from None
+    seg = Segmenter.from_pretrained(model or recorded_model(folder), device=device, warn=False)
+    hits = run_search(folder, queries, rivals, seg, prompt, top)
+    for q in queries:
+        for hit in hits[q]:
+            if json_out:
+                print(json.dumps({"query": hit.query, "score": round(hit.score, 6), "cells": hit.cells, "path": hit.path,
+                                  "embeddings": hit.embeddings}, ensure_ascii=False))
+            else:
+                print(f"{hit.score:.4f}\t" + (f"{hit.query}\t" if len(queries) > 1 else "") + hit.path)
+
+
 class _Reporter:
     """Progress on stderr (a rich bar on a terminal, plain lines otherwise); JSON lines on stdout."""
 
@@ -189,8 +274,10 @@ class _Reporter:
         self.count += 1
         if self.json_lines:
             print(json.dumps(rec, ensure_ascii=False), flush=True)
-        if rec["status"] != "ok":
-            line = f"error: {rec['input']}: {rec['error']}"
+        notes = [f"error: {rec['input']}: {rec['error']}"] if rec["status"] != "ok" else []
+        if rec.get("warning"):
+            notes.append(f"warning: {rec['input']}: {rec['warning']}")
+        for line in notes:
             if self.progress:
                 self.progress.console.print(line, markup=False)
             else:

@@ -85,8 +85,9 @@ class FinishJob:
     valid_hw: tuple[float, float]  # the image's exact extent in cells
     full_hw: tuple[int, int]
     seconds: float  # spent on it so far
-    stamp: tuple[int, int]  # from ModelInput
+    stamp: tuple[int, int] | None  # from ModelInput (None: not known, the photo is not checked)
     made: dict[str, bytes] | None = None  # outputs the model's process made (the pixel embeddings)
+    photo_optional: bool = False  # a photo gone or changed drops the outputs that need it, not the input
 
 
 _plan: HostPlan | None = None
@@ -140,7 +141,7 @@ def file_stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def reread(path: Path, stamp: tuple[int, int]) -> bytes:
+def reread(path: Path, stamp: tuple[int, int] | None) -> bytes:
     """The photo's bytes again (for the full-size outputs), when the file is still the one decoded:
     a photo replaced, truncated or deleted meanwhile fails as an input, never mixes two files."""
     try:
@@ -148,7 +149,7 @@ def reread(path: Path, stamp: tuple[int, int]) -> bytes:
         now = file_stamp(path)
     except OSError as exc:
         raise InputFailure(f"the file went away while it was being processed ({exc.strerror or exc})") from None
-    if now != stamp or len(data) != stamp[0]:
+    if stamp is not None and (now != stamp or len(data) != stamp[0]):
         raise InputFailure("the file changed while it was being processed; run again to redo it")
     return data
 
@@ -157,27 +158,30 @@ def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
     """restore -> render -> write for one image; returns its record."""
     plan = plan or _plan
     t0 = time.perf_counter()
-    photo = None
+    photo, warning = None, None
     if plan.need_photo:
         try:
             photo = decode_full_bgr(reread(job.source.path, job.stamp), plan.max_pixels)
-        except ImageDecodeError as exc:
-            raise InputFailure(str(exc)) from None
+        except (ImageDecodeError, InputFailure) as exc:
+            if not job.photo_optional:
+                raise InputFailure(str(exc)) from None
+            warning = f"no {', '.join(k for k in plan.kinds if OUTPUT_KINDS[k].needs_photo)}: {exc}"
     counts = np.zeros(len(plan.labels), np.int64)
     mask = restore(job, plan, counts)
-    return complete(job.source, mask, counts, plan, job.seconds + time.perf_counter() - t0, photo, job.made)
+    return complete(job.source, mask, counts, plan, job.seconds + time.perf_counter() - t0, photo, job.made, warning)
 
 
 def complete(source: Source, mask: np.ndarray, counts: np.ndarray, plan: HostPlan, seconds: float,
-             photo: np.ndarray | None = None, made: dict[str, bytes] | None = None) -> dict:
+             photo: np.ndarray | None = None, made: dict[str, bytes] | None = None, warning: str | None = None) -> dict:
     """render -> write for a restored label map and its pixels per label (`counts`, counted while
     restoring); `made` holds outputs produced elsewhere (the device's overlay, the model's embeddings).
-    Returns the record."""
+    Without `photo`, the kinds that need it are left out (`warning` says why). Returns the record."""
     t0 = time.perf_counter()
     made = made or {}
-    blobs, fractions, present = render(mask, counts, photo, plan, [k for k in plan.kinds if k not in made])
+    kinds = [k for k in plan.kinds if k not in made and (photo is not None or not OUTPUT_KINDS[k].needs_photo)]
+    blobs, fractions, present = render(mask, counts, photo, plan, kinds)
     paths = write(source, {**blobs, **made}, plan)
-    return {
+    record = {
         "input": source.display,
         "path": str(source.path),
         "output": str(source.rel),
@@ -188,6 +192,9 @@ def complete(source: Source, mask: np.ndarray, counts: np.ndarray, plan: HostPla
         "labels": {plan.labels.names[k]: round(float(fractions[k]), 6) for k in present},
         "files": [str(p.relative_to(plan.output)) for p in paths.values()],
     }
+    if warning:
+        record["warning"] = warning
+    return record
 
 
 def restore(job: FinishJob, plan: HostPlan, counts: np.ndarray | None = None) -> np.ndarray:
@@ -213,8 +220,9 @@ def render(mask: np.ndarray, counts: np.ndarray, photo: np.ndarray | None, plan:
 
 
 def write(source: Source, blobs: dict[str, bytes], plan: HostPlan) -> dict[str, Path]:
-    """Each output atomically into its place inside DIR (never outside it, symlinks included)."""
-    paths = plan.outputs(source)
+    """Each output in `blobs` atomically into its place inside DIR (never outside it, symlinks
+    included); returns where they went."""
+    paths = {kind: path for kind, path in plan.outputs(source).items() if kind in blobs}
     folder = next(iter(paths.values())).parent
     folder.mkdir(parents=True, exist_ok=True)
     real = folder.resolve()

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -239,6 +239,36 @@ class PredictRun:
         finally:
             self.folder.release()
 
+    def _jobs(self, todo: list[Item], pool: ProcessPoolExecutor, text: torch.Tensor | None,
+              window: int) -> Iterator[tuple[Item, host.FinishJob | None]]:
+        """decode (in the pool, at most `window` ahead) -> infer (batches): per input, its job for
+        the workers, or None with `item.error` set."""
+        decoding: deque[tuple[Item, Future | None]] = deque()
+        pending = iter(todo)
+
+        def refill() -> None:
+            while len(decoding) < window and (item := next(pending, None)) is not None:
+                decoding.append((item, None if item.error else pool.submit(host.decode, item.source.path)))
+
+        try:
+            refill()
+            batch: list[Item] = []
+            while decoding:
+                item, fut = decoding.popleft()
+                item = self._decoded(item, fut) if fut is not None else item
+                refill()
+                if item.error:
+                    yield item, None
+                else:
+                    batch.append(item)
+                if len(batch) == self.opt.batch_size or (not decoding and batch):
+                    yield from zip(batch, self.infer(batch, text))
+                    batch = []
+        finally:
+            for _, fut in decoding:
+                if fut is not None:
+                    fut.cancel()
+
     def _run(self, done: dict[str, dict]) -> PredictResult:
         text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
         todo: list[Item] = []
@@ -259,37 +289,20 @@ class PredictRun:
         pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=host.start_worker,
                                    initargs=(self.plan, os.getpid()))
         writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
-        decoding: deque[tuple[Item, Future | None]] = deque()
         writing: deque[tuple[Item, Future]] = deque()
-        pending = iter(todo)
+        jobs = self._jobs(todo, pool, text, window)
         interrupted = broken = False
-
-        def refill() -> None:
-            while len(decoding) < window and (item := next(pending, None)) is not None:
-                decoding.append((item, None if item.error else pool.submit(host.decode, item.source.path)))
-
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            refill()
-            batch: list[Item] = []
-            while decoding:
-                item, fut = decoding.popleft()
-                item = self._decoded(item, fut) if fut is not None else item
-                refill()
-                self._collect(writing, limit=window)
-                if item.error:
+            for item, job in jobs:
+                if job is None:
                     self._done(item.index, error_record(item.source, item.error))
                 else:
-                    batch.append(item)
-                if len(batch) == self.opt.batch_size or (not decoding and batch):
-                    jobs = self.infer(batch, text)
-                    for it, job in zip(batch, jobs):
-                        fut = self.finish_on_device(job, writers) if writers else pool.submit(host.finish, job)
-                        writing.append((it, fut))
-                    self._collect(writing, limit=window)
-                    batch = []
+                    fut = self.finish_on_device(job, writers) if writers else pool.submit(host.finish, job)
+                    writing.append((item, fut))
+                self._collect(writing, limit=window)
                 if self.stop is not None:
                     break
             self._collect(writing, limit=0)
@@ -300,9 +313,7 @@ class PredictRun:
             raise SegcliError("a worker process died (killed, or out of memory); every file written is whole: "
                               "run again to finish") from None
         finally:
-            for _, fut in decoding:
-                if fut is not None:
-                    fut.cancel()
+            jobs.close()  # cancels the decodes not started
             pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
             if broken:  # the dead worker cannot remove the temp file it was writing; its pid tells it is stale
                 remove_stale_temp_files(self.output)

@@ -1,0 +1,59 @@
+"""The search engine: rank stored photos by how much of each a query covers.
+
+A photo's score for a query is the fraction of its stored cells (pixel embeddings, see
+`segcli.embeddings`) where the query's text embedding scores above every `against` label. One
+product per photo scores all queries at once; files are read one at a time, so memory does not
+grow with the number of photos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from segcli.api import Segmenter
+from segcli.embeddings import load
+from segcli.labels import LabelSet
+from segcli.relabel import check_models, stored_embeddings
+
+
+@dataclass(frozen=True)
+class Hit:
+    query: str
+    score: float  # the fraction of the photo's cells where the query wins
+    cells: int  # how many cells that is
+    path: str  # the photo (as stored), or the embeddings file when the photo is not known
+    embeddings: str
+
+
+def search(folder: Path, queries: list[str], against: LabelSet, segmenter: Segmenter,
+           prompt: str | None = None, top: int | None = None) -> dict[str, list[Hit]]:
+    """Per query (in the order given), the stored photos best first (at most `top`)."""
+    stored = stored_embeddings(folder)
+    check_models(stored, segmenter)
+    hits: dict[str, list[Hit]] = {q: [] for q in queries}
+    # each query against the `against` labels other than itself (a query that is one of the run's
+    # labels would otherwise tie with itself everywhere)
+    rivals = [[i for i, name in enumerate(against.names) if name.lower() != q.lower()] for q in queries]
+    with torch.inference_mode():
+        asked = segmenter.label_embeddings(LabelSet.from_synonyms([[q] for q in queries]), prompt)
+        text = torch.cat([asked, segmenter.label_embeddings(against, prompt)]).float()  # [Q+A, C]
+        q_count = len(queries)
+        for entry in stored:
+            emb = load(entry.path).embeddings
+            cells = F.normalize(emb.to(text.device).float().flatten(1), dim=0)  # [C, h*w]
+            scores = text @ cells  # [Q+A, h*w]
+            theirs = scores[q_count:]
+            for i, q in enumerate(queries):
+                best_rival = theirs[rivals[i]].amax(0) if rivals[i] else torch.full_like(scores[i], -torch.inf)
+                wins = int((scores[i] > best_rival).sum())
+                photo = entry.info.photo["path"] if entry.info.photo else str(entry.path)
+                hits[q].append(Hit(q, wins / scores.shape[1], wins, photo, str(entry.path)))
+    for q in queries:
+        hits[q].sort(key=lambda h: (-h.score, h.path))
+        if top is not None:
+            del hits[q][top:]
+    return hits
