@@ -240,3 +240,53 @@ def test_sigterm_saves_the_state_and_exits_130(scenes, tmp_path):
     with safe_open(str(run / "state.safetensors"), framework="pt") as f:
         step = json.loads(f.metadata()["trainer"])["step"]
     assert 10 <= step < 400
+
+
+def test_search_ranks_photos_that_hold_the_class_first(trained, scenes, tmp_path):
+    """Stored embeddings of the validation scenes: per object class, the best photo holds it, and
+    over the classes a photo that holds the class outranks one that does not (mean AUC over pairs;
+    the tiny model confuses some boxes, so not every pair)."""
+    from segcli.data.synthetic import OBJECTS
+
+    out = tmp_path / "stored"
+    result = cli("predict", str(scenes / "val/images"), "--model", str(trained / "best.safetensors"), "-o", str(out),
+                 "--save", "embeddings", "--embed-stride", "8", "-q")
+    assert result.exit_code == 0, result.output
+    truth = {m.stem: np.array(Image.open(m)) for m in sorted((scenes / "val/masks").glob("*.png"))}
+    args = ["search", str(out)] + [x for name in OBJECTS for x in ("--query", name)]
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.output.splitlines()]
+    assert len(hits) == len(OBJECTS) * len(truth)
+    aucs = []
+    for name in OBJECTS:
+        cls = SYNTHETIC_CLASSES.index(name)
+        ranked = [Path(h["path"]).stem for h in hits if h["query"] == name]
+        scores = [h["score"] for h in hits if h["query"] == name]
+        assert scores == sorted(scores, reverse=True)
+        holding = {stem for stem, m in truth.items() if (m == cls).any()}
+        assert ranked[0] in holding, (name, ranked)
+        position = {stem: i for i, stem in enumerate(ranked)}
+        pairs = [(a, b) for a in holding for b in set(truth) - holding]
+        auc = sum(position[a] < position[b] for a, b in pairs) / len(pairs)
+        aucs.append(auc)
+    print("AUC per class", dict(zip(OBJECTS, aucs)))
+    assert sum(aucs) / len(aucs) >= 0.75, aucs
+    # each score is the share of stored cells where the query beats every other label, recomputed here
+    from segcli.api import Segmenter
+    from segcli.labels import LabelSet
+
+    seg = Segmenter.from_pretrained(str(trained / "best.safetensors"), device="cpu")
+    text = seg.label_embeddings(LabelSet.from_synonyms([[c] for c in SYNTHETIC_CLASSES])).numpy().astype(np.float64)
+    for hit in hits:
+        emb = load_file(hit["embeddings"])["embeddings"].double().numpy()  # bf16 where the CPU computed in it
+        cells = emb.reshape(emb.shape[0], -1)
+        scores = text @ (cells / np.linalg.norm(cells, axis=0))
+        q = SYNTHETIC_CLASSES.index(hit["query"])
+        expected = (scores[q] > np.delete(scores, q, axis=0).max(0)).mean()
+        assert hit["score"] == pytest.approx(expected, abs=1e-6)
+    # the plain form: SCORE<TAB>PATH, best first, one query
+    plain = cli("search", str(out), "--query", OBJECTS[0], "--top", "3")
+    lines = plain.output.splitlines()
+    assert plain.exit_code == 0 and len(lines) == 3 and all(len(line.split("\t")) == 2 for line in lines)
+    assert [float(line.split("\t")[0]) for line in lines] == sorted((float(x.split("\t")[0]) for x in lines), reverse=True)
