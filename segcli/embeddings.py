@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,14 +113,17 @@ class PixelEmbeddings:
     def __init__(self, embeddings: torch.Tensor, info: EmbeddingInfo, segmenter=None):
         self.embeddings, self.info, self.segmenter = embeddings, info, segmenter
 
+    @torch.inference_mode()
     def scores(self, label_embeddings: torch.Tensor) -> torch.Tensor:
         """[K,C] normalised text embeddings -> logits [K,h,w] fp32, exactly as the model scores: on
         the canvas's grid of cells as predict did (the same shapes give the same rounding)."""
         grid = -(-self.info.imgsz // self.info.stride)
         c, h, w = self.embeddings.shape
-        canvas = torch.zeros((c, max(grid, h), max(grid, w)), dtype=self.embeddings.dtype, device=label_embeddings.device)
-        canvas[:, :h, :w] = self.embeddings
-        return self._model().image_logits(canvas, label_embeddings)[:, :h, :w]
+        canvas = _grid_buffer((max(grid, h), max(grid, w), c), label_embeddings.device)  # [G,G,C], channels last
+        canvas[:h, :w].copy_(self.embeddings.permute(1, 2, 0))
+        canvas[h:].zero_()
+        canvas[:h, w:].zero_()
+        return self._model().image_logits(canvas.permute(2, 0, 1), label_embeddings)[:, :h, :w]
 
     def query(self, labels: str | LabelSet, prompt: str | None = None) -> np.ndarray:
         """Label map [H,W] at the photo's full size for `labels` (the text tower runs, the image's does not)."""
@@ -135,6 +139,17 @@ class PixelEmbeddings:
 
     def _model(self):
         return self._segmenter().model
+
+
+_buffers = threading.local()
+
+
+def _grid_buffer(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """A float32 buffer of `shape`, kept between photos (per thread): a fresh one costs page faults."""
+    buffer = getattr(_buffers, "grid", None)
+    if buffer is None or tuple(buffer.shape) != shape or buffer.device != torch.device(device):
+        buffer = _buffers.grid = torch.empty(shape, dtype=torch.float32, device=device)
+    return buffer
 
 
 def load(path: str | Path, segmenter=None) -> PixelEmbeddings:

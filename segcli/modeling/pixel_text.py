@@ -61,11 +61,16 @@ class PixelTextModel(nn.Module):
     def image_logits(self, pixel_embeddings: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
         """One image: [C,h,w] x [K,C] (normalised) -> [K,h,w] fp32, the same numbers as `logits`
         up to rounding. Scored alone, an image's logits do not depend on the batch it came in, so
-        stored embeddings (segcli relabel) reproduce them bit for bit on the same device."""
-        # one memory layout (decoders hand out channels-last maps): the reduction order, hence the
-        # rounding, follows the layout
-        pixels = F.normalize(pixel_embeddings.float().contiguous(), dim=0)
-        return torch.einsum("chw,kc->khw", pixels, label_embeddings.float()) * self.logit_scale
+        stored embeddings (segcli relabel) reproduce them bit for bit on the same device.
+
+        The cells are scored as rows [h*w, C] (the decoders' channels-last layout: no copy, and the
+        norm is a contiguous reduction), and divided by their norm after the product: K divisions
+        per cell instead of C."""
+        c, h, w = pixel_embeddings.shape
+        cells = pixel_embeddings.permute(1, 2, 0).float().contiguous().view(h * w, c)
+        norms = torch.linalg.vector_norm(cells, dim=1, keepdim=True).clamp_min_(1e-12)
+        scores = (cells @ label_embeddings.float().T).div_(norms).mul_(self.logit_scale)  # [h*w, K]
+        return scores.T.reshape(-1, h, w)
 
     def dense_logits(self, images: torch.Tensor, label_embeddings: torch.Tensor, autocast_dtype: torch.dtype | None = None,
                      return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
