@@ -116,13 +116,13 @@ def _exit_with(pid: int) -> None:
             os._exit(1)
 
 
-def decode(path: Path, plan: HostPlan | None = None) -> ModelInput:
-    """File -> model canvas, from a DCT-reduced decode (cheap; the label map then does not depend on
-    which outputs are written). Raises ImageDecodeError with a one-line message for bad files."""
+def decode(path: Path | bytes, plan: HostPlan | None = None) -> ModelInput:
+    """File (or its bytes) -> model canvas, from a DCT-reduced decode (cheap; the label map then does
+    not depend on which outputs are written). Raises ImageDecodeError with a one-line message."""
     plan = plan or _plan
     t0 = time.perf_counter()
     try:
-        stamp = file_stamp(path)
+        stamp = (len(path), 0) if isinstance(path, bytes) else file_stamp(path)
         decoded = decode_photo(path, plan.max_pixels, draft_long_side=plan.imgsz)
         canvas = fit_to_canvas(decoded.image, plan.imgsz)
     except MemoryError:

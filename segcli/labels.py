@@ -84,16 +84,19 @@ def _check(synonyms: list[list[str]]) -> None:
             seen[key] = word
 
 
-def parse_labels(spec: str) -> LabelSet:
+def parse_labels(spec: str, allow_files: bool = True) -> LabelSet:
     """Parse a label argument.
 
     - "road,car,sky": comma-separated labels; "road;street" makes synonyms of one label;
-    - "@labels.txt": one label per line (synonyms with ";"), blank lines and "# ..." ignored;
+    - "@labels.txt": one label per line (synonyms with ";"), blank lines and "# ..." ignored
+      (not with `allow_files=False`: the server never reads files a request names);
     - a named set: "ade20k" (150 classes, standard palette).
     """
     spec = spec.strip()
     if spec in NAMED_SETS:
         return named_label_set(spec)
+    if spec.startswith("@") and not allow_files:
+        raise SegcliError("labels cannot name a file here: send the label words themselves")
     if spec.startswith("@"):
         path = Path(spec[1:]).expanduser()
         try:
