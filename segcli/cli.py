@@ -82,12 +82,14 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 @app.command()
 @user_errors
 def predict(
-    sources: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs, .txt lists of paths, or - (paths on stdin)."),
+    sources: Optional[List[str]] = typer.Argument(None, help="Image and video files, folders (recursive), globs, .txt lists of paths, or - (paths on stdin)."),
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set (ade20k). Default: the labels the checkpoint was trained on.'),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="clip-dense[:ARCH[@TAG]] (training-free CLIP, the default: clip-dense:ViT-B-16), a segcli checkpoint (.safetensors), an LSeg .ckpt, an open_clip weights file, or an architecture name (untrained, for smoke tests)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/predict/N."),
     save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay,embeddings (NAME_embed.safetensors: the pixel embeddings, for segcli relabel and search)."),
     embed_dtype: str = typer.Option("auto", "--embed-dtype", help="Stored embeddings' dtype: auto (the 16-bit dtype the model computed in, else float16), float16, bfloat16, float32."),
+    vid_stride: int = typer.Option(1, "--vid-stride", min=1, help="Videos: process every N-th frame (mask PNGs keep the source frame index)."),
+    smooth: float = typer.Option(0.0, "--smooth", min=0.0, max=0.99, help="Videos: blend each frame's logits with the running average of the frames before (0 = off; 0.5 halves flicker)."),
     embed_stride: Optional[int] = typer.Option(None, "--embed-stride", min=1, help="Store embeddings average-pooled to this stride in input pixels (a multiple of the model's output stride; default: that stride)."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}." (default: the raw label for LSeg models, "a photo of a {}." for clip-dense).'),
@@ -130,7 +132,7 @@ def predict(
     stdin_lines = sys.stdin.read().splitlines() if "-" in sources else None
     found = collect_sources(sources, stdin_lines=stdin_lines, exclude=output)
     if not found.sources:
-        raise SegcliError(f"no images found in {' '.join(sources)}"
+        raise SegcliError(f"no images or videos found in {' '.join(sources)}"
                           + (f" ({len(found.skipped)} non-image files skipped)" if found.skipped else ""))
     if shard_spec:
         found = take_shard(found, *shard_spec)
@@ -141,9 +143,10 @@ def predict(
     label_set = seg.resolve_labels(label_set)
     options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
                              batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels,
-                             shard=shard_spec, postprocess=postprocess, embed_dtype=embed_dtype, embed_stride=embed_stride)
+                             shard=shard_spec, postprocess=postprocess, embed_dtype=embed_dtype, embed_stride=embed_stride,
+                             vid_stride=vid_stride, smooth=smooth)
     reporter = _Reporter(total=len(found.sources), quiet=quiet, json_lines=json_lines)
-    run = PredictRun(seg, options, found, on_record=reporter.record)
+    run = PredictRun(seg, options, found, on_record=reporter.record, on_frames=reporter.frames)
     with reporter:
         result = run.run()
     if ranks:
@@ -301,6 +304,21 @@ class _Reporter:
                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=False)
             self.task = self.progress.add_task("predict", total=total, rate="")
         self._start = None
+        self.frames_done, self._frames_task, self._frames_start = 0, None, None
+
+    def frames(self, count: int) -> None:
+        """Video frames processed (a second bar, in frames/s, once a video starts)."""
+        now = time.perf_counter()
+        if self._frames_start is None:
+            self._frames_start = now
+            if self.progress:
+                self._frames_task = self.progress.add_task("frames", total=None, rate="")
+        self.frames_done += count
+        rate = self.frames_done / max(1e-9, now - self._frames_start)
+        if self._frames_task is not None:
+            self.progress.update(self._frames_task, advance=count, rate=f"{rate:.1f} frames/s")
+        elif not self.quiet and self.frames_done % 100 < count:
+            print(f"  {self.frames_done} video frames ({rate:.1f} frames/s)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         self._start = time.perf_counter()
@@ -328,7 +346,8 @@ class _Reporter:
             elapsed = max(1e-9, time.perf_counter() - self._start)
             self.progress.update(self.task, advance=1, rate=f"{self.count / elapsed:.1f} img/s")
         elif not self.quiet and rec["status"] == "ok":
-            print(f"[{self.count}/{self.total}] {rec['input']} ({rec.get('seconds', 0):.2f}s)", file=sys.stderr, flush=True)
+            frames = f", {rec['frames_processed']} frames" if rec.get("kind") == "video" else ""
+            print(f"[{self.count}/{self.total}] {rec['input']} ({rec.get('seconds', 0):.2f}s{frames})", file=sys.stderr, flush=True)
 
 
 @app.command()

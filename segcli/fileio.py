@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -159,18 +160,20 @@ def _writer_alive(name: str) -> bool:
 
 
 def remove_stale_temp_files(root: Path, max_age_s: float = 3600) -> int:
-    """Delete temp files under `root` left by dead writers (or older than `max_age_s`); returns how many."""
+    """Delete temp files (and a video's temp folders) under `root` left by dead writers, or older
+    than `max_age_s`; returns how many."""
     count = 0
     now = time.time()
-    for dirpath, _, files in os.walk(root):
-        for name in files:
+    for dirpath, dirs, files in os.walk(root):
+        for name in files + dirs:
             if not name.startswith(TMP_PREFIX):
                 continue
             p = Path(dirpath, name)
             try:
                 if not _writer_alive(name) or now - p.stat().st_mtime > max_age_s:
-                    p.unlink()
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                     count += 1
             except OSError:
                 pass
+        dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)]
     return count

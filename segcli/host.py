@@ -26,7 +26,7 @@ from segcli.errors import one_line
 from segcli.fileio import atomic_write_bytes
 from segcli.labels import LabelSet
 from segcli.masks import mask_dtype, restore_label_map
-from segcli.outputs import OUTPUT_KINDS, RenderInput
+from segcli.outputs import OUTPUT_KINDS, VIDEO_OUTPUTS, RenderInput
 from segcli.render import color_lut, palette_array, scratch
 
 
@@ -59,8 +59,12 @@ class HostPlan:
         return any(OUTPUT_KINDS[k].needs_photo for k in self.kinds)
 
     def outputs(self, source: Source) -> dict[str, Path]:
-        """Where each requested output of `source` goes: DIR/REL + the kind's suffix."""
+        """Where each requested output of `source` goes: DIR/REL + the kind's suffix (a video's:
+        VIDEO_OUTPUTS, with its per-frame CSV)."""
         base = self.output / Path(*source.rel.parent.parts)
+        if source.video:
+            kinds = [k for k in self.kinds if k in VIDEO_OUTPUTS] + ["labels"]
+            return {kind: base / (source.rel.name + VIDEO_OUTPUTS[kind]) for kind in kinds}
         return {kind: base / (source.rel.name + OUTPUT_KINDS[kind].suffix) for kind in self.kinds}
 
 

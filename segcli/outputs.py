@@ -70,6 +70,9 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
     ]
 }
 DEFAULT_OUTPUTS = ("mask", "color", "overlay")
+# what a kind becomes for a video (segcli.video): a folder of per-frame mask PNGs, H.264 videos;
+# "labels" (the per-frame fractions as CSV) is always written
+VIDEO_OUTPUTS = {"mask": "_masks", "color": "_color.mp4", "overlay": "_overlay.mp4", "labels": "_labels.csv"}
 
 
 def parse_outputs(spec: str) -> tuple[str, ...]:

@@ -66,6 +66,8 @@ class PredictOptions:
     postprocess: str = "auto"  # where full-size work happens: host, device, or auto (device on CUDA)
     embed_dtype: str = "auto"  # the stored pixel embeddings' dtype (see segcli.embeddings)
     embed_stride: int | None = None  # their stride in input pixels (None: the model's output stride)
+    vid_stride: int = 1  # videos: every N-th frame
+    smooth: float = 0.0  # videos: weight of the running average in each frame's logits (0: off)
 
 
 @dataclass
@@ -92,9 +94,12 @@ class PredictRun:
     """One `segcli predict` run over a list of sources."""
 
     def __init__(self, segmenter: Segmenter, options: PredictOptions, sources: SourceList,
-                 on_record: Callable[[dict], None] | None = None):
+                 on_record: Callable[[dict], None] | None = None, on_frames: Callable[[int], None] | None = None):
         if options.postprocess not in ("auto", "host", "device"):
             raise SegcliError(f"--postprocess {options.postprocess!r}: use auto, host or device")
+        if options.vid_stride < 1 or not 0.0 <= options.smooth < 1.0:
+            raise SegcliError("--vid-stride takes 1 or more, --smooth a weight from 0 (off) to below 1")
+        self.on_frames = on_frames
         self.seg = segmenter
         self.opt = options
         self.sources = sources
@@ -118,6 +123,8 @@ class PredictRun:
         }
         if self.embed is not None:
             settings["embeddings"] = {"dtype": str(self.embed[0]).replace("torch.", ""), "stride": self.embed[1]}
+        if options.vid_stride != 1 or options.smooth:
+            settings["video"] = {"vid_stride": options.vid_stride, "smooth": options.smooth}
         self.folder = RunFolder(options.output, settings, options.shard, options.overwrite)
         self.output = self.folder.path
         self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
@@ -239,6 +246,21 @@ class PredictRun:
         finally:
             self.folder.release()
 
+    def _videos(self, videos: list[Item], text: torch.Tensor | None) -> None:
+        """Each video through the model in batches of frames, here (segcli.video), after the photos."""
+        from segcli.video import VideoRun
+
+        run = VideoRun(self.seg, self.plan, text, self.opt.batch_size, self.opt.vid_stride, self.opt.smooth, self.on_frames)
+        for item in videos:
+            try:
+                self._done(item.index, run.process(item.source))
+            except host.InputFailure as exc:
+                self._done(item.index, error_record(item.source, str(exc)))
+            except OSError as exc:
+                self._write_failed(item, exc)
+            if self.stop is not None:
+                return
+
     def _jobs(self, todo: list[Item], pool: ProcessPoolExecutor, text: torch.Tensor | None,
               window: int) -> Iterator[tuple[Item, host.FinishJob | None]]:
         """decode (in the pool, at most `window` ahead) -> infer (batches): per input, its job for
@@ -290,7 +312,8 @@ class PredictRun:
                                    initargs=(self.plan, os.getpid()))
         writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
         writing: deque[tuple[Item, Future]] = deque()
-        jobs = self._jobs(todo, pool, text, window)
+        videos = [item for item in todo if item.source.video and not item.error]
+        jobs = self._jobs([item for item in todo if item not in videos], pool, text, window)
         interrupted = broken = False
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
@@ -306,6 +329,8 @@ class PredictRun:
                 if self.stop is not None:
                     break
             self._collect(writing, limit=0)
+            if videos and self.stop is None:
+                self._videos(videos, text)
         except KeyboardInterrupt:
             interrupted = True
         except BrokenProcessPool:

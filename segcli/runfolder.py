@@ -111,7 +111,7 @@ class RunFolder:
     def reusable(self, source: Source, done: dict[str, dict], outputs: dict[str, Path]) -> dict | None:
         """The finished record of `source` when all its files (`outputs`) are still there."""
         record = done.get(str(source.rel))
-        if record and record.get("path") == str(source.path) and all(p.is_file() for p in outputs.values()):
+        if record and record.get("path") == str(source.path) and all(p.exists() for p in outputs.values()):
             return record
         return None
 

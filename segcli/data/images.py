@@ -107,7 +107,7 @@ def _open(path: str | Path | bytes, max_pixels: int) -> tuple[Image.Image, tuple
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError(
-            f"image is {w}x{h} ({w * h / 1e6:.0f} MP), above the {max_pixels / 1e6:.0f} MP limit "
+            f"image is {w}x{h} ({w * h / 1e6:.0f} MP), above the {max_pixels / 1e6:.3g} MP limit "
             "(possible decompression bomb; raise --max-pixels to allow)")
     if w < 1 or h < 1:
         raise ImageDecodeError("image has no pixels")

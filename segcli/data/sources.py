@@ -25,6 +25,7 @@ class Source:
     display: str  # as the user named it
     rel: PurePosixPath  # output location inside DIR, without suffix: outputs are REL_mask.png ...
     error: str | None = None  # known bad before decoding (e.g. a listed file that does not exist)
+    video: bool = False  # a video (by content, or by extension when unreadable): segcli.video
 
 
 @dataclass
@@ -45,6 +46,21 @@ def _placed(paths: list[Path]) -> list[PurePosixPath]:
     return [PurePosixPath(*Path(os.path.relpath(a, common)).parts) for a in absolute]
 
 
+def is_video(path: Path) -> bool:
+    """A video by its first bytes (MP4/MOV, MKV/WebM, AVI), or by its extension when they cannot be
+    read or say nothing (a broken video is still reported as a video)."""
+    from segcli.video import VIDEO_SUFFIXES, looks_like_video
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    if looks_like_image(path):
+        return False
+    return looks_like_video(head) or path.suffix.lower() in VIDEO_SUFFIXES
+
+
 def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str], list[tuple[Path, str]]]:
     """(image files, non-image files, folders that could not be read with why), all sorted by path."""
     images, skipped, unreadable = [], [], []
@@ -62,7 +78,7 @@ def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str], li
             if name.startswith("."):
                 continue
             p = here / name
-            if looks_like_image(p) or p.suffix.lower() in IMAGE_SUFFIXES:
+            if looks_like_image(p) or p.suffix.lower() in IMAGE_SUFFIXES or is_video(p):
                 images.append(p)
             else:
                 skipped.append(str(p))
@@ -151,7 +167,7 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
         elif error is None and not p.exists():
             error = "file not found"
         taken.add(out)
-        result.sources.append(Source(path=p, display=display, rel=out, error=error))
+        result.sources.append(Source(path=p, display=display, rel=out, error=error, video=error is None and is_video(p)))
     return result
 
 

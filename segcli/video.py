@@ -1,0 +1,206 @@
+"""Videos through predict's model path: frames in batches, outputs that appear only when whole.
+
+    PyAV decode (FFmpeg, threaded) -> every --vid-stride-th frame -> the model canvas (the photos'
+    fit_to_canvas) -> batches through Segmenter.segment_canvases -> [--smooth: an exponential
+    moving average of the logits] -> the photos' restore_label_map -> per frame: the mask PNG,
+    the colors and the overlay as video frames (libx264), the label fractions as a CSV row
+
+Memory is flat in the video's length: one batch of frames at a time. Everything is written into a
+hidden temp folder beside the outputs and renamed into place when the video is done, so a killed
+run leaves no partial video (the next run removes the temp folder and redoes that video).
+
+Outputs for NAME.mp4 (the photos' layout rules): NAME_masks/ (one PNG label map per processed
+frame, named by its index in the source video: 000000.png, 000005.png, ...), NAME_color.mp4,
+NAME_overlay.mp4 (the processed frames' size and rate, the overlay with a legend), NAME_labels.csv
+(per processed frame: index, time, the fraction of each label).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import socket
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from segcli.data.images import fit_to_canvas
+from segcli.data.sources import Source
+from segcli.errors import one_line
+from segcli.fileio import TMP_PREFIX, atomic_write_bytes
+from segcli.host import HostPlan, InputFailure, present_labels
+from segcli.masks import candidate_logits, image_extent, restore_label_map
+from segcli.outputs import VIDEO_OUTPUTS
+from segcli.render import colorize_bgr, encode_png, overlay_bgr
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
+
+
+def looks_like_video(head: bytes) -> bool:
+    """MP4/MOV (an ftyp box), Matroska/WebM (EBML), AVI (RIFF AVI) by their first bytes."""
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:11] == b"AVI")
+
+
+class _Encoder:
+    """One output video (H.264, the processed frames' size and rate) written to `path`."""
+
+    def __init__(self, path: Path, width: int, height: int, rate: Fraction):
+        import av
+
+        self.file = av.open(str(path), "w")
+        self.stream = self.file.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height = width, height
+        # 4:2:0 (what every player takes) needs even sides; odd frame sizes keep full chroma instead
+        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        self.stream.options = {"crf": "20", "preset": "veryfast"}
+        self.count = 0
+
+    def write(self, bgr: np.ndarray) -> None:
+        import av
+
+        frame = av.VideoFrame.from_ndarray(bgr, format="bgr24")
+        frame.pts = self.count
+        self.count += 1
+        for packet in self.stream.encode(frame):
+            self.file.mux(packet)
+
+    def close(self) -> None:
+        for packet in self.stream.encode(None):
+            self.file.mux(packet)
+        self.file.close()
+
+
+class VideoRun:
+    """Segments one video after another with one model and one run's settings."""
+
+    def __init__(self, seg, plan: HostPlan, text, batch_size: int, vid_stride: int = 1, smooth: float = 0.0,
+                 on_frames: Callable[[int], None] | None = None):
+        self.seg, self.plan, self.text = seg, plan, text
+        self.batch_size, self.vid_stride, self.smooth = batch_size, vid_stride, smooth
+        self.on_frames = on_frames or (lambda n: None)
+
+    def process(self, source: Source) -> dict:
+        """All outputs of one video, renamed into place at the end; returns its record. A bad video
+        raises InputFailure (one line); a failing disk raises OSError."""
+        import av
+
+        t0 = time.perf_counter()
+        outputs = self.plan.outputs(source)
+        folder = next(iter(outputs.values())).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        real = folder.resolve()
+        if real != self.plan.output_real and self.plan.output_real not in real.parents:
+            raise InputFailure(f"output folder {folder} leads outside {self.plan.output} (symlink); not written")
+        tmp = folder / f"{TMP_PREFIX}{os.getpid()}@{socket.gethostname()}.{source.rel.name}.d"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            try:
+                container = av.open(str(source.path))
+            except (av.FFmpegError, OSError, ValueError) as exc:
+                raise InputFailure(f"cannot read video: {one_line(str(exc))}") from None
+            try:
+                stats = self._frames(container, source, tmp)
+            except av.FFmpegError as exc:
+                raise InputFailure(f"cannot decode video: {one_line(str(exc))}") from None
+            finally:
+                container.close()
+            for kind, path in outputs.items():  # whole: only now do the outputs appear
+                made = tmp / VIDEO_OUTPUTS[kind]
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                os.replace(made, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        names = self.plan.labels.names
+        fractions, present = present_labels(stats.pop("counts"))
+        return {"input": source.display, "path": str(source.path), "output": str(source.rel), "status": "ok",
+                "kind": "video", **stats, "seconds": round(time.perf_counter() - t0, 4),
+                "labels": {names[k]: round(float(fractions[k]), 6) for k in present},
+                "files": [str(p.relative_to(self.plan.output)) for p in outputs.values()]}
+
+    def _frames(self, container, source: Source, tmp: Path) -> dict:
+        if not container.streams.video:
+            raise InputFailure("not a video (no video stream)")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > self.plan.max_pixels:
+            raise InputFailure(f"video frames are {width}x{height}, above the {self.plan.max_pixels / 1e6:.3g} MP "
+                               "limit (raise --max-pixels to allow)")
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        out_rate = Fraction(rate) / self.vid_stride
+        kinds = self.plan.kinds
+        if "mask" in kinds:
+            (tmp / VIDEO_OUTPUTS["mask"]).mkdir()
+        encoders = {k: _Encoder(tmp / VIDEO_OUTPUTS[k], width, height, out_rate) for k in ("color", "overlay") if k in kinds}
+        names = self.plan.labels.names
+        rows = io.StringIO()
+        table = csv.writer(rows, lineterminator="\n")
+        table.writerow(["frame", "time_s", *names])
+        state = {"read": 0, "processed": 0, "counts": np.zeros(len(names), np.int64), "previous": None, "last_time": 0.0}
+        batch: list[tuple[int, float, object]] = []
+        for frame in container.decode(stream):
+            index = state["read"]
+            state["read"] += 1
+            if frame.width != width or frame.height != height:
+                raise InputFailure(f"frame {index} is {frame.width}x{frame.height}, not {width}x{height} like the first")
+            state["last_time"] = float(frame.time) if frame.time is not None else index / float(rate)
+            if index % self.vid_stride:
+                continue
+            batch.append((index, state["last_time"], frame.to_image()))
+            if len(batch) == self.batch_size:
+                self._batch(batch, tmp, encoders, table, state)
+                batch = []
+        if batch:
+            self._batch(batch, tmp, encoders, table, state)
+        if state["processed"] == 0:
+            raise InputFailure("the video has no frames that can be decoded")
+        declared = stream.frames
+        if declared and state["read"] < declared:
+            raise InputFailure(f"truncated: {state['read']} of {declared} frames could be decoded")
+        if not declared and container.duration and state["last_time"] < container.duration / 1e6 - 2 / float(rate) - 0.5:
+            raise InputFailure(f"truncated: frames end at {state['last_time']:.1f} s of {container.duration / 1e6:.1f} s")
+        for encoder in encoders.values():
+            encoder.close()
+        atomic_write_bytes(tmp / VIDEO_OUTPUTS["labels"], rows.getvalue().encode())
+        return {"width": width, "height": height, "frames_read": state["read"], "frames_processed": state["processed"],
+                "fps": round(float(rate), 4), "duration_s": round(state["last_time"] + 1 / float(rate), 4),
+                "vid_stride": self.vid_stride, "counts": state["counts"]}
+
+    def _batch(self, batch, tmp: Path, encoders: dict, table, state: dict) -> None:
+        import torch
+
+        canvases = [fit_to_canvas(image, self.seg.imgsz) for _, _, image in batch]
+        logits, _ = self.seg.segment_canvases(np.stack([c.pixels for c in canvases]), self.text)
+        plan, k = self.plan, len(self.plan.labels)
+        for (index, seconds, image), canvas, frame_logits in zip(batch, canvases, logits):
+            if self.smooth:  # flicker: each frame's logits blended with the running average before it
+                if state["previous"] is not None:
+                    frame_logits = torch.lerp(frame_logits, state["previous"], self.smooth)
+                state["previous"] = frame_logits
+            valid = image_extent(canvas.resized_hw, self.seg.model.output_stride)
+            candidates, cand = candidate_logits(frame_logits, valid)
+            counts = np.zeros(k, np.int64)
+            mask = restore_label_map(cand, valid, (image.height, image.width), num_labels=k, candidates=candidates,
+                                     histogram=counts)
+            state["counts"] += counts
+            fractions, present = present_labels(counts)
+            if "mask" in plan.kinds:
+                atomic_write_bytes(tmp / VIDEO_OUTPUTS["mask"] / f"{index:06d}.png", encode_png(mask))
+            if encoders:
+                color = colorize_bgr(mask, plan.palette, plan.lut)
+                if "color" in encoders:
+                    encoders["color"].write(color)
+                if "overlay" in encoders:
+                    legend = [(plan.labels.names[i], plan.labels.colors[i]) for i in sorted(present)]
+                    photo = np.ascontiguousarray(np.asarray(image)[..., ::-1])
+                    encoders["overlay"].write(overlay_bgr(photo, color, plan.alpha, legend, in_place=True))
+            table.writerow([index, f"{seconds:.4f}", *(f"{fractions[i]:.6f}" for i in range(k))])
+            state["processed"] += 1
+        self.on_frames(len(batch))
