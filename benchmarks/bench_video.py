@@ -73,7 +73,8 @@ def main() -> None:
         lengths = (args.frames // 4, args.frames)
         rates = {}
         for n in lengths:
-            video = make_video(tmp / f"v{n}" / "clip.mp4", n) if (tmp / f"v{n}").mkdir() is None else None
+            (tmp / f"v{n}").mkdir()
+            video = make_video(tmp / f"v{n}" / "clip.mp4", n)
             frames = tmp / f"f{n}"
             frames.mkdir()
             with av.open(str(video)) as container:
