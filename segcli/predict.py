@@ -31,11 +31,11 @@ from segcli import host
 from segcli.api import Segmenter
 from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from segcli.data.sources import Source, SourceList
+from segcli.embeddings import EmbeddingInfo, check_embed_stride, encode, pool, resolve_embed_dtype
 from segcli.errors import SegcliError, one_line
 from segcli.fileio import is_disk_error, remove_stale_temp_files
 from segcli.host import ModelInput
 from segcli.labels import LabelSet
-from segcli.embeddings import EmbeddingInfo, check_embed_stride, encode, pool, resolve_embed_dtype
 from segcli.masks import candidate_logits, image_extent, image_region
 from segcli.outputs import DEFAULT_OUTPUTS
 from segcli.runfolder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
@@ -312,8 +312,8 @@ class PredictRun:
                                    initargs=(self.plan, os.getpid()))
         writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
         writing: deque[tuple[Item, Future]] = deque()
-        videos = [item for item in todo if item.source.video and not item.error]
-        jobs = self._jobs([item for item in todo if item not in videos], pool, text, window)
+        videos = [item for item in todo if item.source.video and not item.error]  # after the photos, here
+        jobs = self._jobs([item for item in todo if not (item.source.video and not item.error)], pool, text, window)
         interrupted = broken = False
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
