@@ -2,7 +2,9 @@
 
 Model specs: `clip-dense` (= `clip-dense:ViT-B-16@openai`), `clip-dense:ARCH`, `clip-dense:ARCH@TAG`
 with any plain ViT architecture and pretrained tag open_clip knows, or a path to an open_clip
-weights file (`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`).
+weights file (`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`). `clip-dense` reads
+them with the default method; a method's own name picks it: `naclip:ViT-B-16`,
+`clearclip:ViT-B-16@openai`, `naclip:/path/open_clip_model.safetensors`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from segcli.errors import SegcliError, mismatch_detail
 from segcli.modeling.clip_dense import CLIPDense, clip_dense_from_state_dict
-from segcli.registry import CLIPDenseConfig, TextConfig
+from segcli.registry import CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig, TextConfig
 from segcli.weights import read_state_dict
 
 CLIP_DENSE = "clip-dense"
@@ -23,13 +25,34 @@ DEFAULT_ARCH, DEFAULT_TAG = "ViT-B-16", "openai"
 _NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "logit_scale")
 
 
+def split_method(spec: str) -> tuple[str, str, str] | None:
+    """'naclip:REST' -> ('naclip', 'naclip', 'REST'): (method, the prefix as written, the rest);
+    `clip-dense` means the default method. None when `spec` names no training-free method."""
+    for prefix in (CLIP_DENSE, *CLIP_DENSE_METHODS):
+        if spec == prefix or spec.startswith(prefix + ":"):
+            return (DEFAULT_CLIP_DENSE_METHOD if prefix == CLIP_DENSE else prefix), prefix, spec[len(prefix) + 1:]
+    return None
+
+
+def names_local_file(rest: str) -> bool:
+    """The part after `naclip:` is a weights file, not an open_clip ARCH@TAG."""
+    from segcli.models import WEIGHT_SUFFIXES
+
+    path = Path(rest).expanduser()
+    return bool(rest) and (path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES or "/" in rest)
+
+
 def is_clip_dense_spec(spec: str) -> bool:
-    return spec == CLIP_DENSE or spec.startswith(CLIP_DENSE + ":")
+    """A hub spec (`clip-dense`, `naclip:ViT-B-16@openai`, ...), not a method on a local file."""
+    split = split_method(spec)
+    return split is not None and not names_local_file(split[2])
 
 
 def parse_clip_dense_spec(spec: str) -> tuple[str, str]:
-    """'clip-dense[:ARCH[@TAG]]' -> (ARCH, TAG) with the defaults filled in."""
-    arch, _, tag = spec[len(CLIP_DENSE):].lstrip(":").partition("@")
+    """'clip-dense[:ARCH[@TAG]]' (or a method's name in place of clip-dense) -> (ARCH, TAG) with the
+    defaults filled in."""
+    split = split_method(spec)
+    arch, _, tag = (split[2] if split else "").partition("@")
     return arch or DEFAULT_ARCH, tag or DEFAULT_TAG
 
 
@@ -56,7 +79,8 @@ def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
 
 
 def clip_dense_config(state: dict[str, torch.Tensor], name: str, quick_gelu: bool = True,
-                      mean: tuple | None = None, std: tuple | None = None) -> CLIPDenseConfig:
+                      mean: tuple | None = None, std: tuple | None = None,
+                      method: str = DEFAULT_CLIP_DENSE_METHOD) -> CLIPDenseConfig:
     """The architecture of an open_clip CLIP ViT state dict, read off its shapes (head size 64)."""
     try:
         conv = state["visual.conv1.weight"]
@@ -73,7 +97,8 @@ def clip_dense_config(state: dict[str, torch.Tensor], name: str, quick_gelu: boo
             name=name, patch_size=patch, width=width, layers=_count_blocks(state, "visual.transformer.resblocks."),
             heads=max(1, width // 64), mlp_ratio=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
             pos_embed_grid=round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5), text=text,
-            quick_gelu=quick_gelu, **({"pixel_mean": tuple(mean), "pixel_std": tuple(std)} if mean and std else {}),
+            quick_gelu=quick_gelu, method=method,
+            **({"pixel_mean": tuple(mean), "pixel_std": tuple(std)} if mean and std else {}),
         )
         if state["visual.proj"].shape[1] != text.embed_dim:
             raise SegcliError(f"{name}: image and text embeddings differ in size")
@@ -84,10 +109,11 @@ def clip_dense_config(state: dict[str, torch.Tensor], name: str, quick_gelu: boo
 
 def clip_dense_from_clip_state(state: dict[str, torch.Tensor], name: str, quick_gelu: bool = True,
                                mean: tuple | None = None, std: tuple | None = None,
-                               device: str | torch.device = "cpu") -> CLIPDense:
-    """open_clip CLIP weights -> CLIPDense (every weight used, every shape checked)."""
+                               device: str | torch.device = "cpu",
+                               method: str = DEFAULT_CLIP_DENSE_METHOD) -> CLIPDense:
+    """open_clip CLIP weights -> CLIPDense read with `method` (every weight used, every shape checked)."""
     state = _clean(state)
-    cfg = clip_dense_config(state, name, quick_gelu, mean, std)
+    cfg = clip_dense_config(state, name, quick_gelu, mean, std, method)
     mapped = {"text_encoder.tower." + k: v for k, v in clip_text_state(state).items()}
     mapped.update({k: v.float() for k, v in state.items() if k.startswith("visual.")})
     try:
@@ -136,10 +162,11 @@ def load_clip_dense(spec: str, device: str | torch.device = "cpu") -> tuple[CLIP
     """A `clip-dense[:ARCH[@TAG]]` spec -> (model on `device`, the weights file it came from)."""
     import open_clip
 
+    method, prefix, _ = split_method(spec)
     arch, tag = parse_clip_dense_spec(spec)
     path = download_clip_weights(arch, tag)
     pcfg = open_clip.get_pretrained_cfg(arch, tag)
     quick_gelu = bool(pcfg.get("quick_gelu") or (open_clip.get_model_config(arch) or {}).get("quick_gelu"))
-    model = clip_dense_from_clip_state(read_state_dict(path), f"{CLIP_DENSE}:{arch}@{tag}", quick_gelu,
-                                       pcfg.get("mean"), pcfg.get("std"))
+    model = clip_dense_from_clip_state(read_state_dict(path), f"{prefix}:{arch}@{tag}", quick_gelu,
+                                       pcfg.get("mean"), pcfg.get("std"), method=method)
     return model.to(device), path

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from segcli.errors import SegcliError
-from segcli.registry import ARCHITECTURES, DEFAULT_MODEL, FAMILIES
+from segcli.registry import ARCHITECTURES, CLIP_DENSE_METHODS, DEFAULT_MODEL, FAMILIES
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +81,16 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
     spec = spec or DEFAULT_MODEL
     if is_clip_dense_spec(spec):
         return _hub_spec(spec)
+    from segcli.clip_weights import split_method
+
+    method = split_method(spec)
+    if method is not None:  # naclip:/path/open_clip_model.safetensors: local weights read with a method
+        found = resolve_model(method[2])
+        if found.kind != "weights":
+            raise SegcliError(f"{method[1]}: takes open_clip weights files (a segcli checkpoint or export carries "
+                              f"its own method): {method[2]}")
+        return ModelSpec(spec, "weights", "clip-dense", None, found.weights, False, found.path,
+                         metadata={"method": method[0]})
     path = Path(spec).expanduser()
     if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES:
         if not path.exists():
@@ -109,19 +119,21 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
     if spec in ARCHITECTURES:
         cfg = ARCHITECTURES[spec]
         return ModelSpec(spec, "architecture", cfg.family, spec, "random (seeded)", False, config=cfg)
-    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense[:ARCH[@TAG]] nor an architecture "
+    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense|naclip|clearclip[:ARCH[@TAG]] nor an architecture "
                       f"({', '.join(ARCHITECTURES)})")
 
 
 def _hub_spec(spec: str) -> ModelSpec:
-    from segcli.clip_weights import CLIP_DENSE, hub_weights_source, parse_clip_dense_spec
+    from segcli.clip_weights import CLIP_DENSE, hub_weights_source, parse_clip_dense_spec, split_method
     from segcli.hub import cached_hub_file
 
     arch, tag = parse_clip_dense_spec(spec)
     repo, names = hub_weights_source(arch, tag)
     cached = cached_hub_file(repo, names)
+    method = split_method(spec)[0]
     return ModelSpec(spec, "hub", CLIP_DENSE, arch, f"https://huggingface.co/{repo}",
-                     downloads=cached is None, path=cached, metadata={"pretrained": tag})
+                     downloads=cached is None, path=cached,
+                     metadata={"pretrained": tag, "method": f"{method}: {CLIP_DENSE_METHODS[method]}"})
 
 
 def model_fingerprint(path: Path) -> str:
@@ -166,6 +178,13 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
     from segcli.weights import read_state_dict
 
     state = read_state_dict(spec.path)  # tensors only: never runs code from the file
+    if spec.metadata.get("method"):
+        from segcli.clip_weights import clip_dense_from_clip_state, is_clip_state_dict
+
+        if not is_clip_state_dict(state):
+            raise SegcliError(f"{spec.spec}: {spec.path.name} is not an open_clip CLIP weights file")
+        model = clip_dense_from_clip_state(state, spec.path.name, method=spec.metadata["method"])
+        return LoadedModel(model.to(device), spec, None, f"{spec.metadata['method']}:{fingerprint}")
     for family in FAMILIES.values():
         found = family.try_foreign(state, spec.path.name)
         if found is not None:
@@ -193,6 +212,8 @@ def describe_model(value: str) -> dict:
         config, labels = loaded.backend.cfg, loaded.labels
         data.update({"kind": f"{type(loaded.backend).__name__} weights (converted when loaded)",
                      "family": config.family, "architecture": config.name})
+        if config.family == "clip-dense":
+            data["method"] = f"{config.method}: {CLIP_DENSE_METHODS[config.method]}"
         params = sum(p.numel() for p in loaded.backend.state_dict().values())
     elif spec.kind == "checkpoint":
         from segcli.checkpoint import count_parameters

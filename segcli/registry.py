@@ -15,6 +15,13 @@ from typing import Callable, ClassVar
 from segcli.errors import SegcliError
 
 DEFAULT_MODEL = "clip-dense:ViT-B-16"  # training-free, so predict works with no --model
+# the training-free methods a CLIP can be read with (modeling/clip_dense.py); `clip-dense` names the default
+CLIP_DENSE_METHODS = {
+    "clearclip": "ClearCLIP (Lan et al., ECCV 2024): query-query attention, no residual, no feed-forward",
+    "naclip": "NACLIP (Hajimiri et al., WACV 2025): key-key attention plus a Gaussian neighbourhood, "
+              "no residual, no feed-forward",
+}
+DEFAULT_CLIP_DENSE_METHOD = "clearclip"
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,8 @@ class CLIPDenseConfig:
     pixel_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     pixel_std: tuple[float, float, float] = OPENAI_CLIP_STD
     default_imgsz: int = 448  # ClearCLIP/SCLIP evaluate at a 448 short side
+    method: str = "clearclip"  # how the last block reads the patches: "clearclip" or "naclip" (CLIP_DENSE_METHODS)
+    gaussian_std: float = 5.0  # naclip: the neighbourhood's width, in patches (NACLIP's default)
 
     family: ClassVar[str] = "clip-dense"
 

@@ -155,6 +155,8 @@ class FolderLock:
         return None
 
     def _take_over(self, path: Path, holder: Holder) -> None:
+        if _read(path) != holder:  # another run took it over meanwhile: leave theirs alone, look again
+            return
         if holder.pid:
             self.warn(f"{self.state_dir.parent}: taking over the lock of a run that is gone ({holder.describe()})")
         path.unlink(missing_ok=True)

@@ -227,9 +227,12 @@ def create_app(service: Service):
     async def guard(request: Request, call_next):
         if service.draining and request.url.path != "/healthz":
             return error(503, "the server is shutting down", {"Retry-After": "5", "Connection": "close"})
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit + 64 * 1024:
-            return error(413, f"upload of {int(length) / 1e6:.1f} MB is above the {service.opt.max_upload_mb:g} MB limit")
+        if request.method == "POST":  # the size is checked before any byte of the body is read
+            length = request.headers.get("content-length", "")
+            if not length.isdigit():
+                return error(411, "send Content-Length: uploads must say their size (chunked uploads are refused)")
+            if int(length) > limit + 64 * 1024:  # the form's own bytes on top of the photo
+                return error(413, f"upload of {int(length) / 1e6:.1f} MB is above the {service.opt.max_upload_mb:g} MB limit")
         return await call_next(request)
 
     @app.exception_handler(ServeError)

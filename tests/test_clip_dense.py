@@ -91,6 +91,74 @@ def test_dense_forward_matches_reference_and_text_matches_open_clip():
     assert model.output_stride == 16 and not any(p.requires_grad for p in model.visual.parameters())
 
 
+def reference_naclip(clip: CLIP, images: torch.Tensor, std: float) -> torch.Tensor:
+    """NACLIP from its equations on open_clip's own modules, the Gaussian term written out cell by
+    cell: the last block is softmax(k k^T / sqrt(d) + G) v, no residual, no feed-forward; [B,C,h,w]."""
+    import math
+
+    v = clip.visual
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    sd = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    p = clip.visual.patch_size[0]
+    h, w = images.shape[-2] // p, images.shape[-1] // p
+    x = v.conv1((images - mean) / sd).flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+    g = int((v.positional_embedding.shape[0] - 1) ** 0.5)
+    grid = v.positional_embedding[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    x = v.ln_pre(x + torch.cat([v.positional_embedding[:1], grid.flatten(2)[0].T]))
+    for block in v.transformer.resblocks[:-1]:
+        x = block(x)
+    last = v.transformer.resblocks[-1]
+    qkv = last.ln_1(x) @ last.attn.in_proj_weight.T + last.attn.in_proj_bias
+    _, k, val = qkv.chunk(3, dim=-1)  # one head of width 64
+    n = x.shape[1]
+    bias = torch.zeros(n, n)
+    for a in range(1, n):
+        for b in range(1, n):
+            (i, j), (m, l) = divmod(a - 1, w), divmod(b - 1, w)
+            bias[a, b] = math.exp(-((i - m) ** 2 + (j - l) ** 2) / (2 * std ** 2))
+    x = last.attn.out_proj(torch.softmax(k @ k.transpose(1, 2) / 8.0 + bias, dim=-1) @ val)
+    tokens = v.ln_post(x[:, 1:]) @ v.proj
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+@pytest.mark.parametrize("std", [5.0, 1.0])
+def test_naclip_matches_its_equations(std):
+    import dataclasses
+
+    clip = tiny_clip()
+    model = clip_dense_from_clip_state(clip.state_dict(), "tiny", method="naclip")
+    model.cfg = dataclasses.replace(model.cfg, gaussian_std=std)
+    model._bias_cache = {}
+    for size in ((64, 64), (96, 160)):
+        images = torch.rand(2, 3, *size)
+        with torch.no_grad():
+            ours, ref = model.pixel_embeddings(images), reference_naclip(clip, images, std)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # not ClearCLIP's reading
+        clear = clip_dense_from_clip_state(clip.state_dict(), "tiny").pixel_embeddings(images)
+    assert (clear - ours).abs().max() > 1e-3
+
+
+def test_method_names_pick_the_method(clip_files):
+    from segcli.models import describe_model, load_model, resolve_model
+
+    path = clip_files["safetensors"]
+    spec = resolve_model(f"naclip:{path}")
+    assert spec.kind == "weights" and spec.metadata == {"method": "naclip"}
+    loaded = load_model(spec, torch.device("cpu"))
+    assert loaded.backend.cfg.method == "naclip" and loaded.fingerprint.startswith("naclip:")
+    assert load_model(resolve_model(str(path)), torch.device("cpu")).backend.cfg.method == "clearclip"
+    assert describe_model(f"naclip:{path}")["method"].startswith("naclip: NACLIP")
+    assert parse_clip_dense_spec("naclip:ViT-B-16@openai") == ("ViT-B-16", "openai")
+    assert parse_clip_dense_spec("naclip") == ("ViT-B-16", "openai")
+    from segcli.clip_weights import is_clip_dense_spec, split_method
+
+    assert is_clip_dense_spec("naclip:ViT-L-14") and not is_clip_dense_spec(f"naclip:{path}")
+    assert split_method("clip-dense:ViT-B-16")[0] == "clearclip" and split_method("lseg_tiny") is None
+
+
 def test_weights_that_are_not_clip_are_refused(clip_files, tmp_path):
     state = tiny_clip().state_dict()
     del state["visual.proj"]

@@ -67,7 +67,7 @@ class Server:
             headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
-            conn.request(method, path, body=body, headers=headers)
+            conn.request(method, path, body=body, headers=headers, encode_chunked="Transfer-Encoding" in headers)
             response = conn.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -130,7 +130,8 @@ def test_concurrent_requests_are_batched_and_all_answered(server):
 
 
 @pytest.mark.parametrize("case", ["truncated", "not an image", "empty", "oversized upload", "bomb", "no labels",
-                                  "duplicate labels", "label file", "bad output", "bad prompt", "no image"])
+                                  "duplicate labels", "label file", "bad output", "bad prompt", "no image",
+                                  "chunked"])
 def test_bad_requests_get_a_4xx_and_the_server_goes_on(server, case):
     photo = (SAMPLES / "cat.jpg").read_bytes()
     big = Image.open(SAMPLES / "coffee.jpg").resize((2000, 1500))
@@ -151,10 +152,12 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(server, case):
         "bad prompt": lambda: server.request("POST", "/v1/segment", fields={"prompt": "no braces"},
                                              files={"image": ("a.jpg", photo)}),
         "no image": lambda: server.request("POST", "/v1/segment", fields={"labels": "a,b"}),
+        "chunked": lambda: server.request("POST", "/v1/segment", headers={"Transfer-Encoding": "chunked"},
+                                          body=iter([b"0123"])),
     }[case]
     expected = {"truncated": 400, "not an image": 415, "empty": 400, "oversized upload": 413, "bomb": 413,
                 "no labels": 400, "duplicate labels": 400, "label file": 400, "bad output": 400, "bad prompt": 400,
-                "no image": 400}[case]
+                "no image": 400, "chunked": 411}[case]
     status, headers, body = request()
     assert status == expected, body
     message = json.loads(body)["error"]

@@ -1,10 +1,17 @@
 """Training-free dense CLIP: a pretrained CLIP ViT whose patch tokens are projected into text space.
 
 A CLIP image tower is trained to pool one vector per image; its patch tokens, read as they are,
-match text poorly. Following ClearCLIP (Lan et al., ECCV 2024) the last transformer block is run
-differently: no residual path, no feed-forward, and query-query attention instead of query-key.
+match text poorly. The training-free methods run the last transformer block differently, with no
+residual path and no feed-forward (`cfg.method`):
+
+- clearclip (Lan et al., ECCV 2024): query-query attention. Published ADE-150 mIoU (ViT-B/16): 16.7.
+- naclip (Hajimiri et al., WACV 2025): key-key attention plus a Gaussian over the patch grid, so
+  each patch attends to its neighbourhood: softmax(k k^T / sqrt(d) + G) v with
+  G[(i,j),(k,l)] = exp(-((i-k)^2 + (j-l)^2) / (2 std^2)) and 0 for the class token. Published
+  ADE-150 mIoU (ViT-B/16, with PAMR and its sliding-window protocol): 19.1.
+
 The resulting tokens go through the final LayerNorm and the visual projection, like the class token
-normally does, and land in the text embedding space. Published ADE-150 mIoU for ViT-B/16: ~16.7.
+normally does, and land in the text embedding space.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ class CLIPDense(PixelTextModel):
         )
         self.visual.requires_grad_(False)  # training-free: nothing here is ever trained
         self.text_encoder = TextEncoder(cfg.text)
+        if cfg.method not in ("clearclip", "naclip"):
+            raise ValueError(f"unknown clip-dense method {cfg.method!r}")
+        self._bias_cache: dict = {}
 
     def position_embedding(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """[1 + h*w, width]: the stored embedding with its patch part resized (bicubic) to `grid_hw`."""
@@ -63,18 +73,36 @@ class CLIPDense(PixelTextModel):
         x = v.ln_pre(x + self.position_embedding((h, w)).to(x.dtype))
         for block in v.transformer.resblocks[:-1]:
             x = block(x)
-        x = self._last_block(v.transformer.resblocks[-1], x)
+        x = self._last_block(v.transformer.resblocks[-1], x, (h, w))
         x = v.ln_post(x[:, 1:]) @ v.proj.to(x.dtype)  # [B,h*w,C]
         return x.transpose(1, 2).reshape(b, -1, h, w)
 
-    @staticmethod
-    def _last_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """ClearCLIP's last block: query-query self-attention only; no residual, no feed-forward."""
+    def _last_block(self, block: nn.Module, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """The method's last block on tokens [B,1+h*w,width]: attention only (no residual, no
+        feed-forward). clearclip: query-query; naclip: key-key plus the neighbourhood Gaussian."""
         attn = block.attn
-        q, _, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, v))  # [B,heads,N,d]
-        out = F.scaled_dot_product_attention(q, q, v)
+        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B,heads,N,d]
+        if self.cfg.method == "naclip":
+            out = F.scaled_dot_product_attention(k, k, v, attn_mask=self._neighbourhood(grid_hw, x.dtype, x.device))
+        else:
+            out = F.scaled_dot_product_attention(q, q, v)
         return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+    def _neighbourhood(self, grid_hw: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[1+h*w, 1+h*w] additive attention bias: the Gaussian of the grid distance between patches
+        (std `cfg.gaussian_std` patches), 0 in the class token's row and column. Cached per grid."""
+        key = (grid_hw, dtype, device)
+        cached = self._bias_cache.get(key)
+        if cached is None:
+            h, w = grid_hw
+            rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            yx = torch.stack([rows.flatten(), cols.flatten()], 1).float()  # [h*w, 2]
+            squared = (yx[:, None] - yx[None]).square().sum(-1)  # exact: whole numbers
+            gauss = torch.exp(-squared / (2 * self.cfg.gaussian_std ** 2))
+            cached = F.pad(gauss, (1, 0, 1, 0)).to(dtype)  # the class token: no neighbourhood
+            self._bias_cache = {key: cached}  # one grid at a time: inputs of one run share it
+        return cached
 
     def forward(self, images: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1], [K,C] -> logits [B,K,H,W] (bilinear from 1/p resolution)."""
