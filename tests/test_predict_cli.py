@@ -197,7 +197,7 @@ def test_environment_errors_exit_2(tmp_path, tiny_checkpoint):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = run([str(empty), "-l", "a", "-m", str(tiny_checkpoint)])
-    assert result.exit_code == 2 and "no images found" in result.stderr
+    assert result.exit_code == 2 and "no images or videos found" in result.stderr
     result = run([str(tmp_path / "nothing_here"), "-l", "a", "-m", str(tiny_checkpoint)])
     assert result.exit_code == 2 and "no such file" in result.stderr
 
