@@ -88,6 +88,7 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/predict/N."),
     save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay,embeddings (NAME_embed.safetensors: the pixel embeddings, for segcli relabel and search)."),
     embed_dtype: str = typer.Option("auto", "--embed-dtype", help="Stored embeddings' dtype: auto (the 16-bit dtype the model computed in, else float16), float16, bfloat16, float32."),
+    refine: str = typer.Option("auto", "--refine", help="Refine the logits with the photo's colours: pamr (PAMR, as NACLIP), none, or auto (pamr for naclip models)."),
     vid_stride: int = typer.Option(1, "--vid-stride", min=1, help="Videos: process every N-th frame (mask PNGs keep the source frame index)."),
     smooth: float = typer.Option(0.0, "--smooth", min=0.0, max=0.99, help="Videos: blend each frame's logits with the running average of the frames before (0 = off; 0.5 halves flicker)."),
     embed_stride: Optional[int] = typer.Option(None, "--embed-stride", min=1, help="Store embeddings average-pooled to this stride in input pixels (a multiple of the model's output stride; default: that stride)."),
@@ -144,7 +145,7 @@ def predict(
     options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
                              batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels,
                              shard=shard_spec, postprocess=postprocess, embed_dtype=embed_dtype, embed_stride=embed_stride,
-                             vid_stride=vid_stride, smooth=smooth)
+                             vid_stride=vid_stride, smooth=smooth, refine=refine)
     reporter = _Reporter(total=len(found.sources), quiet=quiet, json_lines=json_lines)
     run = PredictRun(seg, options, found, on_record=reporter.record, on_frames=reporter.frames)
     with reporter:

@@ -66,6 +66,7 @@ class PredictOptions:
     postprocess: str = "auto"  # where full-size work happens: host, device, or auto (device on CUDA)
     embed_dtype: str = "auto"  # the stored pixel embeddings' dtype (see segcli.embeddings)
     embed_stride: int | None = None  # their stride in input pixels (None: the model's output stride)
+    refine: str = "auto"  # "pamr", "none", or auto: PAMR for the methods whose published numbers use it (naclip)
     vid_stride: int = 1  # videos: every N-th frame
     smooth: float = 0.0  # videos: weight of the running average in each frame's logits (0: off)
 
@@ -111,6 +112,7 @@ class PredictRun:
                                   "a PyTorch model (a checkpoint, clip-dense, ...)")
             self.embed = (resolve_embed_dtype(options.embed_dtype, segmenter.autocast_dtype),
                           check_embed_stride(options.embed_stride, segmenter.model.output_stride))
+        self.refiner = _refiner(options.refine, segmenter)
         settings = {
             "model": segmenter.name,
             "model_fingerprint": segmenter.fingerprint,
@@ -123,6 +125,8 @@ class PredictRun:
         }
         if self.embed is not None:
             settings["embeddings"] = {"dtype": str(self.embed[0]).replace("torch.", ""), "stride": self.embed[1]}
+        if self.refiner is not None:
+            settings["refine"] = "pamr"
         if options.vid_stride != 1 or options.smooth:
             settings["video"] = {"vid_stride": options.vid_stride, "smooth": options.smooth}
         self.folder = RunFolder(options.output, settings, options.shard, options.overwrite)
@@ -151,15 +155,33 @@ class PredictRun:
         for i, item in enumerate(batch):
             got = item.model_input
             valid = image_extent(got.resized_hw, self.seg.model.output_stride)
-            if self.device_post is not None:
-                candidates, cand = None, logits[i]
+            if self.refiner is not None:  # refined at the canvas's pixels: stride 1 from here on
+                logits_i = self.refine(logits[i], got.pixels, got.resized_hw)
+                valid = (float(got.resized_hw[0]), float(got.resized_hw[1]))
             else:
-                candidates, cand = candidate_logits(logits[i], valid)
+                logits_i = logits[i]
+            if self.device_post is not None:
+                candidates, cand = None, logits_i
+            else:
+                candidates, cand = candidate_logits(logits_i, valid)
             made = {"embeddings": self._embeddings_file(emb[i], item)} if emb is not None else None
             jobs.append(host.FinishJob(item.source, candidates, cand, valid, got.full_hw, got.seconds + share,
                                        got.stamp, made))
             item.model_input = None
         return jobs
+
+    def refine(self, logits: torch.Tensor, pixels: np.ndarray, resized_hw: tuple[int, int]) -> torch.Tensor:
+        """[K,S/s,S/s] model-resolution logits of a canvas (uint8 [S,S,3]) -> [K,h,w] refined by PAMR
+        at the size the photo has in the canvas (memory and time do not grow with the photo)."""
+        import torch.nn.functional as F
+
+        stride = self.seg.model.output_stride
+        h, w = resized_hw
+        cells = logits[:, :-(-h // stride), :-(-w // stride)].float()
+        # the same pixel-centre mapping as the label map's restoration (align_corners=False)
+        up = F.interpolate(cells[None], scale_factor=stride, mode="bilinear", align_corners=False)[:, :, :h, :w]
+        image = torch.from_numpy(pixels[:h, :w]).to(logits.device).permute(2, 0, 1).float().div_(255.0)
+        return self.refiner(image[None], up)[0]
 
     def _embeddings_file(self, emb: torch.Tensor, item: Item) -> bytes:
         """[C,S/s,S/s] of one canvas -> the NAME_embed.safetensors bytes of the photo's cells."""
@@ -250,7 +272,8 @@ class PredictRun:
         """Each video through the model in batches of frames, here (segcli.video), after the photos."""
         from segcli.video import VideoRun
 
-        run = VideoRun(self.seg, self.plan, text, self.opt.batch_size, self.opt.vid_stride, self.opt.smooth, self.on_frames)
+        run = VideoRun(self.seg, self.plan, text, self.opt.batch_size, self.opt.vid_stride, self.opt.smooth, self.on_frames,
+                       refine=self.refine if self.refiner is not None else None)
         for item in videos:
             try:
                 self._done(item.index, run.process(item.source))
@@ -369,6 +392,18 @@ class PredictRun:
                                    "can be written again, run the same command to finish")
         failed = sum(1 for r in ordered if r["status"] != "ok")
         return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
+
+
+def _refiner(refine: str, segmenter: Segmenter):
+    """The PAMR module when `refine` asks for it (auto: for naclip models), else None."""
+    if refine not in ("auto", "pamr", "none"):
+        raise SegcliError(f"--refine {refine!r}: use auto, pamr or none")
+    method = getattr(getattr(segmenter.model, "cfg", None), "method", None)
+    if refine == "pamr" or (refine == "auto" and method == "naclip"):
+        from segcli.modeling.pamr import PAMR
+
+        return PAMR()
+    return None
 
 
 def default_workers(device: torch.device) -> int:

@@ -90,7 +90,8 @@ class RelabelRun(PredictRun):
         if "embeddings" in options.save:
             raise SegcliError("relabel makes mask, color and overlay outputs; the embeddings are already stored")
         check_models(stored, segmenter)
-        options = dataclasses.replace(options, postprocess="host")  # the label maps are restored by the workers
+        # the label maps are restored by the workers; PAMR needs the photo's canvas, which is not stored
+        options = dataclasses.replace(options, postprocess="host", refine="none")
         sources = SourceList([Source(path=Path(e.info.photo["path"]) if e.info.photo else e.path,
                                      display=str(e.path), rel=e.rel) for e in stored])
         super().__init__(segmenter, options, sources, on_record)

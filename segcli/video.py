@@ -96,8 +96,8 @@ class VideoRun:
     """Segments one video after another with one model and one run's settings."""
 
     def __init__(self, seg, plan: HostPlan, text, batch_size: int, vid_stride: int = 1, smooth: float = 0.0,
-                 on_frames: Callable[[int], None] | None = None):
-        self.seg, self.plan, self.text = seg, plan, text
+                 on_frames: Callable[[int], None] | None = None, refine: Callable | None = None):
+        self.seg, self.plan, self.text, self.refine = seg, plan, text, refine
         self.batch_size, self.vid_stride, self.smooth = batch_size, vid_stride, smooth
         self.on_frames = on_frames or (lambda n: None)
 
@@ -223,6 +223,9 @@ class VideoRun:
                     frame_logits = torch.lerp(frame_logits, state["previous"], self.smooth)
                 state["previous"] = frame_logits
             valid = image_extent(canvas.resized_hw, self.seg.model.output_stride)
+            if self.refine is not None:  # PAMR (predict's --refine), at the canvas's pixels
+                frame_logits = self.refine(frame_logits, canvas.pixels, canvas.resized_hw)
+                valid = (float(canvas.resized_hw[0]), float(canvas.resized_hw[1]))
             candidates, cand = candidate_logits(frame_logits, valid)
             counts = np.zeros(k, np.int64)
             mask = restore_label_map(cand, valid, (image.height, image.width), num_labels=k, candidates=candidates,
