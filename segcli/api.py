@@ -16,7 +16,7 @@ from PIL import Image
 from segcli.backend import DenseBackend
 from segcli.data.images import Canvas, fit_to_canvas, load_image, to_rgb
 from segcli.errors import SegcliError, check_input_size
-from segcli.labels import LabelSet, parse_labels
+from segcli.labels import LabelSet, parse_labels, prompt_templates
 from segcli.masks import image_extent, image_region, restore_label_map
 from segcli.models import UNTRAINED_WARNING, load_model
 from segcli.options import PRECISIONS
@@ -136,8 +136,7 @@ class Segmenter:
     def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor | None:
         """[K,C] normalised, on the model's device (cached per label set and prompt); None when the
         model has its labels baked in (and they are these)."""
-        if prompt is not None and "{}" not in prompt:
-            raise SegcliError(f"--prompt {prompt!r} must contain {{}} where the label goes")
+        prompt_templates(prompt)  # a template with {} or a named set: checked before any work
         return self.model.label_embeddings(labels, prompt or self.model.default_prompt)
 
     def prepare(self, image: Image.Image) -> Canvas:

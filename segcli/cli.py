@@ -93,7 +93,7 @@ def predict(
     smooth: float = typer.Option(0.0, "--smooth", min=0.0, max=0.99, help="Videos: blend each frame's logits with the running average of the frames before (0 = off; 0.5 halves flicker)."),
     embed_stride: Optional[int] = typer.Option(None, "--embed-stride", min=1, help="Store embeddings average-pooled to this stride in input pixels (a multiple of the model's output stride; default: that stride)."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}." (default: the raw label for LSeg models, "a photo of a {}." for clip-dense).'),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}.", or a named set averaged over its templates: imagenet80 (CLIP\'s 80, as ClearCLIP/SCLIP/NACLIP). Default: the raw label for LSeg models, "a photo of a {}." for clip-dense.'),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (long side; a multiple of 32 for LSeg, of the patch size for clip-dense). Default: the model's (LSeg 384, clip-dense 448)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for decoding, label maps, rendering and writing (each uses one core). Default: 2 with the model on the CPU, all cores but one (at most 16) on a GPU."),

@@ -19,6 +19,22 @@ _BASE_PALETTE = [
 ]
 
 NAMED_SETS = ("ade20k",)
+# named prompt sets: --prompt NAME runs every label through each template and averages them
+PROMPT_SETS = {"imagenet80": "imagenet80_templates.txt"}
+
+
+def prompt_templates(prompt: str | None) -> list[str | None]:
+    """A --prompt value -> its templates: [None] (the raw label), [one template with {}], or the
+    templates of a named set (CLIP's 80 ImageNet templates for "imagenet80"). SegcliError otherwise."""
+    if prompt is None:
+        return [None]
+    if prompt in PROMPT_SETS:
+        text = resources.files("segcli.assets").joinpath(PROMPT_SETS[prompt]).read_text(encoding="utf-8")
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if "{}" not in prompt:
+        raise SegcliError(f"--prompt {prompt!r} must contain {{}} where the label goes, or name a prompt set "
+                          f"({', '.join(PROMPT_SETS)})")
+    return [prompt]
 
 
 @dataclass(frozen=True)

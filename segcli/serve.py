@@ -34,7 +34,7 @@ from segcli import __version__, host
 from segcli.api import Segmenter
 from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_full_bgr
 from segcli.errors import SegcliError, one_line
-from segcli.labels import LabelSet, parse_labels
+from segcli.labels import LabelSet, parse_labels, prompt_templates
 from segcli.masks import candidate_logits, image_extent, restore_label_map
 
 OUTPUTS = {"json": "application/json", "mask": "image/png", "color": "image/png", "overlay": "image/jpeg"}
@@ -164,8 +164,10 @@ class Service:
         """One upload -> (response body, media type)."""
         if output not in OUTPUTS:
             raise ServeError(400, f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
-        if prompt is not None and "{}" not in prompt:
-            raise ServeError(400, f"prompt {prompt!r} must contain {{}} where the label goes")
+        try:
+            prompt_templates(prompt or None)
+        except SegcliError as exc:
+            raise ServeError(400, str(exc)) from None
         labels = self.labels(labels_text)
         plan = host.HostPlan(labels, ("mask", "color", "overlay"), self.opt.alpha, self.seg.imgsz, self.opt.max_pixels,
                              Path("."), Path("."))

@@ -159,6 +159,24 @@ def test_method_names_pick_the_method(clip_files):
     assert split_method("clip-dense:ViT-B-16")[0] == "clearclip" and split_method("lseg_tiny") is None
 
 
+def test_imagenet80_ensemble_is_clips_zero_shot_classifier():
+    """--prompt imagenet80 builds label embeddings as open_clip's own zero-shot classifier does, from
+    open_clip's copy of the 80 OpenAI templates (so the template list is theirs too)."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from segcli.labels import parse_labels
+
+    clip = tiny_clip()
+    model = clip_dense_from_clip_state(clip.state_dict(), "tiny")
+    with torch.no_grad():
+        ours = model.label_embeddings(parse_labels("cat,sky,road"), "imagenet80")
+        theirs = build_zero_shot_classifier(clip, open_clip.tokenize, ["cat", "sky", "road"], OPENAI_IMAGENET_TEMPLATES)
+    torch.testing.assert_close(ours, theirs.T, atol=1e-5, rtol=1e-4)
+    with pytest.raises(SegcliError, match="prompt set"):
+        model.label_embeddings(parse_labels("cat"), "no braces here")
+
+
 def test_weights_that_are_not_clip_are_refused(clip_files, tmp_path):
     state = tiny_clip().state_dict()
     del state["visual.proj"]

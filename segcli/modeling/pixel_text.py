@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.labels import LabelSet
+from segcli.labels import LabelSet, prompt_templates
 
 
 class PixelTextModel(nn.Module):
@@ -98,9 +98,16 @@ class PixelTextModel(nn.Module):
 
 
 def embed_labels(text_encoder: nn.Module, labels: LabelSet, prompt: str | None = None) -> torch.Tensor:
-    """[K,C] L2-normalised: each label's synonyms (through `prompt`) encoded and averaged."""
-    texts = [prompt.format(word) if prompt else word for syn in labels.synonyms for word in syn]
-    flat = text_encoder(texts)
+    """[K,C] L2-normalised: each label's synonyms (through `prompt`) encoded and averaged. A named
+    prompt set ("imagenet80") is an ensemble, built as CLIP's zero-shot classifier is: each word
+    through every template, the normalised embeddings averaged and normalised again."""
+    words = [word for syn in labels.synonyms for word in syn]
+    templates = prompt_templates(prompt)
+    if len(templates) == 1:
+        flat = text_encoder([templates[0].format(w) if templates[0] else w for w in words])
+    else:  # one template at a time: memory stays one batch of words, whatever the set's size
+        total = sum(F.normalize(text_encoder([t.format(w) for w in words]), dim=-1) for t in templates)
+        flat = F.normalize(total / len(templates), dim=-1)
     rows, start = [], 0
     for syn in labels.synonyms:
         rows.append(flat[start:start + len(syn)].mean(0))
