@@ -1,0 +1,81 @@
+"""What the training-free methods and options cost: images/s of `segcli predict` on this machine.
+
+    python benchmarks/bench_methods.py [--images 8] [--labels 5 150]
+
+A random-weights CLIP ViT-B/16 (open_clip's architecture, no download) saved as an open_clip weights
+file, read as `clearclip:FILE` and `naclip:FILE`, at 448, 640x480 JPEGs, mask only; each row: with
+and without PAMR (--refine) and the 80-template prompt ensemble (--prompt imagenet80, whose cost is
+the text tower's, once per run: shown as start-up seconds). Start-up is excluded from images/s by
+timing two folder sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_photos(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted((ROOT / "sample_images").glob("*.jpg"))
+    for i in range(n):
+        Image.open(sources[i % len(sources)]).convert("RGB").resize((640, 480)).save(folder / f"p{i:03d}.jpg", quality=90)
+    return folder
+
+
+def timed(args: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "segcli", "predict", *args, "-q"], cwd=ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--labels", type=int, nargs="+", default=[5, 150])
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="segcli-bench-methods-"))
+    try:
+        import open_clip
+        import torch
+        from safetensors.torch import save_file
+
+        from segcli.labels import named_label_set
+
+        torch.manual_seed(0)
+        clip = open_clip.create_model("ViT-B-16", pretrained=None)
+        weights = tmp / "open_clip_model.safetensors"
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+        small, big = make_photos(tmp / "small", max(1, args.images // 4)), make_photos(tmp / "big", args.images)
+        names = list(named_label_set("ade20k").names)
+        print(f"random-weights CLIP ViT-B/16 at 448, 640x480 JPEGs, mask only, {os.cpu_count()} CPU cores")
+        print("| method | refine | prompt | K | img/s | start-up s |")
+        print("| --- | --- | --- | ---: | ---: | ---: |")
+        for k in args.labels:
+            labels = ",".join(names[:k])
+            for method, refine, prompt in (("clearclip", "none", None), ("naclip", "none", None), ("naclip", "pamr", None),
+                                           ("naclip", "pamr", "imagenet80")):
+                common = ["-m", f"{method}:{weights}", "-l", labels, "--save", "mask", "--refine", refine]
+                common += ["--prompt", prompt] if prompt else []
+                t = {n: timed([str(folder), *common, "-o", str(tmp / f"out_{method}_{refine}_{prompt}_{k}_{n}")])
+                     for n, folder in ((args.images // 4 or 1, small), (args.images, big))}
+                (n0, t0), (n1, t1) = sorted(t.items())
+                rate = (n1 - n0) / (t1 - t0)
+                print(f"| {method} | {refine} | {prompt or 'a photo of a {}.'} | {k} | {rate:.2f} | {t0 - n0 / rate:.1f} |",
+                      flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
