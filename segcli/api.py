@@ -180,11 +180,7 @@ class Segmenter:
             emb = self._embeddings(np.stack([c.pixels for c in canvases]))
             for i, (im, canvas) in enumerate(zip(pil, canvases)):
                 region = self.image_region(emb[i], canvas).contiguous()
-                info = EmbeddingInfo(
-                    model=self.name, model_fingerprint=self.fingerprint, family=getattr(self.model, "family", ""),
-                    channels=int(region.shape[0]), stride=stride, imgsz=self.imgsz, full_hw=(im.height, im.width),
-                    resized_hw=canvas.resized_hw, normalised=False,
-                    compute_dtype=str(self.autocast_dtype or torch.float32).replace("torch.", ""))
+                info = EmbeddingInfo.of(self, region, stride, (im.height, im.width), canvas.resized_hw)
                 out.append(PixelEmbeddings(region, info, self))
         return out
 

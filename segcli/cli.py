@@ -269,7 +269,7 @@ def serve(
 ) -> None:
     """Serve the model over HTTP: POST /v1/segment, GET /v1/info, /healthz, a browser page at /, docs at /docs."""
     try:
-        from segcli.serve import ServeOptions
+        from segcli.serve import ServeOptions, check_listen
         from segcli.serve import serve as run_server
     except ImportError as exc:
         raise SegcliError(f"segcli serve needs the serve extra: pip install 'segcli[serve]' ({exc.name} is missing)") from None
@@ -286,6 +286,7 @@ def serve(
     options = ServeOptions(labels=label_set, batch_size=batch_size, batch_window_ms=batch_window_ms,
                            queue_size=queue_size, max_upload_mb=max_upload_mb, max_pixels=max_pixels, alpha=alpha,
                            api_key=api_key)
+    check_listen(host, port)
     print(f"segcli serve: {seg.name} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr)
     run_server(seg, options, host, port, log_level)
 

@@ -63,10 +63,25 @@ class EmbeddingInfo:
         return self.resized_hw[0] / self.stride, self.resized_hw[1] / self.stride
 
     @classmethod
+    def of(cls, seg, region: torch.Tensor, stride: int, full_hw: tuple[int, int], resized_hw: tuple[int, int],
+           photo: dict | None = None) -> "EmbeddingInfo":
+        """What `seg` (a Segmenter) made: `region` [C,h,w] at `stride` for a photo of `full_hw`."""
+        model = seg.model
+        return cls(model=seg.name, model_fingerprint=seg.fingerprint, family=getattr(model, "family", model.architecture),
+                   channels=int(region.shape[0]), stride=stride, imgsz=seg.imgsz, full_hw=tuple(full_hw),
+                   resized_hw=tuple(resized_hw), normalised=stride != model.output_stride,
+                   compute_dtype=dtype_name(seg.autocast_dtype or torch.float32), photo=photo)
+
+    @classmethod
     def from_json(cls, text: str) -> "EmbeddingInfo":
         data = json.loads(text)
         data["full_hw"], data["resized_hw"] = tuple(data["full_hw"]), tuple(data["resized_hw"])
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (as run records and file metadata spell it)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_embed_dtype(spec: str, compute: torch.dtype | None) -> torch.dtype:
@@ -152,24 +167,34 @@ def _grid_buffer(shape: tuple[int, int, int], device: torch.device) -> torch.Ten
     return buffer
 
 
-def load(path: str | Path, segmenter=None) -> PixelEmbeddings:
-    """Read a stored `NAME_embed.safetensors` (memory-mapped). With `segmenter`, checks that its model
-    made them (fingerprint) and allows `.query(labels)`."""
-    path = Path(path)
+def read_info(path: str | Path) -> EmbeddingInfo:
+    """The metadata of a stored `NAME_embed.safetensors` (its header only)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "segcli" not in meta:
-                raise SegcliError(f"{path} is not a segcli embeddings file (no segcli metadata)")
-            info = EmbeddingInfo.from_json(meta["segcli"])
-            tensor = f.get_tensor("embeddings")
-    except SegcliError:
-        raise
+            meta = (f.metadata() or {}).get("segcli")
+        if meta is None:
+            raise ValueError("no segcli metadata")
+        return EmbeddingInfo.from_json(meta)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise SegcliError(f"{path} is not a readable segcli embeddings file ({type(exc).__name__}: {exc})") from None
+        raise SegcliError(f"{path} is not a readable segcli embeddings file ({exc})") from None
+
+
+def read_tensor(path: str | Path) -> torch.Tensor:
+    """The stored `embeddings` tensor [C,h,w] of a file whose header was read already."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("embeddings")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise SegcliError(f"{path} is not a readable segcli embeddings file ({exc})") from None
+
+
+def load(path: str | Path, segmenter=None) -> PixelEmbeddings:
+    """Read a stored `NAME_embed.safetensors`. With `segmenter`, checks that its model made them
+    (fingerprint) and allows `.query(labels)`."""
+    info = read_info(path)
     if segmenter is not None:
         check_same_model(info, segmenter, path)
-    return PixelEmbeddings(tensor, info, segmenter)
+    return PixelEmbeddings(read_tensor(path), info, segmenter)
 
 
 def check_same_model(info: EmbeddingInfo, segmenter, path: Path | str) -> None:

@@ -64,15 +64,24 @@ def _write(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """(open descriptor, name) of a new temp file in `path`'s folder, with an ordinary file's mode."""
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(), dir=path.parent)
+    try:
+        os.fchmod(fd, file_mode())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yields a temp path beside `path`; renames it onto `path` if the block succeeds, else removes it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(), dir=path.parent)
-    try:
-        os.fchmod(fd, file_mode())
-    finally:
-        os.close(fd)
+    fd, tmp = _temp_beside(path)
+    os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -83,10 +92,9 @@ def atomic_path(path: str | os.PathLike):
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(), dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         try:
-            os.fchmod(fd, file_mode())
             _write(fd, data)
         finally:
             os.close(fd)

@@ -76,7 +76,7 @@ class ModelInput:
     resized_hw: tuple[int, int]
     full_hw: tuple[int, int]
     seconds: float
-    stamp: tuple[int, int]  # the file's (size, mtime) when it was read, to notice a change before re-reading
+    stamp: tuple[int, int] | None  # the file's (size, mtime) when read (None for bytes), to notice a change
 
 
 @dataclass
@@ -126,7 +126,7 @@ def decode(path: Path | bytes, plan: HostPlan | None = None) -> ModelInput:
     plan = plan or _plan
     t0 = time.perf_counter()
     try:
-        stamp = (len(path), 0) if isinstance(path, bytes) else file_stamp(path)
+        stamp = None if isinstance(path, bytes) else file_stamp(path)
         decoded = decode_photo(path, plan.max_pixels, draft_long_side=plan.imgsz)
         canvas = fit_to_canvas(decoded.image, plan.imgsz)
     except MemoryError:
@@ -223,15 +223,19 @@ def render(mask: np.ndarray, counts: np.ndarray, photo: np.ndarray | None, plan:
     return {kind: OUTPUT_KINDS[kind].produce(given) for kind in kinds}, fractions, present
 
 
-def write(source: Source, blobs: dict[str, bytes], plan: HostPlan) -> dict[str, Path]:
-    """Each output in `blobs` atomically into its place inside DIR (never outside it, symlinks
-    included); returns where they went."""
-    paths = {kind: path for kind, path in plan.outputs(source).items() if kind in blobs}
-    folder = next(iter(paths.values())).parent
+def make_output_folder(folder: Path, plan: HostPlan) -> None:
+    """Create `folder` for an input's outputs; InputFailure when it resolves outside DIR (a symlink)."""
     folder.mkdir(parents=True, exist_ok=True)
     real = folder.resolve()
     if real != plan.output_real and plan.output_real not in real.parents:
         raise InputFailure(f"output folder {folder} leads outside {plan.output} (symlink); not written")
+
+
+def write(source: Source, blobs: dict[str, bytes], plan: HostPlan) -> dict[str, Path]:
+    """Each output in `blobs` atomically into its place inside DIR (never outside it, symlinks
+    included); returns where they went."""
+    paths = {kind: path for kind, path in plan.outputs(source).items() if kind in blobs}
+    make_output_folder(next(iter(paths.values())).parent, plan)
     for kind, path in paths.items():
         atomic_write_bytes(path, blobs[kind])
     return paths

@@ -31,7 +31,7 @@ from segcli import host
 from segcli.api import Segmenter
 from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from segcli.data.sources import Source, SourceList
-from segcli.embeddings import EmbeddingInfo, check_embed_stride, encode, pool, resolve_embed_dtype
+from segcli.embeddings import EmbeddingInfo, check_embed_stride, dtype_name, encode, pool, resolve_embed_dtype
 from segcli.errors import SegcliError, one_line
 from segcli.fileio import is_disk_error, remove_stale_temp_files
 from segcli.host import ModelInput
@@ -119,12 +119,12 @@ class PredictRun:
             "labels": options.labels.to_json(),
             "prompt": options.prompt,
             "imgsz": segmenter.imgsz,
-            "precision": str(segmenter.autocast_dtype or torch.float32).replace("torch.", ""),
+            "precision": dtype_name(segmenter.autocast_dtype or torch.float32),
             "save": list(options.save),
             "alpha": options.alpha,
         }
         if self.embed is not None:
-            settings["embeddings"] = {"dtype": str(self.embed[0]).replace("torch.", ""), "stride": self.embed[1]}
+            settings["embeddings"] = {"dtype": dtype_name(self.embed[0]), "stride": self.embed[1]}
         if self.refiner is not None:
             settings["refine"] = "pamr"
         if options.vid_stride != 1 or options.smooth:
@@ -188,12 +188,8 @@ class PredictRun:
         dtype, stride = self.embed
         got, model = item.model_input, self.seg.model
         region = pool(image_region(emb, got.resized_hw, model.output_stride), stride // model.output_stride)
-        info = EmbeddingInfo(
-            model=self.seg.name, model_fingerprint=self.seg.fingerprint, family=getattr(model, "family", model.architecture),
-            channels=int(region.shape[0]), stride=stride, imgsz=self.seg.imgsz, full_hw=got.full_hw,
-            resized_hw=got.resized_hw, normalised=stride != model.output_stride,
-            compute_dtype=str(self.seg.autocast_dtype or torch.float32).replace("torch.", ""),
-            photo={"path": os.path.abspath(item.source.path), "size": got.stamp[0], "mtime_ns": got.stamp[1]})
+        photo = {"path": os.path.abspath(item.source.path), "size": got.stamp[0], "mtime_ns": got.stamp[1]}
+        info = EmbeddingInfo.of(self.seg, region, stride, got.full_hw, got.resized_hw, photo)
         return encode(region, info, dtype)
 
     def finish_on_device(self, job: host.FinishJob, writers: ThreadPoolExecutor) -> Future:

@@ -18,12 +18,11 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from segcli import host
 from segcli.api import Segmenter
 from segcli.data.sources import Source, SourceList
-from segcli.embeddings import SUFFIX, EmbeddingInfo, check_same_model, load
+from segcli.embeddings import SUFFIX, EmbeddingInfo, PixelEmbeddings, check_same_model, read_info, read_tensor
 from segcli.errors import SegcliError
 from segcli.masks import candidate_logits
 from segcli.predict import Item, PredictOptions, PredictRun
@@ -38,17 +37,9 @@ class StoredEmbeddings:
     rel: PurePosixPath
     info: EmbeddingInfo
 
-
-def read_info(path: Path) -> EmbeddingInfo:
-    """The metadata of a stored file (its header only)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("segcli")
-        if meta is None:
-            raise ValueError("no segcli metadata")
-        return EmbeddingInfo.from_json(meta)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise SegcliError(f"{path} is not a readable segcli embeddings file ({exc})") from None
+    def load(self, segmenter=None) -> PixelEmbeddings:
+        """The embeddings themselves (the header is read once, by stored_embeddings)."""
+        return PixelEmbeddings(read_tensor(self.path), self.info, segmenter)
 
 
 def stored_embeddings(folder: Path) -> list[StoredEmbeddings]:
@@ -104,7 +95,7 @@ class RelabelRun(PredictRun):
             t0 = time.perf_counter()
             entry = self.stored[item.index]
             try:
-                emb = load(entry.path, self.seg)
+                emb = entry.load(self.seg)  # its model was checked with the others, before any work
                 with torch.inference_mode():
                     logits = emb.scores(text)
             except SegcliError as exc:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from segcli.api import Segmenter
-from segcli.embeddings import load
 from segcli.labels import LabelSet
 from segcli.relabel import check_models, stored_embeddings
 
@@ -43,7 +42,7 @@ def search(folder: Path, queries: list[str], against: LabelSet, segmenter: Segme
         text = torch.cat([asked, segmenter.label_embeddings(against, prompt)]).float()  # [Q+A, C]
         q_count = len(queries)
         for entry in stored:
-            emb = load(entry.path).embeddings
+            emb = entry.load().embeddings
             cells = F.normalize(emb.to(text.device).float().flatten(1), dim=0)  # [C, h*w]
             scores = text @ cells  # [Q+A, h*w]
             theirs = scores[q_count:]

@@ -296,11 +296,24 @@ def create_app(service: Service):
     return app
 
 
+def check_listen(host_name: str, port: int) -> None:
+    """A taken port or an address this machine does not have: one line (exit 2), before uvicorn
+    would log it and exit 3."""
+    import socket
+
+    try:
+        with socket.create_server((host_name, port)):
+            pass
+    except OSError as exc:
+        raise SegcliError(f"cannot listen on {host_name}:{port}: {exc.strerror or exc}") from None
+
+
 def serve(seg: Segmenter, options: ServeOptions, host_name: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM; requests in flight finish, new ones get 503."""
     import uvicorn
 
+    check_listen(host_name, port)
     service = Service(seg, options)
     app = create_app(service)
     config = uvicorn.Config(app, host=host_name, port=port, log_level=log_level, timeout_graceful_shutdown=30,

@@ -35,18 +35,10 @@ from segcli.data.images import fit_to_canvas
 from segcli.data.sources import Source
 from segcli.errors import one_line
 from segcli.fileio import TMP_PREFIX, atomic_write_bytes
-from segcli.host import HostPlan, InputFailure, present_labels
+from segcli.host import HostPlan, InputFailure, make_output_folder, present_labels
 from segcli.masks import candidate_logits, image_extent, restore_label_map
 from segcli.outputs import VIDEO_OUTPUTS
 from segcli.render import colorize_bgr, encode_png, overlay_bgr
-
-VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
-
-
-def looks_like_video(head: bytes) -> bool:
-    """MP4/MOV (an ftyp box), Matroska/WebM (EBML), AVI (RIFF AVI) by their first bytes."""
-    return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:11] == b"AVI")
-
 
 class _Encoder:
     """One output video (H.264, the processed frames' size and rate) written to `path`."""
@@ -109,10 +101,7 @@ class VideoRun:
         t0 = time.perf_counter()
         outputs = self.plan.outputs(source)
         folder = next(iter(outputs.values())).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        real = folder.resolve()
-        if real != self.plan.output_real and self.plan.output_real not in real.parents:
-            raise InputFailure(f"output folder {folder} leads outside {self.plan.output} (symlink); not written")
+        make_output_folder(folder, self.plan)
         tmp = folder / f"{TMP_PREFIX}{os.getpid()}@{socket.gethostname()}.{source.rel.name}.d"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -136,10 +125,13 @@ class VideoRun:
             shutil.rmtree(tmp, ignore_errors=True)
         names = self.plan.labels.names
         fractions, present = present_labels(stats.pop("counts"))
-        return {"input": source.display, "path": str(source.path), "output": str(source.rel), "status": "ok",
-                "kind": "video", **stats, "seconds": round(time.perf_counter() - t0, 4),
-                "labels": {names[k]: round(float(fractions[k]), 6) for k in present},
-                "files": [str(p.relative_to(self.plan.output)) for p in outputs.values()]}
+        record = {"input": source.display, "path": str(source.path), "output": str(source.rel), "status": "ok",
+                  "kind": "video", **stats, "seconds": round(time.perf_counter() - t0, 4),
+                  "labels": {names[k]: round(float(fractions[k]), 6) for k in present},
+                  "files": [str(p.relative_to(self.plan.output)) for p in outputs.values()]}
+        if "embeddings" in self.plan.kinds:  # said, not skipped silently
+            record["warning"] = "no embeddings: --save embeddings applies to photos only"
+        return record
 
     def _frames(self, container, source: Source, tmp: Path) -> dict:
         if not container.streams.video:

@@ -77,6 +77,16 @@ def samples(tmp_path) -> Path:
     return dest
 
 
+def small_photos(folder: Path, layout: dict[str, str], side: int) -> Path:
+    """JPEGs (q90) in `folder`: sample photo name -> where it goes (e.g. "sub/rocket"), fitted into side x side."""
+    for name, dest in layout.items():
+        (folder / dest).parent.mkdir(parents=True, exist_ok=True)
+        img = Image.open(SAMPLES / f"{name}.jpg").convert("RGB")
+        img.thumbnail((side, side))
+        img.save(folder / f"{dest}.jpg", quality=90)
+    return folder
+
+
 def bomb_png() -> bytes:
     """A tiny PNG whose header claims 60000x60000 pixels."""
 

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS
+from conftest import SAMPLES, TINY_LABELS, small_photos
 from segcli.cli import app
 
 OTHER_LABELS = "sky;heaven,grass,person,cat,tree"
@@ -31,13 +31,7 @@ def outputs_of(folder: Path, suffixes=("_mask.png", "_color.png", "_overlay.jpg"
 
 @pytest.fixture
 def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    (folder / "sub").mkdir(parents=True)
-    for name, dest in (("cat", "cat"), ("coffee", "sub/coffee"), ("rocket", "rocket")):
-        img = Image.open(SAMPLES / f"{name}.jpg").convert("RGB")
-        img.thumbnail((200, 200))
-        img.save(folder / f"{dest}.jpg", quality=90)
-    return folder
+    return small_photos(tmp_path / "photos", {"cat": "cat", "coffee": "sub/coffee", "rocket": "rocket"}, 200)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS
+from conftest import SAMPLES, TINY_LABELS, small_photos
 from segcli import fileio, host
 from segcli.cli import app
 from segcli.runlock import Holder, _pid_start
@@ -47,13 +47,7 @@ def temp_files(folder: Path) -> list[Path]:
 @pytest.fixture
 def photos(tmp_path) -> Path:
     """Three small JPEGs, one in a subfolder."""
-    folder = tmp_path / "photos"
-    (folder / "sub").mkdir(parents=True)
-    for name, dest in (("cat", "cat"), ("coffee", "coffee"), ("rocket", "sub/rocket")):
-        img = Image.open(SAMPLES / f"{name}.jpg").convert("RGB")
-        img.thumbnail((160, 160))
-        img.save(folder / f"{dest}.jpg", quality=90)
-    return folder
+    return small_photos(tmp_path / "photos", {"cat": "cat", "coffee": "coffee", "rocket": "sub/rocket"}, 160)
 
 
 def predict_args(photos: Path, out: Path, tiny_checkpoint: Path, *extra: str) -> list[str]:

@@ -179,6 +179,18 @@ def test_api_key_is_enforced(tiny_checkpoint):
         assert srv.stop() == 0
 
 
+def test_a_taken_port_is_one_line(tiny_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "segcli", "serve", "-m", str(tiny_checkpoint), "--port", str(port)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                                  f"(while attempting to bind on address ('127.0.0.1', {port}))"]
+
+
 def test_sigterm_lets_requests_in_flight_finish(tiny_checkpoint):
     srv = Server(tiny_checkpoint, "--labels", TINY_LABELS)
     big = Image.open(SAMPLES / "astronaut.jpg").resize((3000, 3000))

@@ -27,16 +27,24 @@ class ImageDecodeError(Exception):
     """An input that is not a usable image; the message is one line for the user."""
 
 
-def looks_like_image(path: Path) -> bool:
-    """True when the file starts with the signature of a decodable image format."""
+def read_head(path: Path) -> bytes:
+    """The first 16 bytes of a file (empty when it cannot be read): enough to tell its format."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return f.read(16)
     except OSError:
-        return False
+        return b""
+
+
+def has_image_signature(head: bytes) -> bool:
+    """True when `head` (a file's first bytes) is the signature of a decodable image format."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True
     return any(head.startswith(sig) for sig in _SIGNATURES)
+
+
+def looks_like_image(path: Path) -> bool:
+    return has_image_signature(read_head(path))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -13,10 +13,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from segcli.data.images import IMAGE_SUFFIXES, looks_like_image
+from segcli.data.images import IMAGE_SUFFIXES, has_image_signature, looks_like_image, read_head
 from segcli.errors import SegcliError
 
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
 
 
 @dataclass(frozen=True)
@@ -46,24 +47,28 @@ def _placed(paths: list[Path]) -> list[PurePosixPath]:
     return [PurePosixPath(*Path(os.path.relpath(a, common)).parts) for a in absolute]
 
 
-def is_video(path: Path) -> bool:
-    """A video by its first bytes (MP4/MOV, MKV/WebM, AVI), or by its extension when they cannot be
-    read or say nothing (a broken video is still reported as a video)."""
-    from segcli.video import VIDEO_SUFFIXES, looks_like_video
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        head = b""
-    if looks_like_image(path):
-        return False
-    return looks_like_video(head) or path.suffix.lower() in VIDEO_SUFFIXES
+def looks_like_video(head: bytes) -> bool:
+    """MP4/MOV (an ftyp box), Matroska/WebM (EBML), AVI (RIFF AVI) by their first bytes."""
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:11] == b"AVI")
 
 
-def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str], list[tuple[Path, str]]]:
-    """(image files, non-image files, folders that could not be read with why), all sorted by path."""
-    images, skipped, unreadable = [], [], []
+def input_kind(path: Path) -> str | None:
+    """"image" or "video" by the file's first bytes (read once), else by its extension (a broken
+    file is still reported as what it claims to be); None for anything else."""
+    head = read_head(path)
+    if has_image_signature(head):
+        return "image"
+    if looks_like_video(head):
+        return "video"
+    suffix = path.suffix.lower()
+    return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
+
+
+def _walk(folder: Path, exclude: Path | None) -> tuple[dict[Path, str], list[str], list[tuple[Path, str]]]:
+    """({image or video file: its kind}, other files, folders that could not be read with why),
+    all sorted by path."""
+    images: dict[Path, str] = {}
+    skipped, unreadable = [], []
 
     def failed(exc: OSError) -> None:  # a subfolder that vanished or cannot be read: reported, not skipped
         unreadable.append((Path(exc.filename or folder), exc.strerror or str(exc)))
@@ -78,8 +83,9 @@ def _walk(folder: Path, exclude: Path | None) -> tuple[list[Path], list[str], li
             if name.startswith("."):
                 continue
             p = here / name
-            if looks_like_image(p) or p.suffix.lower() in IMAGE_SUFFIXES or is_video(p):
-                images.append(p)
+            kind = input_kind(p)
+            if kind:
+                images[p] = kind
             else:
                 skipped.append(str(p))
     return images, skipped, unreadable
@@ -102,6 +108,7 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
     """Expand SOURCE arguments. Raises SegcliError for a SOURCE that names nothing."""
     result = SourceList()
     seen: set[Path] = set()
+    kinds: dict[Path, str] = {}  # what walking the folders found out, so no file is read twice
     exclude = exclude.resolve() if exclude else None
     # (path, as named, output location or None: placed with the other named files, known error)
     candidates: list[tuple[Path, str, PurePosixPath | None, str | None]] = []
@@ -118,6 +125,7 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
         path = Path(arg).expanduser()
         if path.is_dir():
             images, skipped, unreadable = _walk(path, exclude)
+            kinds.update(images)
             result.skipped += skipped
             for p in images:
                 add_file(p, str(p), PurePosixPath(*p.relative_to(path).parts))
@@ -167,7 +175,7 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
         elif error is None and not p.exists():
             error = "file not found"
         taken.add(out)
-        result.sources.append(Source(path=p, display=display, rel=out, error=error, video=error is None and is_video(p)))
+        result.sources.append(Source(path=p, display=display, rel=out, error=error, video=error is None and (kinds.get(p) or input_kind(p)) == "video"))
     return result
 
 
