@@ -174,7 +174,7 @@ class Service:
         try:
             got = host.decode(data, plan)
         except ImageDecodeError as exc:
-            raise _decode_failure(str(exc)) from None
+            raise _decode_failure(exc) from None
         job = _Job(got.pixels, labels, prompt or None)
         if not self.batcher.submit(job):
             raise ServeError(503, "the server is busy (queue full): retry shortly", {"Retry-After": "1"})
@@ -194,7 +194,7 @@ class Service:
             try:
                 photo = decode_full_bgr(data, self.opt.max_pixels)
             except ImageDecodeError as exc:
-                raise _decode_failure(str(exc)) from None
+                raise _decode_failure(exc) from None
         blobs, fractions, present = host.render(mask, counts, photo, plan, [kind])
         self.served += 1
         if output != "json":
@@ -208,12 +208,9 @@ class Service:
         return json.dumps(body).encode(), OUTPUTS["json"]
 
 
-def _decode_failure(message: str) -> ServeError:
-    if "limit" in message or "bomb" in message:
-        return ServeError(413, message)
-    if "not an image" in message:
-        return ServeError(415, message)
-    return ServeError(400, message)
+def _decode_failure(exc: ImageDecodeError) -> ServeError:
+    status = {"too_large": 413, "not_image": 415}.get(exc.reason, 400)
+    return ServeError(status, str(exc))
 
 
 def create_app(service: Service):

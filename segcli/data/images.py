@@ -24,7 +24,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tif
 
 
 class ImageDecodeError(Exception):
-    """An input that is not a usable image; the message is one line for the user."""
+    """An input that is not a usable image; the message is one line for the user. `reason` says
+    which kind of failure (the server answers each with its HTTP status): "too_large" (the pixel
+    limit, bombs), "not_image", or "unreadable"."""
+
+    def __init__(self, message: str, reason: str = "unreadable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def read_head(path: Path) -> bytes:
@@ -115,8 +121,8 @@ def _open(path: str | Path | bytes, max_pixels: int) -> tuple[Image.Image, tuple
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError(
-            f"image is {w}x{h} ({w * h / 1e6:.0f} MP), above the {max_pixels / 1e6:.3g} MP limit "
-            "(possible decompression bomb; raise --max-pixels to allow)")
+            f"image is {w}x{h} ({w * h / 1e6:.3g} MP), above the {max_pixels / 1e6:.3g} MP limit "
+            "(possible decompression bomb; raise --max-pixels to allow)", "too_large")
     if w < 1 or h < 1:
         raise ImageDecodeError("image has no pixels")
     orientation = img.getexif().get(0x0112, 1)
@@ -131,9 +137,9 @@ def _decode_errors():
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"refused as a decompression bomb: {exc}") from None
+        raise ImageDecodeError(f"refused as a decompression bomb: {exc}", "too_large") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unrecognised content)") from None
+        raise ImageDecodeError("not an image (unrecognised content)", "not_image") from None
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except IsADirectoryError:
