@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -62,6 +63,13 @@ def masks(folder: Path) -> dict[str, np.ndarray]:
 
 def agreement(a: dict, b: dict) -> float:
     return float(np.mean([(a[k] == b[k]).mean() for k in a]))
+
+
+def bytes_per_photo(channels: int, imgsz: int, stride: int, bits: int, aspect: float = 4 / 3) -> int:
+    """Stored bytes for a photo of `aspect` (long/short side), from the file format: (d)'s table."""
+    long_cells = math.ceil(imgsz / stride)
+    short_cells = math.ceil(imgsz / aspect / stride)
+    return channels * long_cells * short_cells * bits // 8
 
 
 def agreement_table(tmp: Path) -> None:
@@ -159,7 +167,6 @@ def main() -> None:
               f"(model load: ~{startup - 100 * per_file:.2f} s), {per_file * n:.2f} s for the files alone; "
               f"peak RSS {timings[100][1]:.0f} MB (100 photos) / {timings[n][1]:.0f} MB ({n})")
 
-        from segcli.embeddings import bytes_per_photo
         print("\n(d) bytes per photo (4:3 photo, default input size)")
         print("| model | C | input | stride | float16/bfloat16 | float32 |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -167,7 +174,7 @@ def main() -> None:
                                                 ("clip-dense:ViT-B-16", 512, 448, (16, 32)),
                                                 ("clip-dense:ViT-L-14", 768, 448, (14, 28))):
             for stride in strides:
-                half, full = (bytes_per_photo(channels, imgsz, stride, d) for d in (torch.float16, torch.float32))
+                half, full = (bytes_per_photo(channels, imgsz, stride, bits) for bits in (16, 32))
                 print(f"| {model} | {channels} | {imgsz} | {stride} | {half / 1e6:.2f} MB | {full / 1e6:.2f} MB |")
         print(json.dumps({"per_photo_s": per, "search_s": timings[n][0]}))
     finally:

@@ -20,7 +20,6 @@ Read one with safetensors alone:
 from __future__ import annotations
 
 import json
-import math
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -201,10 +200,3 @@ def check_same_model(info: EmbeddingInfo, segmenter, path: Path | str) -> None:
     if info.model_fingerprint != segmenter.fingerprint:
         raise SegcliError(f"{path} was made by another model ({info.model}, {info.model_fingerprint[:30]}), "
                           f"not {segmenter.name} ({segmenter.fingerprint[:30]}): give --model the file that made it")
-
-
-def bytes_per_photo(channels: int, imgsz: int, stride: int, dtype: torch.dtype, aspect: float = 4 / 3) -> int:
-    """Stored bytes for a photo of `aspect` (long/short side): for the README's size table."""
-    long_cells = math.ceil(imgsz / stride)
-    short_cells = math.ceil(imgsz / aspect / stride)
-    return channels * long_cells * short_cells * torch.finfo(dtype).bits // 8
