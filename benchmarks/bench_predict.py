@@ -345,7 +345,7 @@ def predict_run(args, folder: Path, out: Path, labels: list[str], model: str | N
                 extra: tuple = ()) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "segcli", "predict", str(folder), "-l", ",".join(labels), "-m", model or args.model,
            "-o", str(out), "-b", str(args.batch_size), "--device", args.device, "--imgsz", str(imgsz or args.imgsz),
-           "-q", *extra]
+           "--postprocess", args.postprocess, "-q", *extra]
     seconds, rss, _ = run_measured(cmd)
     return seconds, rss
 
@@ -394,6 +394,7 @@ def main() -> None:
     ap.add_argument("--host-only", action="store_true", help="run only (e), the host ceiling")
     ap.add_argument("--no-host", action="store_true", help="skip (e)")
     ap.add_argument("--host-k", type=int, default=8, help="labels for (e)")
+    ap.add_argument("--postprocess", default="auto", help="predict's --postprocess for (b): auto, host or device")
     ap.add_argument("--save", default="mask,color,overlay", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
@@ -418,7 +419,8 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
-    print(f"model {args.model}, imgsz {args.imgsz}, batch {args.batch_size}, device {args.device}, "
+    print(f"model {args.model}, imgsz {args.imgsz}, batch {args.batch_size}, device {args.device} "
+          f"({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), postprocess {args.postprocess}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} photos")
     print("| K | (a) ceiling img/s | (b) predict img/s | (c) naive img/s | (d) CLIPSeg img/s | b/a | b/c | b/d "
           "| peak RSS a / b / c / d (MB) |")

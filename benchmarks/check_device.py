@@ -1,0 +1,68 @@
+"""Does `--postprocess device` give the host path's results on this device? Prints the agreement.
+
+    python benchmarks/check_device.py [--device cuda] [--model lseg_vitb16_384]
+
+Runs `segcli predict` on sample_images (and the same photos at 2x and 4x, so the label maps are
+restored to 1-16 megapixels) twice on the same device, once with the full-size work on the host and
+once on the device, and compares: the fraction of mask pixels that differ (interpolation ties;
+tests/test_predict_cli.py holds them under 0.1%), whether colors are equal where the masks are, and
+the overlays' mean absolute difference (two JPEG encoders: libjpeg on the host, nvJPEG on CUDA).
+Random weights: the question is whether both paths compute the same thing, not what they find.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = "cat,grass,sky,person,tree,road,building,water"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default="lseg_vitb16_384")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="segcli-check-") as tmp:
+        photos = Path(tmp) / "photos"
+        photos.mkdir()
+        for path in sorted((ROOT / "sample_images").glob("*.jpg")):
+            img = Image.open(path).convert("RGB")
+            for scale in (1, 2, 4):
+                img.resize((img.width * scale, img.height * scale)).save(photos / f"{path.stem}_x{scale}.jpg", quality=90)
+        outs = {}
+        for where in ("host", "device"):
+            outs[where] = Path(tmp) / where
+            cmd = [sys.executable, "-m", "segcli", "predict", str(photos), "-l", LABELS, "-m", args.model,
+                   "--device", args.device, "--postprocess", where, "-o", str(outs[where]), "-q"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"--postprocess {where} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        differ = total = 0
+        worst_overlay = 0.0
+        colors_equal = True
+        for mask_file in sorted(outs["host"].glob("*_mask.png")):
+            stem = mask_file.name[:-len("_mask.png")]
+            host, device = (np.array(Image.open(outs[w] / mask_file.name)) for w in ("host", "device"))
+            same = host == device
+            differ += int((~same).sum())
+            total += same.size
+            colors = [np.array(Image.open(outs[w] / f"{stem}_color.png").convert("RGB")) for w in ("host", "device")]
+            colors_equal &= bool(np.array_equal(colors[0][same], colors[1][same]))
+            overlays = [np.array(Image.open(outs[w] / f"{stem}_overlay.jpg")).astype(np.int16) for w in ("host", "device")]
+            worst_overlay = max(worst_overlay, float(np.abs(overlays[0] - overlays[1]).mean()))
+            print(f"{stem:>14} {host.shape[1]}x{host.shape[0]}: {100 * (~same).mean():.4f}% of mask pixels differ")
+        print(f"{args.model} on {args.device}: {differ} of {total} mask pixels differ ({100 * differ / total:.5f}%); "
+              f"colors equal where the masks are: {colors_equal}; overlays' mean |difference| at most {worst_overlay:.2f}")
+        sys.exit(0 if differ <= total * 1e-3 and colors_equal and worst_overlay < 2.0 else 1)
+
+
+if __name__ == "__main__":
+    main()
