@@ -6,7 +6,8 @@ Runs `segcli predict` on sample_images (and the same photos at 2x and 4x, so the
 restored to 1-16 megapixels) twice on the same device, once with the full-size work on the host and
 once on the device, and compares: the fraction of mask pixels that differ (interpolation ties;
 tests/test_predict_cli.py holds them under 0.1%), whether colors are equal where the masks are, and
-the overlays' mean absolute difference (two JPEG encoders: libjpeg on the host, nvJPEG on CUDA).
+the overlays' mean absolute difference (on CUDA the photo is decoded and the overlay encoded by
+nvJPEG, on the host by libjpeg). Exit 0 when masks and colors agree.
 Random weights: the question is whether both paths compute the same thing, not what they find.
 """
 
@@ -61,7 +62,8 @@ def main() -> None:
             print(f"{stem:>14} {host.shape[1]}x{host.shape[0]}: {100 * (~same).mean():.4f}% of mask pixels differ")
         print(f"{args.model} on {args.device}: {differ} of {total} mask pixels differ ({100 * differ / total:.5f}%); "
               f"colors equal where the masks are: {colors_equal}; overlays' mean |difference| at most {worst_overlay:.2f}")
-        sys.exit(0 if differ <= total * 1e-3 and colors_equal and worst_overlay < 2.0 else 1)
+        # overlays are not held to a bound: on CUDA both the decode (nvJPEG) and the encode differ from libjpeg's
+        sys.exit(0 if differ <= total * 1e-3 and colors_equal else 1)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def predict(
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (long side; a multiple of 32 for LSeg, of the patch size for clip-dense). Default: the model's (LSeg 384, clip-dense 448)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for decoding, label maps, rendering and writing (each uses one core). Default: 2 with the model on the CPU, all cores but one (at most 16) on a GPU."),
-    postprocess: str = typer.Option("auto", "--postprocess", help="Where the full-size work (label map, colors, overlay) runs: auto (the device when it is CUDA), host, device."),
+    postprocess: str = typer.Option("host", "--postprocess", help="Where the full-size work (label map, colors, overlay) runs: host (the worker processes; auto means the same), device (torch on the model's device)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, bf16 on CPUs with native bf16), fp32, bf16, fp16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every image, replacing results made with other settings."),

@@ -36,7 +36,7 @@ from segcli.errors import SegcliError, one_line
 from segcli.fileio import is_disk_error, remove_stale_temp_files
 from segcli.host import ModelInput
 from segcli.labels import LabelSet
-from segcli.masks import candidate_logits, image_extent, image_region
+from segcli.masks import batch_candidate_logits, candidate_logits, image_extent, image_region
 from segcli.outputs import DEFAULT_OUTPUTS
 from segcli.runfolder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
 
@@ -63,7 +63,7 @@ class PredictOptions:
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard: tuple[int, int] | None = None  # (I, N): this run is shard I of N, writing into a shared DIR
-    postprocess: str = "auto"  # where full-size work happens: host, device, or auto (device on CUDA)
+    postprocess: str = "host"  # where full-size work happens: host (worker processes) or device; auto = host
     embed_dtype: str = "auto"  # the stored pixel embeddings' dtype (see segcli.embeddings)
     embed_stride: int | None = None  # their stride in input pixels (None: the model's output stride)
     refine: str = "auto"  # "pamr", "none", or auto: PAMR for the methods whose published numbers use it (naclip)
@@ -97,7 +97,7 @@ class PredictRun:
     def __init__(self, segmenter: Segmenter, options: PredictOptions, sources: SourceList,
                  on_record: Callable[[dict], None] | None = None, on_frames: Callable[[int], None] | None = None):
         if options.postprocess not in ("auto", "host", "device"):
-            raise SegcliError(f"--postprocess {options.postprocess!r}: use auto, host or device")
+            raise SegcliError(f"--postprocess {options.postprocess!r}: use host or device")
         if options.vid_stride < 1 or not 0.0 <= options.smooth < 1.0:
             raise SegcliError("--vid-stride takes 1 or more, --smooth a weight from 0 (off) to below 1")
         self.on_frames = on_frames
@@ -136,7 +136,9 @@ class PredictRun:
         self.records: dict[int, dict] = {}
         self.stop: OSError | None = None  # the write failure that ended the run early
         self._failed_writes: list[int | None] = []  # errnos of the write failures since the last success
-        on_device = options.postprocess == "device" or (options.postprocess == "auto" and segmenter.device.type == "cuda")
+        # the host's worker processes, unless asked: the device path runs one photo at a time in this
+        # process, which on an H200 fed 50 photos/s to a model that takes 444 (README, Performance)
+        on_device = options.postprocess == "device"
         self.device_post = None
         if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
             from segcli.device_post import DevicePostprocess
@@ -144,28 +146,30 @@ class PredictRun:
             self.device_post = DevicePostprocess(self.plan, segmenter.device)
 
     def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
-        """A batch of canvases -> per image, the candidate labels' logits at model resolution (all
-        labels', on the device, when post-processing happens there)."""
+        """A batch of canvases -> per image, the candidate labels' logits at model resolution on the
+        host (all labels', on the device, when post-processing happens there)."""
         t0 = time.perf_counter()
         pixels = np.stack([it.model_input.pixels for it in batch])
-        logits, emb = self.seg.segment_canvases(pixels, text, return_embeddings=self.embed is not None,
-                                                on_device=self.device_post is not None)
+        logits, emb = self.seg.segment_canvases(pixels, text, return_embeddings=self.embed is not None, on_device=True)
+        valids = [image_extent(it.model_input.resized_hw, self.seg.model.output_stride) for it in batch]
+        if self.refiner is not None:  # refined at the canvas's pixels: stride 1 from here on
+            per_image = [self.refine(logits[i], it.model_input.pixels, it.model_input.resized_hw) for i, it in enumerate(batch)]
+            valids = [(float(h), float(w)) for h, w in (it.model_input.resized_hw for it in batch)]
+        else:
+            per_image = list(logits)
+        if self.device_post is not None:
+            selected = [(None, logits_i) for logits_i in per_image]
+        elif self.refiner is not None:
+            selected = [candidate_logits(logits_i, valid) for logits_i, valid in zip(per_image, valids)]
+        else:
+            selected = batch_candidate_logits(logits, valids)
         share = (time.perf_counter() - t0) / len(batch)
         jobs = []
         for i, item in enumerate(batch):
             got = item.model_input
-            valid = image_extent(got.resized_hw, self.seg.model.output_stride)
-            if self.refiner is not None:  # refined at the canvas's pixels: stride 1 from here on
-                logits_i = self.refine(logits[i], got.pixels, got.resized_hw)
-                valid = (float(got.resized_hw[0]), float(got.resized_hw[1]))
-            else:
-                logits_i = logits[i]
-            if self.device_post is not None:
-                candidates, cand = None, logits_i
-            else:
-                candidates, cand = candidate_logits(logits_i, valid)
+            candidates, cand = selected[i]
             made = {"embeddings": self._embeddings_file(emb[i], item)} if emb is not None else None
-            jobs.append(host.FinishJob(item.source, candidates, cand, valid, got.full_hw, got.seconds + share,
+            jobs.append(host.FinishJob(item.source, candidates, cand, valids[i], got.full_hw, got.seconds + share,
                                        got.stamp, made))
             item.model_input = None
         return jobs

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcli.masks import mask_dtype, restore_label_map
+from segcli.masks import batch_candidate_logits, candidate_logits, mask_dtype, restore_label_map
 
 
 def test_restore_equals_full_bilinear_upsampling_then_argmax():
@@ -86,3 +86,21 @@ def test_host_restoration_equals_the_device_path_on_random_small_cases():
         host = restore_label_map(logits, valid, out_hw, histogram=counts)
         assert np.array_equal(host, restore_label_map_torch(logits, valid, out_hw))
         assert np.array_equal(counts, np.bincount(host.ravel(), minlength=k))  # counted without a pass over the map
+
+
+def test_batch_candidate_selection_equals_the_per_image_one():
+    """One ranking and one copy per batch pick what candidate_logits picks image by image, over each
+    image's own cells only (the padding beyond them never counts)."""
+    gen = torch.Generator().manual_seed(3)
+    valids = [(12.0, 16.0), (7.5, 16.0), (16.0, 3.25), (1.0, 1.0)]
+    for k in (1, 2, 5, 40):
+        logits = F.interpolate(torch.randn(4, k, 4, 4, generator=gen), size=(16, 16), mode="bilinear")
+        logits[:, -1, :14] -= 100  # the last label ranks last in rows 0-13 and first below them
+        logits[:, :, 14:, :] += torch.arange(k).view(1, k, 1, 1) * 100
+        got = batch_candidate_logits(logits, valids)
+        for i, valid in enumerate(valids):
+            want_idx, want = candidate_logits(logits[i], valid)
+            assert np.array_equal(got[i][0], want_idx)
+            assert got[i][1].dtype == np.float32 and np.array_equal(got[i][1], want)
+        if k > 2:  # the images that do not reach row 14 do not have it as a candidate; the one that does has
+            assert k - 1 not in got[1][0] and k - 1 in got[2][0]
