@@ -21,6 +21,7 @@ from segcli.masks import image_extent, image_region, restore_label_map
 from segcli.models import UNTRAINED_WARNING, load_model
 from segcli.options import PRECISIONS
 from segcli.registry import DEFAULT_MODEL
+from segcli.sliding import Protocol, average_windows, model_pixels, resolve_protocol, window_tiles
 
 
 @dataclass
@@ -106,6 +107,19 @@ class Segmenter:
         self.fingerprint = fingerprint or f"arch:{model.architecture}"
         self.untrained = untrained
         self._input = threading.local()  # the reused input batch on the CPU (see segment_canvases)
+        self.protocol = self.use_protocol()
+
+    def use_protocol(self, short_side: int | None = None, window: int | None = None, stride: int | None = None) -> Protocol:
+        """Set how images meet the model (segcli.sliding): the model's own protocol (sliding windows
+        over a short side for clip-dense, one canvas otherwise) with these overrides; --window 0 is
+        one canvas of `imgsz`."""
+        protocol = resolve_protocol(getattr(self.model, "default_protocol", None), short_side, window, stride,
+                                    self.model.input_multiple, self.model.output_stride)
+        fixed = self.model.fixed_imgsz
+        if protocol.sliding and fixed is not None and protocol.window != fixed:
+            raise SegcliError(f"this exported model takes {fixed}-pixel inputs: use --window {fixed} (or --window 0)")
+        self.protocol = protocol
+        return protocol
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
@@ -141,6 +155,59 @@ class Segmenter:
 
     def prepare(self, image: Image.Image) -> Canvas:
         return fit_to_canvas(image, self.imgsz)
+
+    def refiner_for(self, refine: str) -> torch.nn.Module | None:
+        """The PAMR module when `refine` asks for it ("pamr"; "auto": for the methods whose published
+        numbers use it, naclip), else None ("none")."""
+        if refine not in ("auto", "pamr", "none"):
+            raise SegcliError(f"--refine {refine!r}: use auto, pamr or none")
+        method = getattr(getattr(self.model, "cfg", None), "method", None)
+        if refine == "pamr" or (refine == "auto" and method == "naclip"):
+            from segcli.modeling.pamr import PAMR
+
+            return PAMR()
+        return None
+
+    def refine_logits(self, refiner: torch.nn.Module, logits: torch.Tensor, pixels: np.ndarray,
+                      resized_hw: tuple[int, int]) -> torch.Tensor:
+        """Model-resolution logits [K,h',w'] of an image at the top-left of `pixels` (uint8, the
+        model's input) -> [K,h,w] refined by PAMR at the size the image has there (`resized_hw`), so
+        memory and time do not grow with the photo."""
+        import torch.nn.functional as F
+
+        stride = self.model.output_stride
+        h, w = resized_hw
+        cells = logits[:, :-(-h // stride), :-(-w // stride)].float()
+        # the same pixel-centre mapping as the label map's restoration (align_corners=False)
+        up = F.interpolate(cells[None], scale_factor=stride, mode="bilinear", align_corners=False)[:, :, :h, :w]
+        image = torch.from_numpy(np.ascontiguousarray(pixels[:h, :w])).to(logits.device).permute(2, 0, 1).float().div_(255.0)
+        return refiner(image[None], up)[0]
+
+    def prepare_pixels(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """(the model's pixels, the image's size in them) under the protocol: see segment_images."""
+        return model_pixels(image, self.imgsz, self.protocol)
+
+    @torch.inference_mode()
+    def segment_images(self, pixels: Sequence[np.ndarray], label_embeddings: torch.Tensor | None,
+                       batch_size: int = 8, protocol: Protocol | None = None) -> list[torch.Tensor]:
+        """Images as `prepare_pixels` gives them -> per image logits [K,h',w'] fp32 on the model's
+        device, the image at the top-left (h' >= ceil(h/s)). One canvas: a batch of canvases. Windows:
+        every window of these images, `batch_size` at a time, each cell the mean over the windows
+        that cover it."""
+        protocol = protocol or self.protocol
+        if not protocol.sliding:
+            return list(self.segment_canvases(np.stack(pixels), label_embeddings, on_device=True)[0])
+        cell = self.model.output_stride
+        tiled = [window_tiles(p, protocol.window, protocol.stride, cell) for p in pixels]
+        owners = [(i, corner) for i, (corners, _) in enumerate(tiled) for corner in corners]
+        tiles = np.concatenate([t for _, t in tiled])
+        window_logits = [[] for _ in pixels]
+        for start in range(0, len(tiles), batch_size):
+            logits, _ = self.segment_canvases(tiles[start:start + batch_size], label_embeddings, on_device=True)
+            for (i, _), one in zip(owners[start:start + batch_size], logits):
+                window_logits[i].append(one)
+        return [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window, cell)
+                for w, (corners, _), p in zip(window_logits, tiled, pixels)]
 
     def label_map(self, logits: torch.Tensor, canvas: Canvas, out_hw: tuple[int, int],
                   out: np.ndarray | None = None) -> np.ndarray:
@@ -208,22 +275,33 @@ class Segmenter:
 
     def predict(self, images: Image.Image | np.ndarray | str | os.PathLike | Sequence, labels: str | LabelSet | None = None,
                 prompt: str | None = None, batch_size: int = 4, return_logits: bool = False,
-                return_embeddings: bool = False) -> list[Prediction]:
-        """Segment images (PIL images, HxWx3 uint8 arrays or paths) with `labels` ("a,b;c", "ade20k", ...)."""
+                return_embeddings: bool = False, refine: str = "auto") -> list[Prediction]:
+        """Segment images (PIL images, HxWx3 uint8 arrays or paths) with `labels` ("a,b;c", "ade20k", ...).
+        `refine` as predict's --refine; returned logits are then the refined ones, at stride 1."""
         label_set = self.resolve_labels(labels)
+        refiner = self.refiner_for(refine)
         text = self.label_embeddings(label_set, prompt)
         items = images if isinstance(images, (list, tuple)) else [images]
         results: list[Prediction] = []
+        if return_embeddings and self.protocol.sliding:
+            raise SegcliError("pixel embeddings come from one canvas: use_protocol(window=0) first")
+        stride = self.model.output_stride
         for start in range(0, len(items), batch_size):
             pil = [_as_pil(x) for x in items[start:start + batch_size]]
-            canvases = [self.prepare(im) for im in pil]
-            logits, emb = self.segment_canvases(np.stack([c.pixels for c in canvases]), text, return_embeddings)
-            for i, (im, canvas) in enumerate(zip(pil, canvases)):
+            prepared = [self.prepare_pixels(im) for im in pil]
+            if return_embeddings:
+                logits, emb = self.segment_canvases(np.stack([p for p, _ in prepared]), text, return_embeddings)
+            else:
+                logits, emb = self.segment_images([p for p, _ in prepared], text, batch_size), None
+            for i, (im, (pixels, resized_hw)) in enumerate(zip(pil, prepared)):
+                logits_i, cell = logits[i], stride
+                if refiner is not None:
+                    logits_i, cell = self.refine_logits(refiner, logits_i, pixels, resized_hw), 1
                 results.append(Prediction(
-                    label_map=self.label_map(logits[i], canvas, (im.height, im.width)),
+                    label_map=restore_label_map(logits_i, image_extent(resized_hw, cell), (im.height, im.width)),
                     labels=label_set,
-                    logits=self.image_region(logits[i], canvas) if return_logits else None,
-                    embeddings=self.image_region(emb[i], canvas) if emb is not None else None,
+                    logits=image_region(logits_i, resized_hw, cell).cpu() if return_logits else None,
+                    embeddings=image_region(emb[i], resized_hw, stride) if emb is not None else None,
                 ))
         return results
 

@@ -95,7 +95,10 @@ def predict(
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}.", or a named set averaged over its templates: imagenet80 (CLIP\'s 80, as ClearCLIP/SCLIP/NACLIP). Default: the raw label for LSeg models, "a photo of a {}." for clip-dense.'),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (long side; a multiple of 32 for LSeg, of the patch size for clip-dense). Default: the model's (LSeg 384, clip-dense 448)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images (or windows) per forward pass."),
+    short_side: Optional[int] = typer.Option(None, "--short-side", help="With windows: resize photos so the short side is N (long side at most 2048), as the training-free methods' authors do. Default: the model's (clip-dense: 448 clearclip, 336 naclip)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Slide windows of N pixels over the resized photo and average their logits (0: one padded canvas of --imgsz). Default: the model's (clip-dense: 448 clearclip, 224 naclip; LSeg: 0)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Window step in pixels. Default: the model's, else half the window."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for decoding, label maps, rendering and writing (each uses one core). Default: 2 with the model on the CPU, all cores but one (at most 16) on a GPU."),
     postprocess: str = typer.Option("host", "--postprocess", help="Where the full-size work (label map, colors, overlay) runs: host (the worker processes; auto means the same), device (torch on the model's device)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -139,6 +142,7 @@ def predict(
         found = take_shard(found, *shard_spec)
     model = model or DEFAULT_MODEL
     seg = Segmenter.from_pretrained(model, device=str(rank_device(device)), precision=precision, imgsz=imgsz, warn=False)
+    seg.use_protocol(short_side, window, stride)
     if seg.untrained:
         _warn(UNTRAINED_WARNING.format(name=model))
     label_set = seg.resolve_labels(label_set)
@@ -518,8 +522,11 @@ def eval_command(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where ade20k lives. Default: $SEGCLI_DATA, else ./data."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size. Default: the model's."),
     ms_flip: bool = typer.Option(False, "--ms-flip", help="Sum logits over scales 0.5-1.75 and horizontal flips (as LSeg evaluates)."),
-    window: Optional[int] = typer.Option(None, "--window", help="Sliding-window size for large inputs, e.g. 480."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Sliding-window stride, e.g. 320 (default: 2/3 of the window)."),
+    short_side: Optional[int] = typer.Option(None, "--short-side", help="With windows: resize photos so the short side is N (long side at most 2048), as the training-free methods' authors do. Default: the model's (clip-dense: 448 clearclip, 336 naclip)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Slide windows of N pixels over the resized photo and average their logits (0: one padded canvas of --imgsz). Default: the model's (clip-dense: 448 clearclip, 224 naclip; LSeg: 0)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Window step in pixels. Default: the model's, else half the window."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="As in predict: a template with {} or a named set (imagenet80)."),
+    refine: str = typer.Option("auto", "--refine", help="As in predict: pamr, none, or auto (pamr for naclip models)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision", help="As in predict."),
@@ -537,7 +544,8 @@ def eval_command(
     dataset = open_dataset(data, data_root, seed=seed)
     label_set = parse_labels(labels) if labels else None
     seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
-    result = evaluate(seg, dataset, split, label_set, batch_size=batch_size, ms_flip=ms_flip, window=window, stride=stride)
+    seg.use_protocol(short_side, window, stride)
+    result = evaluate(seg, dataset, split, label_set, batch_size=batch_size, ms_flip=ms_flip, prompt=prompt, refine=refine)
     result["model"] = model
     if output:
         atomic_write_json(output, result)

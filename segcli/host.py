@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segcli.data.images import ImageDecodeError, decode_full_bgr, decode_photo, fit_to_canvas
+from segcli.data.images import ImageDecodeError, decode_full_bgr, decode_photo
 from segcli.data.sources import Source
 from segcli.errors import one_line
 from segcli.fileio import atomic_write_bytes
@@ -28,6 +28,7 @@ from segcli.labels import LabelSet
 from segcli.masks import mask_dtype, restore_label_map
 from segcli.outputs import OUTPUT_KINDS, VIDEO_OUTPUTS, RenderInput
 from segcli.render import color_lut, palette_array, scratch
+from segcli.sliding import Protocol, draft_size, model_pixels
 
 
 class InputFailure(Exception):
@@ -45,6 +46,7 @@ class HostPlan:
     max_pixels: int
     output: Path  # DIR
     output_real: Path  # DIR with symlinks resolved: nothing is written outside it
+    protocol: Protocol = Protocol()  # one canvas, or the image resized for sliding windows
 
     @cached_property
     def palette(self) -> np.ndarray:
@@ -72,7 +74,7 @@ class HostPlan:
 class ModelInput:
     """What decoding sends back: the model input and the sizes needed to undo the fit."""
 
-    pixels: np.ndarray | None  # [S,S,3] uint8, the image at the top-left
+    pixels: np.ndarray | None  # [S,S,3] uint8 canvas, the image at its top-left; or [h,w,3], the image (windows)
     resized_hw: tuple[int, int]
     full_hw: tuple[int, int]
     seconds: float
@@ -127,8 +129,9 @@ def decode(path: Path | bytes, plan: HostPlan | None = None) -> ModelInput:
     t0 = time.perf_counter()
     try:
         stamp = None if isinstance(path, bytes) else file_stamp(path)
-        decoded = decode_photo(path, plan.max_pixels, draft_long_side=plan.imgsz)
-        canvas = fit_to_canvas(decoded.image, plan.imgsz)
+        decoded = decode_photo(path, plan.max_pixels,
+                               draft_long_side=lambda w, h: draft_size(w, h, plan.imgsz, plan.protocol))
+        pixels, resized_hw = model_pixels(decoded.image, plan.imgsz, plan.protocol)
     except MemoryError:
         raise ImageDecodeError("out of memory while decoding") from None
     except FileNotFoundError:  # deleted since the folder was listed
@@ -137,7 +140,7 @@ def decode(path: Path | bytes, plan: HostPlan | None = None) -> ModelInput:
         raise
     except Exception as exc:  # a decoder bug on a strange file must not stop the batch
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {one_line(str(exc))}") from None
-    return ModelInput(canvas.pixels, canvas.resized_hw, decoded.full_hw, time.perf_counter() - t0, stamp)
+    return ModelInput(pixels, resized_hw, decoded.full_hw, time.perf_counter() - t0, stamp)
 
 
 def file_stamp(path: Path) -> tuple[int, int]:

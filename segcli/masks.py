@@ -112,24 +112,25 @@ def candidate_logits(logits: "torch.Tensor", valid_hw: tuple[float, float]) -> t
     return candidates.cpu().numpy(), np.ascontiguousarray(grid[candidates].cpu().numpy())
 
 
-def batch_candidate_logits(logits: "torch.Tensor",
+def batch_candidate_logits(logits: "torch.Tensor | list[torch.Tensor]",
                            valid_hws: list[tuple[float, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`candidate_logits` for a batch: logits [B,K,h',w'] wherever the model left them (its GPU) ->
-    per image (candidate indices [P], their logits [P,h,w] float32 on the host). The selection runs
-    on the logits' device, and one copy per batch brings the host only the candidates' cells: on a
-    GPU host, copying all K channels and ranking them on the CPU would cost the one process that
-    feeds the GPU milliseconds per photo."""
+    """`candidate_logits` for a batch: per image logits [K,h',w'] (a [B,K,h',w'] tensor or a list)
+    wherever the model left them (its GPU) -> per image (candidate indices [P], their logits [P,h,w]
+    float32 on the host). The selection runs on the logits' device, and one copy per batch brings
+    the host only the candidates' cells: on a GPU host, copying all K channels and ranking them on
+    the CPU would cost the one process that feeds the GPU milliseconds per photo."""
     import torch
 
-    grids = [logits[i, :, :min(logits.shape[2], math.ceil(vh)), :min(logits.shape[3], math.ceil(vw))]
+    grids = [logits[i][:, :min(logits[i].shape[1], math.ceil(vh)), :min(logits[i].shape[2], math.ceil(vw))]
              for i, (vh, vw) in enumerate(valid_hws)]
-    if logits.shape[1] == 1:
+    k = grids[0].shape[0]
+    if k == 1:
         chosen = [torch.zeros(1, dtype=torch.int64) for _ in grids]
     else:
-        seen = torch.stack([torch.bincount(g.topk(2, dim=0).indices.flatten(), minlength=logits.shape[1]) for g in grids])
+        seen = torch.stack([torch.bincount(g.topk(2, dim=0).indices.flatten(), minlength=k) for g in grids])
         chosen = [row.nonzero().flatten() for row in (seen > 0).cpu()]  # one wait for the device
     picked = [g[c.to(g.device)].float() for g, c in zip(grids, chosen)]
-    if logits.device.type == "cpu":  # already on the host: no gathering copy
+    if grids[0].device.type == "cpu":  # already on the host: no gathering copy
         return [(c.numpy(), p.numpy()) for c, p in zip(chosen, picked)]
     flat = torch.cat([p.flatten() for p in picked]).cpu().numpy()  # one copy for the batch
     out, start = [], 0

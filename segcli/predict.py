@@ -12,6 +12,7 @@ the table `segcli.outputs.OUTPUT_KINDS`.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -110,9 +111,12 @@ class PredictRun:
             if not segmenter.model.provides_embeddings:
                 raise SegcliError("this model gives no pixel embeddings (an ONNX export): --save embeddings needs "
                                   "a PyTorch model (a checkpoint, clip-dense, ...)")
+            if segmenter.protocol.sliding:
+                raise SegcliError("--save embeddings stores the cells of one canvas: add --window 0 (this model "
+                                  "slides windows by default)")
             self.embed = (resolve_embed_dtype(options.embed_dtype, segmenter.autocast_dtype),
                           check_embed_stride(options.embed_stride, segmenter.model.output_stride))
-        self.refiner = _refiner(options.refine, segmenter)
+        self.refiner = segmenter.refiner_for(options.refine)
         settings = {
             "model": segmenter.name,
             "model_fingerprint": segmenter.fingerprint,
@@ -127,12 +131,14 @@ class PredictRun:
             settings["embeddings"] = {"dtype": dtype_name(self.embed[0]), "stride": self.embed[1]}
         if self.refiner is not None:
             settings["refine"] = "pamr"
+        if segmenter.protocol.sliding:
+            settings["protocol"] = dataclasses.asdict(segmenter.protocol)
         if options.vid_stride != 1 or options.smooth:
             settings["video"] = {"vid_stride": options.vid_stride, "smooth": options.smooth}
         self.folder = RunFolder(options.output, settings, options.shard, options.overwrite)
         self.output = self.folder.path
         self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
-                                  options.max_pixels, self.folder.path, self.folder.real)
+                                  options.max_pixels, self.folder.path, self.folder.real, segmenter.protocol)
         self.records: dict[int, dict] = {}
         self.stop: OSError | None = None  # the write failure that ended the run early
         self._failed_writes: list[int | None] = []  # errnos of the write failures since the last success
@@ -149,10 +155,13 @@ class PredictRun:
         """A batch of canvases -> per image, the candidate labels' logits at model resolution on the
         host (all labels', on the device, when post-processing happens there)."""
         t0 = time.perf_counter()
-        pixels = np.stack([it.model_input.pixels for it in batch])
-        logits, emb = self.seg.segment_canvases(pixels, text, return_embeddings=self.embed is not None, on_device=True)
+        pixels = [it.model_input.pixels for it in batch]
+        if self.embed is not None:  # one canvas each (the protocol was checked in __init__)
+            logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)
+        else:
+            logits, emb = self.seg.segment_images(pixels, text, self.opt.batch_size), None
         valids = [image_extent(it.model_input.resized_hw, self.seg.model.output_stride) for it in batch]
-        if self.refiner is not None:  # refined at the canvas's pixels: stride 1 from here on
+        if self.refiner is not None:  # refined at the model's pixels: stride 1 from here on
             per_image = [self.refine(logits[i], it.model_input.pixels, it.model_input.resized_hw) for i, it in enumerate(batch)]
             valids = [(float(h), float(w)) for h, w in (it.model_input.resized_hw for it in batch)]
         else:
@@ -162,7 +171,7 @@ class PredictRun:
         elif self.refiner is not None:
             selected = [candidate_logits(logits_i, valid) for logits_i, valid in zip(per_image, valids)]
         else:
-            selected = batch_candidate_logits(logits, valids)
+            selected = batch_candidate_logits(per_image, valids)
         share = (time.perf_counter() - t0) / len(batch)
         jobs = []
         for i, item in enumerate(batch):
@@ -175,17 +184,7 @@ class PredictRun:
         return jobs
 
     def refine(self, logits: torch.Tensor, pixels: np.ndarray, resized_hw: tuple[int, int]) -> torch.Tensor:
-        """[K,S/s,S/s] model-resolution logits of a canvas (uint8 [S,S,3]) -> [K,h,w] refined by PAMR
-        at the size the photo has in the canvas (memory and time do not grow with the photo)."""
-        import torch.nn.functional as F
-
-        stride = self.seg.model.output_stride
-        h, w = resized_hw
-        cells = logits[:, :-(-h // stride), :-(-w // stride)].float()
-        # the same pixel-centre mapping as the label map's restoration (align_corners=False)
-        up = F.interpolate(cells[None], scale_factor=stride, mode="bilinear", align_corners=False)[:, :, :h, :w]
-        image = torch.from_numpy(pixels[:h, :w]).to(logits.device).permute(2, 0, 1).float().div_(255.0)
-        return self.refiner(image[None], up)[0]
+        return self.seg.refine_logits(self.refiner, logits, pixels, resized_hw)
 
     def _embeddings_file(self, emb: torch.Tensor, item: Item) -> bytes:
         """[C,S/s,S/s] of one canvas -> the NAME_embed.safetensors bytes of the photo's cells."""
@@ -392,18 +391,6 @@ class PredictRun:
                                    "can be written again, run the same command to finish")
         failed = sum(1 for r in ordered if r["status"] != "ok")
         return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
-
-
-def _refiner(refine: str, segmenter: Segmenter):
-    """The PAMR module when `refine` asks for it (auto: for naclip models), else None."""
-    if refine not in ("auto", "pamr", "none"):
-        raise SegcliError(f"--refine {refine!r}: use auto, pamr or none")
-    method = getattr(getattr(segmenter.model, "cfg", None), "method", None)
-    if refine == "pamr" or (refine == "auto" and method == "naclip"):
-        from segcli.modeling.pamr import PAMR
-
-        return PAMR()
-    return None
 
 
 def default_workers(device: torch.device) -> int:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar
 
 from segcli.errors import SegcliError
+from segcli.sliding import Protocol
 
 DEFAULT_MODEL = "clip-dense:ViT-B-16"  # training-free, so predict works with no --model
 # the training-free methods a CLIP can be read with (modeling/clip_dense.py); `clip-dense` names the default
@@ -22,6 +23,12 @@ CLIP_DENSE_METHODS = {
               "no residual, no feed-forward",
 }
 DEFAULT_CLIP_DENSE_METHOD = "clearclip"
+# each method's inference protocol as its authors evaluate (their ADE20K configs): the short side,
+# then windows of `window` every `stride` pixels, logits averaged (segcli.sliding)
+CLIP_DENSE_PROTOCOLS = {
+    "clearclip": Protocol(short_side=448, window=448, stride=224),
+    "naclip": Protocol(short_side=336, window=224, stride=112),
+}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -85,14 +86,15 @@ class DecodedPhoto:
 
 
 def decode_photo(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_long_side: int | None = None) -> DecodedPhoto:
+                 draft_long_side: int | Callable[[int, int], int] | None = None) -> DecodedPhoto:
     """Read and decode `path` (or its bytes) to an upright RGB image, DCT-reduced for JPEGs when only
-    `draft_long_side` pixels are needed on the long side. Failures: ImageDecodeError, one line."""
+    `draft_long_side` pixels (or draft_long_side(w, h)) are needed on the long side. Failures:
+    ImageDecodeError, one line."""
     with _decode_errors():
         img, full_hw, _ = _open(path, max_pixels)
         if draft_long_side and img.format == "JPEG":
             w, h = img.size
-            scale = draft_long_side / max(w, h)
+            scale = (draft_long_side(w, h) if callable(draft_long_side) else draft_long_side) / max(w, h)
             if scale < 1:
                 img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
         img.load()

@@ -23,7 +23,8 @@ from torch import nn
 
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
 from segcli.modeling.text_encoder import TextEncoder
-from segcli.registry import CLIPDenseConfig
+from segcli.registry import CLIP_DENSE_PROTOCOLS, CLIPDenseConfig
+from segcli.sliding import Protocol
 
 
 class CLIPDense(PixelTextModel):
@@ -49,6 +50,11 @@ class CLIPDense(PixelTextModel):
         if cfg.method not in ("clearclip", "naclip"):
             raise ValueError(f"unknown clip-dense method {cfg.method!r}")
         self._bias_cache: dict = {}
+
+    @property
+    def default_protocol(self) -> Protocol:
+        """The method's authors' protocol: short-side resize, sliding windows (segcli.sliding)."""
+        return CLIP_DENSE_PROTOCOLS[self.cfg.method]
 
     def position_embedding(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """[1 + h*w, width]: the stored embedding with its patch part resized (bicubic) to `grid_hw`."""

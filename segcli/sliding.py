@@ -1,0 +1,148 @@
+"""The training-free methods' inference protocol: resize by the short side, slide windows, average.
+
+The published clip-dense numbers (ClearCLIP, SCLIP, NACLIP) are measured this way, not on one
+padded canvas: the image is resized so its short side is N (long side at most 2048, mmseg's
+`Resize(scale=(2048, N), keep_ratio=True)`), windows of W pixels every S pixels cover it (the
+last one flush with the edge), and each cell takes the mean of the logits of the windows that
+cover it. Averaging happens at the model's cells (windows start on whole cells); the authors
+average after upsampling each window to pixels, which differs only within half a cell of a
+window's edge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from segcli.errors import SegcliError, check_input_size
+
+MAX_LONG_SIDE = 2048  # the peers' configs: img_scale=(2048, short side)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images meet the model: `window` None = one canvas of `imgsz` (long side, padded);
+    else resized to `short_side` and covered by windows of `window` every `stride` pixels."""
+
+    short_side: int | None = None
+    window: int | None = None
+    stride: int | None = None
+
+    @property
+    def sliding(self) -> bool:
+        return self.window is not None
+
+    def describe(self) -> str:
+        if not self.sliding:
+            return "one canvas (long side = imgsz, padded)"
+        short = f"short side {self.short_side}" if self.short_side else "the canvas's long side"
+        return f"{short}, {self.window}-pixel windows every {self.stride}, logits averaged"
+
+
+def resolve_protocol(default: Protocol | None, short_side: int | None, window: int | None, stride: int | None,
+                     multiple: int, cell: int) -> Protocol:
+    """The user's --short-side/--window/--stride over the model's default protocol. --window 0
+    turns windows off (one canvas); a stride defaults to half the window (the peers' ratio). A
+    window is a model input (a multiple of `multiple`); windows start on whole cells of the
+    model's output (`cell` pixels)."""
+    base = default or Protocol()
+    if window == 0:
+        if short_side or stride:
+            raise SegcliError("--window 0 means one canvas: --short-side and --stride need windows")
+        return Protocol()
+    window = window or base.window
+    if window is None:
+        if short_side or stride:
+            raise SegcliError("--short-side and --stride slide windows: give --window too (e.g. --window 448)")
+        return Protocol()
+    if window != base.window:  # a window of the user's: the default stride is the peers' ratio
+        stride = stride or window // 2
+    stride = stride or base.stride or window // 2
+    short_side = short_side or base.short_side
+    check_input_size(window, multiple, "--window")
+    check_input_size(stride, cell, "--stride")
+    if stride > window:
+        raise SegcliError(f"--stride {stride} must not exceed --window {window}")
+    if short_side is not None and short_side < 1:
+        raise SegcliError(f"--short-side {short_side}: give a size in pixels, e.g. 448")
+    return Protocol(short_side, window, stride)
+
+
+def short_side_size(w: int, h: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at `short_side` and the long side at most 2048, aspect
+    kept (mmseg's keep-ratio rescale, rounded as it rounds: int(x * scale + 0.5))."""
+    scale = min(short_side / min(w, h), MAX_LONG_SIDE / max(w, h))
+    return max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
+
+
+def resize_short_side(image: Image.Image, short_side: int) -> np.ndarray:
+    """An RGB image -> [h,w,3] uint8 with its short side at `short_side` (see short_side_size)."""
+    size = short_side_size(image.width, image.height, short_side)
+    resized = image.resize(size, Image.BILINEAR) if size != image.size else image
+    return np.array(resized.convert("RGB"))  # writable: torch takes it as it is
+
+
+def window_starts(length: int, window: int, stride: int, cell: int) -> list[int]:
+    """Window offsets covering `length` pixels (at least one window): every `stride`, then one more
+    flush with the end, its start rounded up to a whole cell so every cell is covered."""
+    starts = list(range(0, max(length - window, 0) + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(-(-(length - window) // cell) * cell)
+    return starts
+
+
+def windows(hw: tuple[int, int], window: int, stride: int, cell: int) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of the windows over an image of `hw` pixels."""
+    return [(y, x) for y in window_starts(max(hw[0], window), window, stride, cell)
+            for x in window_starts(max(hw[1], window), window, stride, cell)]
+
+
+def window_tiles(pixels: np.ndarray, window: int, stride: int, cell: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """[h,w,3] uint8 -> (corners, tiles [N,window,window,3]): the image's windows, zero-padded
+    where the image is smaller than a window (the padding's cells are never read back)."""
+    corners = windows(pixels.shape[:2], window, stride, cell)
+    tiles = np.zeros((len(corners), window, window, 3), np.uint8)
+    for i, (y, x) in enumerate(corners):
+        crop = pixels[y:y + window, x:x + window]
+        tiles[i, :crop.shape[0], :crop.shape[1]] = crop
+    return corners, tiles
+
+
+def average_windows(window_logits, corners: list[tuple[int, int]], hw: tuple[int, int], window: int, cell: int):
+    """Per-window logits [N,K,window/cell,window/cell] -> [K,ceil(h/cell),ceil(w/cell)]: each cell
+    the mean over the windows that cover it (on the logits' device)."""
+    n = window // cell
+    gh, gw = math.ceil(max(hw[0], window) / cell), math.ceil(max(hw[1], window) / cell)
+    total = window_logits.new_zeros((window_logits.shape[1], gh, gw))
+    count = window_logits.new_zeros((1, gh, gw))
+    for logits, (y, x) in zip(window_logits, corners):
+        total[:, y // cell:y // cell + n, x // cell:x // cell + n] += logits
+        count[:, y // cell:y // cell + n, x // cell:x // cell + n] += 1
+    return (total / count)[:, :math.ceil(hw[0] / cell), :math.ceil(hw[1] / cell)].contiguous()
+
+
+def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np.ndarray, tuple[int, int]]:
+    """An RGB image -> (the model's pixels, the image's size in them): one canvas [imgsz,imgsz,3]
+    with the image at its top-left, or for windows the resized image itself [h,w,3]."""
+    from segcli.data.images import fit_to_canvas
+
+    if not protocol.sliding:
+        canvas = fit_to_canvas(image, imgsz)
+        return canvas.pixels, canvas.resized_hw
+    if protocol.short_side:
+        pixels = resize_short_side(image, protocol.short_side)
+    else:  # windows over the long side at imgsz
+        scale = imgsz / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        pixels = np.array((image.resize(size, Image.BILINEAR) if size != image.size else image).convert("RGB"))
+    return pixels, pixels.shape[:2]
+
+
+def draft_size(w: int, h: int, imgsz: int, protocol: Protocol) -> int:
+    """The long side a reduced (DCT) decode must keep for `model_pixels` at this protocol."""
+    if protocol.sliding and protocol.short_side:
+        return max(short_side_size(w, h, protocol.short_side))
+    return imgsz

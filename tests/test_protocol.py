@@ -1,0 +1,132 @@
+"""The training-free methods' protocol (segcli.sliding): short-side resize, sliding windows, averages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_clip_dense import tiny_clip
+from typer.testing import CliRunner
+
+from segcli.api import Segmenter
+from segcli.cli import app
+from segcli.clip_weights import clip_dense_from_clip_state
+from segcli.errors import SegcliError
+from segcli.labels import parse_labels
+from segcli.registry import CLIP_DENSE_PROTOCOLS
+from segcli.sliding import Protocol, draft_size, model_pixels, resolve_protocol, short_side_size, windows
+
+
+@pytest.fixture(scope="module")
+def seg() -> Segmenter:
+    """A tiny random CLIP read densely (patch 16), fp32 on the CPU."""
+    return Segmenter(clip_dense_from_clip_state(tiny_clip().state_dict(), "tiny"), device="cpu", precision="fp32", imgsz=64)
+
+
+def random_pixels(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_one_window_that_covers_the_image_is_the_whole_image_result(seg):
+    text = seg.label_embeddings(parse_labels("cat,sky,road"))
+    pixels = random_pixels(40, 56)
+    [windowed] = seg.segment_images([pixels], text, protocol=Protocol(None, 64, 32))
+    canvas = np.zeros((64, 64, 3), np.uint8)
+    canvas[:40, :56] = pixels
+    whole, _ = seg.segment_canvases(canvas[None], text)
+    assert windowed.shape == (3, 3, 4)  # ceil(40/16) x ceil(56/16) cells
+    assert torch.equal(windowed, whole[0, :, :3, :4])
+
+
+def test_overlapping_windows_are_the_per_cell_mean_of_the_window_logits(seg):
+    """80x112 pixels, 64-pixel windows every 32: rows start at 0 and 16 (the last one flush with the
+    edge), columns at 0, 32 and 48; each 16-pixel cell is the mean over the windows covering it."""
+    text = seg.label_embeddings(parse_labels("cat,sky,road,tree"))
+    pixels = random_pixels(80, 112, seed=1)
+    corners = [(0, 0), (0, 32), (0, 48), (16, 0), (16, 32), (16, 48)]
+    assert windows((80, 112), 64, 32, 16) == corners
+    expected = np.zeros((4, 5, 7))
+    for y in range(5):  # directly, cell by cell
+        for x in range(7):
+            covering = []
+            for top, left in corners:
+                if top <= y * 16 < top + 64 and left <= x * 16 < left + 64:
+                    logits, _ = seg.segment_canvases(np.ascontiguousarray(pixels[top:top + 64, left:left + 64])[None], text)
+                    covering.append(logits[0, :, y - top // 16, x - left // 16].numpy())
+            expected[:, y, x] = np.mean(covering, axis=0)
+    for batch_size in (1, 4, 8):
+        [got] = seg.segment_images([pixels], text, batch_size=batch_size, protocol=Protocol(None, 64, 32))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+    two = seg.segment_images([pixels, random_pixels(30, 20)], text, batch_size=4, protocol=Protocol(None, 64, 32))
+    np.testing.assert_allclose(two[0].numpy(), expected, rtol=1e-5, atol=1e-5)  # windows of two images share batches
+    assert two[1].shape == (4, 2, 2)
+
+
+def test_short_side_resize_follows_mmsegs_keep_ratio_rescale():
+    assert short_side_size(640, 480, 448) == (597, 448)
+    assert short_side_size(480, 640, 448) == (448, 597)
+    assert short_side_size(300, 200, 336) == (504, 336)  # small photos grow
+    assert short_side_size(4000, 500, 448) == (2048, 256)  # the long side stops at 2048
+    image = Image.fromarray(random_pixels(480, 640))
+    pixels, hw = model_pixels(image, 448, Protocol(448, 448, 224))
+    assert pixels.shape == (448, 597, 3) and hw == (448, 597)
+    pixels, hw = model_pixels(image, 320, Protocol())  # one canvas: long side 320, padded
+    assert pixels.shape == (320, 320, 3) and hw == (240, 320)
+    assert draft_size(4000, 3000, 448, Protocol(336, 224, 112)) == 448 and draft_size(4000, 3000, 448, Protocol()) == 448
+    assert draft_size(4000, 3000, 320, Protocol(448, 448, 224)) == 597
+
+
+def test_protocol_options_over_the_models_default():
+    naclip = CLIP_DENSE_PROTOCOLS["naclip"]
+    assert resolve_protocol(naclip, None, None, None, 16, 16) == naclip == Protocol(336, 224, 112)
+    assert resolve_protocol(naclip, 448, None, None, 16, 16) == Protocol(448, 224, 112)
+    assert resolve_protocol(naclip, None, 448, None, 16, 16) == Protocol(336, 448, 224)  # a new window: half of it
+    assert resolve_protocol(naclip, None, 0, None, 16, 16) == Protocol()
+    assert resolve_protocol(None, None, 96, None, 32, 2) == Protocol(None, 96, 48)  # LSeg: 32-pixel inputs, 2-pixel cells
+    assert resolve_protocol(None, None, None, None, 32, 2) == Protocol()
+    for args, message in [((naclip, 448, 0, None, 16, 16), "--window 0"), ((None, 448, None, None, 32, 2), "give --window"),
+                          ((naclip, None, 224, 240, 16, 16), "must not exceed"),
+                          ((naclip, None, 230, None, 16, 16), "multiple of 16"), ((None, None, 96, 47, 32, 2), "multiple of 2")]:
+        with pytest.raises(SegcliError, match=message):
+            resolve_protocol(*args)
+
+
+def test_predict_and_eval_run_the_methods_protocol(tmp_path):
+    """The CLI's masks equal the Python API's under the model's protocol; the run records it; stored
+    embeddings need one canvas; eval reports the protocol, the prompt and the refinement it ran."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_clip().state_dict().items()}, str(weights))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(random_pixels(60, 90, seed=2)).save(photos / "a.png")
+    Image.fromarray(random_pixels(120, 50, seed=3)).save(photos / "b.png")
+    for method, protocol in CLIP_DENSE_PROTOCOLS.items():
+        out = tmp_path / method
+        result = CliRunner().invoke(app, ["predict", str(photos), "-l", "cat,sky,road", "-m", f"{method}:{weights}",
+                                          "-o", str(out), "--save", "mask", "--precision", "fp32", "--device", "cpu", "-q"])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / ".segcli" / "run.json").read_text())["protocol"] == {
+            "short_side": protocol.short_side, "window": protocol.window, "stride": protocol.stride}
+        api = Segmenter.from_pretrained(f"{method}:{weights}", device="cpu", precision="fp32")
+        assert api.protocol == protocol
+        for name in ("a", "b"):
+            [pred] = api.predict([str(photos / f"{name}.png")], labels="cat,sky,road")
+            assert np.array_equal(np.array(Image.open(out / f"{name}_mask.png")), pred.label_map)
+    refused = CliRunner().invoke(app, ["predict", str(photos), "-l", "cat", "-m", str(weights), "-o", str(tmp_path / "e"),
+                                       "--save", "embeddings", "-q"])
+    assert refused.exit_code == 2 and "--window 0" in refused.stderr
+    canvas = CliRunner().invoke(app, ["predict", str(photos), "-l", "cat,sky", "-m", str(weights), "-o", str(tmp_path / "c"),
+                                      "--save", "mask,embeddings", "--window", "0", "-q"])
+    assert canvas.exit_code == 0, canvas.output
+    assert "protocol" not in json.loads((tmp_path / "c" / ".segcli" / "run.json").read_text())
+    report = CliRunner().invoke(app, ["eval", "-m", f"naclip:{weights}", "--data", "synthetic", "--prompt", "a photo of a {}.",
+                                      "--short-side", "96", "--json", "--device", "cpu"])
+    assert report.exit_code == 0, report.output
+    metrics = json.loads(report.stdout)
+    assert (metrics["short_side"], metrics["window"], metrics["stride"]) == (96, 224, 112)
+    assert metrics["refine"] == "pamr" and metrics["prompt"] == "a photo of a {}."
