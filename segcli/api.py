@@ -108,6 +108,45 @@ class Segmenter:
         self.untrained = untrained
         self._input = threading.local()  # the reused input batch on the CPU (see segment_canvases)
         self.protocol = self.use_protocol()
+        self.synonyms = self.use_synonyms()
+        self.bg_threshold: float | None = None
+
+    def use_bg_threshold(self, threshold: float | None) -> None:
+        """Pixels whose best label is less likely than `threshold` (softmax over the scored channels,
+        at the method's own temperature for clip-dense, as ClearCLIP/NACLIP's prob_thd; at the
+        model's logit scale otherwise) take label 0: put the background class first. None: off."""
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise SegcliError(f"--bg-threshold {threshold}: give a probability between 0 and 1, e.g. 0.1")
+        self.bg_threshold = threshold
+
+    def threshold_background(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [S,h,w] (channel 0 is label 0's first synonym) -> the same with channel 0 made the
+        best wherever no channel's probability reaches `bg_threshold`. Decided per cell of the
+        logits given (the peers decide per pixel after upsampling: the two differ only between cells)."""
+        if self.bg_threshold is None:
+            return logits
+        scale = getattr(self.model, "probability_scale", 1.0)
+        unsure = (logits.float() * scale).softmax(0).amax(0) < self.bg_threshold
+        out = logits.clone()
+        out[0] = torch.where(unsure, logits.amax(0) + 1.0, logits[0])
+        return out
+
+    def use_synonyms(self, rule: str | None = None) -> str:
+        """How a label's synonyms ("road;street") are scored: "max" (each on its own, the label takes
+        its best one: the training-free methods' rule and clip-dense's default) or "mean" (one
+        averaged embedding: LSeg's default). None: the model's default."""
+        rule = rule or getattr(self.model, "default_synonyms", "mean")
+        if rule not in ("max", "mean"):
+            raise SegcliError(f"--synonyms {rule!r}: use max or mean")
+        self.synonyms = rule
+        return rule
+
+    def label_groups(self, labels: LabelSet) -> np.ndarray | None:
+        """[S] label index of each scored channel when synonyms are scored separately ("max" and some
+        label has several), else None: the channels are the labels."""
+        if self.synonyms != "max" or self.model.baked_labels is not None or all(len(s) == 1 for s in labels.synonyms):
+            return None
+        return np.repeat(np.arange(len(labels)), [len(s) for s in labels.synonyms])
 
     def use_protocol(self, short_side: int | None = None, window: int | None = None, stride: int | None = None) -> Protocol:
         """Set how images meet the model (segcli.sliding): the model's own protocol (sliding windows
@@ -148,9 +187,12 @@ class Segmenter:
         return parse_labels(labels)
 
     def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor | None:
-        """[K,C] normalised, on the model's device (cached per label set and prompt); None when the
+        """[K,C] normalised, on the model's device (cached per label set and prompt); [S,C], one row
+        per synonym, when `label_groups(labels)` says synonyms are scored separately; None when the
         model has its labels baked in (and they are these)."""
         prompt_templates(prompt)  # a template with {} or a named set: checked before any work
+        if self.label_groups(labels) is not None:
+            labels = LabelSet.from_synonyms([[word] for syn in labels.synonyms for word in syn])
         return self.model.label_embeddings(labels, prompt or self.model.default_prompt)
 
     def prepare(self, image: Image.Image) -> Canvas:
@@ -208,11 +250,6 @@ class Segmenter:
                 window_logits[i].append(one)
         return [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window, cell)
                 for w, (corners, _), p in zip(window_logits, tiled, pixels)]
-
-    def label_map(self, logits: torch.Tensor, canvas: Canvas, out_hw: tuple[int, int],
-                  out: np.ndarray | None = None) -> np.ndarray:
-        """Logits [K,S/s,S/s] (s = model.output_stride) of one canvas -> label map [H,W] for the image it holds, at `out_hw`."""
-        return restore_label_map(logits, image_extent(canvas.resized_hw, self.model.output_stride), out_hw, out=out)
 
     def image_region(self, per_pixel: torch.Tensor, canvas: Canvas) -> torch.Tensor:
         """[X,S/s,S/s] -> [X,h,w]: the part of the model-resolution map that covers the image."""
@@ -280,6 +317,7 @@ class Segmenter:
         `refine` as predict's --refine; returned logits are then the refined ones, at stride 1."""
         label_set = self.resolve_labels(labels)
         refiner = self.refiner_for(refine)
+        groups = self.label_groups(label_set)
         text = self.label_embeddings(label_set, prompt)
         items = images if isinstance(images, (list, tuple)) else [images]
         results: list[Prediction] = []
@@ -297,8 +335,10 @@ class Segmenter:
                 logits_i, cell = logits[i], stride
                 if refiner is not None:
                     logits_i, cell = self.refine_logits(refiner, logits_i, pixels, resized_hw), 1
+                logits_i = self.threshold_background(logits_i)
                 results.append(Prediction(
-                    label_map=restore_label_map(logits_i, image_extent(resized_hw, cell), (im.height, im.width)),
+                    label_map=restore_label_map(logits_i, image_extent(resized_hw, cell), (im.height, im.width),
+                                                groups=groups),
                     labels=label_set,
                     logits=image_region(logits_i, resized_hw, cell).cpu() if return_logits else None,
                     embeddings=image_region(emb[i], resized_hw, stride) if emb is not None else None,

@@ -94,6 +94,8 @@ def predict(
     embed_stride: Optional[int] = typer.Option(None, "--embed-stride", min=1, help="Store embeddings average-pooled to this stride in input pixels (a multiple of the model's output stride; default: that stride)."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}.", or a named set averaged over its templates: imagenet80 (CLIP\'s 80, as ClearCLIP/SCLIP/NACLIP). Default: the raw label for LSeg models, "a photo of a {}." for clip-dense.'),
+    synonyms: Optional[str] = typer.Option(None, "--synonyms", help='How a label\'s synonyms ("road;street") are scored: max (each on its own, the label keeps its best: the training-free methods\' rule, clip-dense\'s default) or mean (one averaged embedding: LSeg\'s default).'),
+    bg_threshold: Optional[float] = typer.Option(None, "--bg-threshold", help="Pixels whose best label has a probability below this (softmax over the labels, as the training-free methods' prob_thd, e.g. 0.1) take the first label: put the background class first."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (long side; a multiple of 32 for LSeg, of the patch size for clip-dense). Default: the model's (LSeg 384, clip-dense 448)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images (or windows) per forward pass."),
     short_side: Optional[int] = typer.Option(None, "--short-side", help="With windows: resize photos so the short side is N (long side at most 2048), as the training-free methods' authors do. Default: the model's (clip-dense: 448 clearclip, 336 naclip)."),
@@ -143,6 +145,8 @@ def predict(
     model = model or DEFAULT_MODEL
     seg = Segmenter.from_pretrained(model, device=str(rank_device(device)), precision=precision, imgsz=imgsz, warn=False)
     seg.use_protocol(short_side, window, stride)
+    seg.use_synonyms(synonyms)
+    seg.use_bg_threshold(bg_threshold)
     if seg.untrained:
         _warn(UNTRAINED_WARNING.format(name=model))
     label_set = seg.resolve_labels(label_set)
@@ -176,6 +180,7 @@ def relabel(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that made the embeddings, when it moved (default: the one DIR records)."),
     save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay (overlays need the original photos)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template for the labels (as predict's)."),
+    synonyms: Optional[str] = typer.Option(None, "--synonyms", help='How a label\'s synonyms ("road;street") are scored: max (each on its own, the label keeps its best: the training-free methods\' rule, clip-dense\'s default) or mean (one averaged embedding: LSeg\'s default).'),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for label maps, rendering and writing."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -198,6 +203,8 @@ def relabel(
     if len(sizes) > 1:
         raise SegcliError(f"{folder} mixes embeddings made at several --imgsz ({sorted(sizes)}): relabel one at a time")
     seg = Segmenter.from_pretrained(model or recorded_model(folder), device=device, imgsz=sizes.pop(), warn=False)
+    seg.use_protocol(window=0)  # the stored cells are one canvas's
+    seg.use_synonyms(synonyms)
     options = PredictOptions(labels=label_set, prompt=prompt, output=output or next_run_dir(Path("runs/relabel")),
                              save=kinds, alpha=alpha, workers=workers, overwrite=overwrite)
     reporter = _Reporter(total=len(stored), quiet=quiet, json_lines=json_lines)
@@ -527,6 +534,8 @@ def eval_command(
     stride: Optional[int] = typer.Option(None, "--stride", help="Window step in pixels. Default: the model's, else half the window."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="As in predict: a template with {} or a named set (imagenet80)."),
     refine: str = typer.Option("auto", "--refine", help="As in predict: pamr, none, or auto (pamr for naclip models)."),
+    synonyms: Optional[str] = typer.Option(None, "--synonyms", help='How a label\'s synonyms ("road;street") are scored: max (each on its own, the label keeps its best: the training-free methods\' rule, clip-dense\'s default) or mean (one averaged embedding: LSeg\'s default).'),
+    bg_threshold: Optional[float] = typer.Option(None, "--bg-threshold", help="Pixels whose best label has a probability below this (softmax over the labels, as the training-free methods' prob_thd, e.g. 0.1) take the first label: put the background class first."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision", help="As in predict."),
@@ -545,6 +554,8 @@ def eval_command(
     label_set = parse_labels(labels) if labels else None
     seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
     seg.use_protocol(short_side, window, stride)
+    seg.use_synonyms(synonyms)
+    seg.use_bg_threshold(bg_threshold)
     result = evaluate(seg, dataset, split, label_set, batch_size=batch_size, ms_flip=ms_flip, prompt=prompt, refine=refine)
     result["model"] = model
     if output:

@@ -24,15 +24,15 @@ from segcli.render import draw_legend, legend_corner
 class DevicePostprocess:
     """Per run: the label colors on the device, and the device work for one image at a time."""
 
-    def __init__(self, plan: HostPlan, device: torch.device):
-        self.plan, self.device = plan, device
+    def __init__(self, plan: HostPlan, device: torch.device, groups: np.ndarray | None = None):
+        self.plan, self.device, self.groups = plan, device, groups
         self.palette = torch.from_numpy(plan.palette).to(device)  # [K,3] uint8 RGB
         self.dtype = torch.uint8 if mask_dtype(len(plan.labels)) == np.uint8 else torch.int32
         self._pinned: torch.Tensor | None = None
 
     def label_map(self, logits: torch.Tensor, valid_hw: tuple[float, float], full_hw: tuple[int, int]) -> torch.Tensor:
         """Logits [K,h,w] on the device -> label map [H,W] on the device."""
-        return restore_label_map_torch(logits, valid_hw, full_hw, as_tensor=True).to(self.dtype)
+        return restore_label_map_torch(logits, valid_hw, full_hw, as_tensor=True, groups=self.groups).to(self.dtype)
 
     def histogram(self, mask: torch.Tensor) -> np.ndarray:
         """Pixels per label of a label map on the device, [K] int64 on the host."""

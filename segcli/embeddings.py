@@ -144,7 +144,7 @@ class PixelEmbeddings:
         seg = self._segmenter()
         label_set = seg.resolve_labels(labels)
         text = seg.label_embeddings(label_set, prompt)
-        return restore_label_map(self.scores(text), self.info.extent, self.info.full_hw)
+        return restore_label_map(self.scores(text), self.info.extent, self.info.full_hw, groups=seg.label_groups(label_set))
 
     def _segmenter(self):
         if self.segmenter is None:

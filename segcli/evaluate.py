@@ -48,7 +48,8 @@ def scale_logits(seg: Segmenter, image: Image.Image, text: torch.Tensor, scale: 
     return region, image_extent(resized_hw, s)
 
 
-def label_map(seg: Segmenter, image: Image.Image, text: torch.Tensor, scales=(1.0,), flip: bool = False) -> np.ndarray:
+def label_map(seg: Segmenter, image: Image.Image, text: torch.Tensor, scales=(1.0,), flip: bool = False,
+              groups: np.ndarray | None = None) -> np.ndarray:
     """[H,W] label map from logits summed over `scales` (x the model's input size) and flips."""
     ref, ref_valid = None, None
     for scale in sorted(scales, key=lambda x: x != 1.0):  # the 1.0 grid is the reference
@@ -58,7 +59,7 @@ def label_map(seg: Segmenter, image: Image.Image, text: torch.Tensor, scales=(1.
                 ref, ref_valid = logits.clone(), valid
             else:
                 ref += F.interpolate(logits[None], size=ref.shape[-2:], mode="bilinear", align_corners=False)[0]
-    return restore_label_map(ref, ref_valid, (image.height, image.width))
+    return restore_label_map(seg.threshold_background(ref), ref_valid, (image.height, image.width), groups=groups)
 
 
 def evaluate(seg: Segmenter, data: SegmentationData, split: str = "val", labels: LabelSet | None = None,
@@ -84,14 +85,14 @@ def evaluate(seg: Segmenter, data: SegmentationData, split: str = "val", labels:
             preds = [p.label_map for p in seg.predict([img for img, _ in chunk], labels=labels, prompt=prompt,
                                                         batch_size=batch_size, refine=refine)]
         else:
-            preds = [label_map(seg, Image.fromarray(img), text, MS_SCALES, True) for img, _ in chunk]
+            preds = [label_map(seg, Image.fromarray(img), text, MS_SCALES, True, seg.label_groups(labels)) for img, _ in chunk]
         for (_, truth), pred in zip(chunk, preds):
             cm.update(truth, pred)
         if on_image:
             on_image(min(start + batch_size, len(samples)), len(samples))
     result = cm.summary(labels.names)
     result.update({"split": split, "images": len(samples), "dataset": data.name,
-                   "ms_flip": ms_flip, "prompt": prompt,
+                   "ms_flip": ms_flip, "prompt": prompt, "synonyms": seg.synonyms, "bg_threshold": seg.bg_threshold,
                    "refine": "pamr" if not ms_flip and seg.refiner_for(refine) is not None else "none", "protocol": seg.protocol.describe(),
                    "window": seg.protocol.window, "stride": seg.protocol.stride, "short_side": seg.protocol.short_side})
     return result

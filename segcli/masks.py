@@ -53,17 +53,19 @@ def mask_dtype(num_labels: int) -> np.dtype:
 
 
 def restore_label_map_torch(logits: "torch.Tensor", valid_hw: tuple[float, float], out_hw: tuple[int, int],
-                            max_elements: int = 1 << 23, as_tensor: bool = False) -> "np.ndarray | torch.Tensor":
+                            max_elements: int = 1 << 23, as_tensor: bool = False,
+                            groups: np.ndarray | None = None) -> "np.ndarray | torch.Tensor":
     """Label map [H,W] from logits [K,h,w] whose top-left `valid_hw` (in logit pixels) is the image.
 
     Equivalent to bilinearly upsampling the logits to [K,H,W] and taking the argmax, but only the
     candidate labels (best or second best at some model-resolution pixel) are interpolated, in row
     chunks of at most `max_elements` values: a 24-megapixel photo with 150 labels needs tens of MB,
-    not 14 GB, and boundaries stay smooth rather than blocky.
+    not 14 GB, and boundaries stay smooth rather than blocky. With `groups` ([K] label of each
+    channel: the channels are synonyms), the map holds the label of the winning synonym.
     """
     import torch
 
-    num_labels = logits.shape[0]
+    num_labels = logits.shape[0] if groups is None else int(groups[-1]) + 1
     out_h, out_w = out_hw
     dtype = mask_dtype(num_labels)
     vh, vw = valid_hw
@@ -75,6 +77,8 @@ def restore_label_map_torch(logits: "torch.Tensor", valid_hw: tuple[float, float
         return zeros if as_tensor else zeros.cpu().numpy().astype(dtype)
     candidates = _candidates(logits)
     sub = logits[candidates]  # [P, lh, lw]
+    if groups is not None:
+        candidates = torch.from_numpy(groups).to(device)[candidates]
     y0, y1, wy = (torch.from_numpy(t).to(device) for t in _source_coords(out_h, vh, lh))
     x0, x1, wx = (torch.from_numpy(t).to(device) for t in _source_coords(out_w, vw, lw))
     out = torch.empty((out_h, out_w), dtype=torch.int64, device=device)
@@ -100,7 +104,8 @@ def _along_x(cand: np.ndarray, p: np.ndarray, row: np.ndarray, xl: np.ndarray, x
     return left + fx * (cand[p, row, xr] - left)
 
 
-def candidate_logits(logits: "torch.Tensor", valid_hw: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def candidate_logits(logits: "torch.Tensor", valid_hw: tuple[float, float],
+                     groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(candidate label indices [P], their logits [P,h,w] float32 over the image's cells): the labels
     that are best or second best at some cell, the only ones the restored map can hold. Small, so
     this is what travels to a host worker instead of all K channels."""
@@ -109,11 +114,18 @@ def candidate_logits(logits: "torch.Tensor", valid_hw: tuple[float, float]) -> t
     if grid.shape[0] == 1:
         return np.zeros(1, np.int64), np.ascontiguousarray(grid.cpu().numpy())
     candidates = _candidates(grid)
-    return candidates.cpu().numpy(), np.ascontiguousarray(grid[candidates].cpu().numpy())
+    return _labels_of(candidates.cpu().numpy(), groups), np.ascontiguousarray(grid[candidates].cpu().numpy())
 
 
-def batch_candidate_logits(logits: "torch.Tensor | list[torch.Tensor]",
-                           valid_hws: list[tuple[float, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _labels_of(channels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Candidate channels -> the labels they stand for: themselves, or with `groups` (channels are
+    synonyms) each one's label. Restoring then takes the argmax over the synonyms' upsampled logits
+    and writes its label: the label of its best synonym, as the training-free methods score."""
+    return channels if groups is None else groups[channels]
+
+
+def batch_candidate_logits(logits: "torch.Tensor | list[torch.Tensor]", valid_hws: list[tuple[float, float]],
+                           groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """`candidate_logits` for a batch: per image logits [K,h',w'] (a [B,K,h',w'] tensor or a list)
     wherever the model left them (its GPU) -> per image (candidate indices [P], their logits [P,h,w]
     float32 on the host). The selection runs on the logits' device, and one copy per batch brings
@@ -131,18 +143,19 @@ def batch_candidate_logits(logits: "torch.Tensor | list[torch.Tensor]",
         chosen = [row.nonzero().flatten() for row in (seen > 0).cpu()]  # one wait for the device
     picked = [g[c.to(g.device)].float() for g, c in zip(grids, chosen)]
     if grids[0].device.type == "cpu":  # already on the host: no gathering copy
-        return [(c.numpy(), p.numpy()) for c, p in zip(chosen, picked)]
+        return [(_labels_of(c.numpy(), groups), p.numpy()) for c, p in zip(chosen, picked)]
     flat = torch.cat([p.flatten() for p in picked]).cpu().numpy()  # one copy for the batch
     out, start = [], 0
     for c, p in zip(chosen, picked):
-        out.append((c.numpy(), flat[start:start + p.numel()].reshape(p.shape)))
+        out.append((_labels_of(c.numpy(), groups), flat[start:start + p.numel()].reshape(p.shape)))
         start += p.numel()
     return out
 
 
 def restore_label_map(logits: "torch.Tensor", valid_hw: tuple[float, float], out_hw: tuple[int, int],
                       out: np.ndarray | None = None, num_labels: int | None = None,
-                      candidates: np.ndarray | None = None, histogram: np.ndarray | None = None) -> np.ndarray:
+                      candidates: np.ndarray | None = None, histogram: np.ndarray | None = None,
+                      groups: np.ndarray | None = None) -> np.ndarray:
     """Label map [H,W] from logits [K,h,w] whose top-left `valid_hw` (in logit pixels) is the image.
 
     The same map as bilinearly upsampling the candidate labels' logits and taking the argmax, for a
@@ -156,11 +169,12 @@ def restore_label_map(logits: "torch.Tensor", valid_hw: tuple[float, float], out
     With `candidates` (from `candidate_logits`), `logits` holds only those labels' channels and
     `num_labels` says how many labels there are in all. `histogram` (int64, one per label), when given,
     receives the number of pixels of each label, worked out from the quads rather than by a pass
-    over the whole map.
+    over the whole map. `groups` ([K] label of each channel) makes the channels synonyms of fewer
+    labels (see `_labels_of`); `candidates` from `candidate_logits` already hold labels.
     """
     if candidates is None:
-        num_labels = logits.shape[0]
-        candidates, cand = candidate_logits(logits, valid_hw)
+        num_labels = logits.shape[0] if groups is None else int(groups[-1]) + 1
+        candidates, cand = candidate_logits(logits, valid_hw, groups)
     else:
         cand = np.asarray(logits, np.float32)
     out_h, out_w = out_hw

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from segcli.errors import SegcliError
-from segcli.registry import ARCHITECTURES, CLIP_DENSE_METHODS, DEFAULT_MODEL, FAMILIES
+from segcli.registry import (ARCHITECTURES, CLIP_DENSE_METHODS, CLIP_DENSE_PROTOCOLS, DEFAULT_CLIP_DENSE_METHOD, DEFAULT_MODEL,
+                             FAMILIES)
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +134,7 @@ def _hub_spec(spec: str) -> ModelSpec:
     method = split_method(spec)[0]
     return ModelSpec(spec, "hub", CLIP_DENSE, arch, f"https://huggingface.co/{repo}",
                      downloads=cached is None, path=cached,
-                     metadata={"pretrained": tag, "method": f"{method}: {CLIP_DENSE_METHODS[method]}"})
+                     metadata={"pretrained": tag, "method": method})
 
 
 def model_fingerprint(path: Path) -> str:
@@ -213,7 +214,7 @@ def describe_model(value: str) -> dict:
         data.update({"kind": f"{type(loaded.backend).__name__} weights (converted when loaded)",
                      "family": config.family, "architecture": config.name})
         if config.family == "clip-dense":
-            data["method"] = f"{config.method}: {CLIP_DENSE_METHODS[config.method]}"
+            data.update(clip_dense_recipe(config.method))
         params = sum(p.numel() for p in loaded.backend.state_dict().values())
     elif spec.kind == "checkpoint":
         from segcli.checkpoint import count_parameters
@@ -226,7 +227,20 @@ def describe_model(value: str) -> dict:
         data["input size"] = FAMILIES[spec.family].config.__dataclass_fields__["default_imgsz"].default
         data["labels"] = "any (open vocabulary)"
         data.update(meta)
+        if spec.family == "clip-dense":
+            data.update(clip_dense_recipe(meta.get("method", DEFAULT_CLIP_DENSE_METHOD)))
         return data
     data.update({"parameters": params, "input size": config.default_imgsz, "config": config.to_dict(),
                  "labels": list(labels.names) if labels else None, "metadata": meta})
     return data
+
+
+def clip_dense_recipe(method: str) -> dict[str, str]:
+    """How a clip-dense method reads images and labels by default (what `segcli info` shows)."""
+    return {
+        "method": f"{method}: {CLIP_DENSE_METHODS[method]}",
+        "protocol": CLIP_DENSE_PROTOCOLS[method].describe(),
+        "prompt": "imagenet80 (CLIP's 80 ImageNet templates, averaged)",
+        "synonyms": "max (each synonym scored, a label keeps its best)",
+        "refine": "pamr (PAMR, 10 steps, dilations 8 and 16)" if method == "naclip" else "none",
+    }

@@ -117,6 +117,7 @@ class PredictRun:
             self.embed = (resolve_embed_dtype(options.embed_dtype, segmenter.autocast_dtype),
                           check_embed_stride(options.embed_stride, segmenter.model.output_stride))
         self.refiner = segmenter.refiner_for(options.refine)
+        self.groups = segmenter.label_groups(options.labels)  # synonyms scored separately, or None
         settings = {
             "model": segmenter.name,
             "model_fingerprint": segmenter.fingerprint,
@@ -131,6 +132,10 @@ class PredictRun:
             settings["embeddings"] = {"dtype": dtype_name(self.embed[0]), "stride": self.embed[1]}
         if self.refiner is not None:
             settings["refine"] = "pamr"
+        if self.groups is not None:
+            settings["synonyms"] = "max"
+        if segmenter.bg_threshold is not None:
+            settings["bg_threshold"] = segmenter.bg_threshold
         if segmenter.protocol.sliding:
             settings["protocol"] = dataclasses.asdict(segmenter.protocol)
         if options.vid_stride != 1 or options.smooth:
@@ -149,7 +154,7 @@ class PredictRun:
         if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
             from segcli.device_post import DevicePostprocess
 
-            self.device_post = DevicePostprocess(self.plan, segmenter.device)
+            self.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)
 
     def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
         """A batch of canvases -> per image, the candidate labels' logits at model resolution on the
@@ -166,12 +171,14 @@ class PredictRun:
             valids = [(float(h), float(w)) for h, w in (it.model_input.resized_hw for it in batch)]
         else:
             per_image = list(logits)
+        if self.seg.bg_threshold is not None:
+            per_image = [self.seg.threshold_background(logits_i) for logits_i in per_image]
         if self.device_post is not None:
             selected = [(None, logits_i) for logits_i in per_image]
         elif self.refiner is not None:
-            selected = [candidate_logits(logits_i, valid) for logits_i, valid in zip(per_image, valids)]
+            selected = [candidate_logits(logits_i, valid, self.groups) for logits_i, valid in zip(per_image, valids)]
         else:
-            selected = batch_candidate_logits(per_image, valids)
+            selected = batch_candidate_logits(per_image, valids, self.groups)
         share = (time.perf_counter() - t0) / len(batch)
         jobs = []
         for i, item in enumerate(batch):

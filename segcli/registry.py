@@ -22,13 +22,16 @@ CLIP_DENSE_METHODS = {
     "naclip": "NACLIP (Hajimiri et al., WACV 2025): key-key attention plus a Gaussian neighbourhood, "
               "no residual, no feed-forward",
 }
-DEFAULT_CLIP_DENSE_METHOD = "clearclip"
+DEFAULT_CLIP_DENSE_METHOD = "naclip"  # the best published number of those implemented (ADE-150 19.1, with PAMR)
 # each method's inference protocol as its authors evaluate (their ADE20K configs): the short side,
 # then windows of `window` every `stride` pixels, logits averaged (segcli.sliding)
 CLIP_DENSE_PROTOCOLS = {
     "clearclip": Protocol(short_side=448, window=448, stride=224),
     "naclip": Protocol(short_side=336, window=224, stride=112),
 }
+# the temperature each method's code gives cosine similarities before its softmax (--bg-threshold's
+# probabilities): NACLIP logit_scale=40, ClearCLIP 50 (their segmentors' defaults)
+CLIP_DENSE_PROBABILITY_SCALES = {"clearclip": 50.0, "naclip": 40.0}
 
 
 @dataclass(frozen=True)

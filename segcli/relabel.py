@@ -103,7 +103,7 @@ class RelabelRun(PredictRun):
                 yield item, None
                 continue
             info = emb.info
-            candidates, cand = candidate_logits(logits, info.extent)
+            candidates, cand = candidate_logits(logits, info.extent, self.groups)
             stamp = (info.photo["size"], info.photo["mtime_ns"]) if info.photo else None
             yield item, host.FinishJob(item.source, candidates, cand, info.extent, info.full_hw,
                                        time.perf_counter() - t0, stamp, photo_optional=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +37,9 @@ def search(folder: Path, queries: list[str], against: LabelSet, segmenter: Segme
     hits: dict[str, list[Hit]] = {q: [] for q in queries}
     # each query against the `against` labels other than itself (a query that is one of the run's
     # labels would otherwise tie with itself everywhere)
-    rivals = [[i for i, name in enumerate(against.names) if name.lower() != q.lower()] for q in queries]
+    groups = segmenter.label_groups(against)  # synonyms scored separately: a rival's rows are its synonyms
+    label_of_row = groups if groups is not None else np.arange(len(against))
+    rivals = [[r for r, i in enumerate(label_of_row) if against.names[i].lower() != q.lower()] for q in queries]
     with torch.inference_mode():
         asked = segmenter.label_embeddings(LabelSet.from_synonyms([[q] for q in queries]), prompt)
         text = torch.cat([asked, segmenter.label_embeddings(against, prompt)]).float()  # [Q+A, C]

@@ -185,7 +185,7 @@ class Service:
                 raise ServeError(400, str(job.error))
             raise ServeError(500, f"the model failed on this request: {type(job.error).__name__}: {one_line(str(job.error))}")
         valid = image_extent(got.resized_hw, self.seg.model.output_stride)
-        candidates, cand = candidate_logits(job.logits, valid)
+        candidates, cand = candidate_logits(self.seg.threshold_background(job.logits), valid, self.seg.label_groups(labels))
         counts = np.zeros(len(labels), np.int64)
         mask = restore_label_map(cand, valid, got.full_hw, num_labels=len(labels), candidates=candidates, histogram=counts)
         kind = "mask" if output == "json" else output

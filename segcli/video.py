@@ -90,6 +90,7 @@ class VideoRun:
     def __init__(self, seg, plan: HostPlan, text, batch_size: int, vid_stride: int = 1, smooth: float = 0.0,
                  on_frames: Callable[[int], None] | None = None, refine: Callable | None = None):
         self.seg, self.plan, self.text, self.refine = seg, plan, text, refine
+        self.groups = seg.label_groups(plan.labels)  # synonyms scored separately, or None
         self.batch_size, self.vid_stride, self.smooth = batch_size, vid_stride, smooth
         self.on_frames = on_frames or (lambda n: None)
 
@@ -218,7 +219,7 @@ class VideoRun:
             if self.refine is not None:  # PAMR (predict's --refine), at the canvas's pixels
                 frame_logits = self.refine(frame_logits, canvas.pixels, canvas.resized_hw)
                 valid = (float(canvas.resized_hw[0]), float(canvas.resized_hw[1]))
-            candidates, cand = candidate_logits(frame_logits, valid)
+            candidates, cand = candidate_logits(self.seg.threshold_background(frame_logits), valid, self.groups)
             counts = np.zeros(k, np.int64)
             mask = restore_label_map(cand, valid, (image.height, image.width), num_labels=k, candidates=candidates,
                                      histogram=counts)

@@ -74,7 +74,7 @@ def reference_dense(clip: CLIP, images: torch.Tensor) -> torch.Tensor:
 
 def test_dense_forward_matches_reference_and_text_matches_open_clip():
     clip = tiny_clip()
-    model = clip_dense_from_clip_state(clip.state_dict(), "tiny")
+    model = clip_dense_from_clip_state(clip.state_dict(), "tiny", method="clearclip")
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         ours = model.pixel_embeddings(images)
@@ -137,7 +137,7 @@ def test_naclip_matches_its_equations(std):
             ours, ref = model.pixel_embeddings(images), reference_naclip(clip, images, std)
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
     with torch.no_grad():  # not ClearCLIP's reading
-        clear = clip_dense_from_clip_state(clip.state_dict(), "tiny").pixel_embeddings(images)
+        clear = clip_dense_from_clip_state(clip.state_dict(), "tiny", method="clearclip").pixel_embeddings(images)
     assert (clear - ours).abs().max() > 1e-3
 
 
@@ -149,14 +149,14 @@ def test_method_names_pick_the_method(clip_files):
     assert spec.kind == "weights" and spec.metadata == {"method": "naclip"}
     loaded = load_model(spec, torch.device("cpu"))
     assert loaded.backend.cfg.method == "naclip" and loaded.fingerprint.startswith("naclip:")
-    assert load_model(resolve_model(str(path)), torch.device("cpu")).backend.cfg.method == "clearclip"
+    assert load_model(resolve_model(str(path)), torch.device("cpu")).backend.cfg.method == "naclip"  # the default
     assert describe_model(f"naclip:{path}")["method"].startswith("naclip: NACLIP")
     assert parse_clip_dense_spec("naclip:ViT-B-16@openai") == ("ViT-B-16", "openai")
     assert parse_clip_dense_spec("naclip") == ("ViT-B-16", "openai")
     from segcli.clip_weights import is_clip_dense_spec, split_method
 
     assert is_clip_dense_spec("naclip:ViT-L-14") and not is_clip_dense_spec(f"naclip:{path}")
-    assert split_method("clip-dense:ViT-B-16")[0] == "clearclip" and split_method("lseg_tiny") is None
+    assert split_method("clip-dense:ViT-B-16")[0] == "naclip" and split_method("lseg_tiny") is None
 
 
 def test_imagenet80_ensemble_is_clips_zero_shot_classifier():

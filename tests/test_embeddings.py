@@ -52,10 +52,11 @@ def test_relabel_gives_predicts_bytes(photos, tmp_path, tiny_checkpoint, clip_fi
     model = str(tiny_checkpoint if family == "lseg" else clip_file)
     stored = tmp_path / "stored"
     result = cli("predict", str(photos), "-l", TINY_LABELS, "-m", model, "-o", str(stored), "--save",
-                 "mask,embeddings", "--embed-dtype", dtype, "-q")
+                 "mask,embeddings", "--embed-dtype", dtype, "--window", "0", "--refine", "none", "-q")  # one canvas, as stored
     assert result.exit_code == 0, result.output
     reference = tmp_path / "reference"
-    assert cli("predict", str(photos), "-l", OTHER_LABELS, "-m", model, "-o", str(reference), "-q").exit_code == 0
+    assert cli("predict", str(photos), "-l", OTHER_LABELS, "-m", model, "-o", str(reference), "--window", "0", "--refine",
+               "none", "-q").exit_code == 0
     relabeled = tmp_path / "relabeled"
     result = cli("relabel", str(stored), "-l", OTHER_LABELS, "-o", str(relabeled), "-q")
     assert result.exit_code == 0, result.output

@@ -130,3 +130,64 @@ def test_predict_and_eval_run_the_methods_protocol(tmp_path):
     metrics = json.loads(report.stdout)
     assert (metrics["short_side"], metrics["window"], metrics["stride"]) == (96, 224, 112)
     assert metrics["refine"] == "pamr" and metrics["prompt"] == "a photo of a {}."
+
+
+def test_synonym_max_is_the_label_of_the_best_synonym(seg, tmp_path):
+    """Each synonym scored on its own, the label keeps its best: the map equals the per-synonym argmax
+    map with synonyms folded onto their labels (API, predict's workers and the device path alike);
+    "mean" scores one averaged embedding per label instead."""
+    photo = Image.fromarray(random_pixels(70, 100, seed=4))
+    grouped = parse_labels("cat;kitty,sky;heaven;air,road")
+    flat = parse_labels("cat,kitty,sky,heaven,air,road")
+    fold = np.array([0, 0, 1, 1, 1, 2], np.uint8)
+    assert seg.synonyms == "max" and seg.label_groups(grouped).tolist() == fold.tolist()
+    assert seg.label_embeddings(grouped).shape[0] == 6
+    [best] = seg.predict([photo], labels=grouped)
+    [each] = seg.predict([photo], labels=flat)
+    assert np.array_equal(best.label_map, fold[each.label_map])
+    assert len(np.unique(each.label_map)) > 2  # the random model spreads its votes: the fold is tested
+    seg.use_synonyms("mean")
+    try:
+        assert seg.label_groups(grouped) is None and seg.label_embeddings(grouped).shape[0] == 3
+    finally:
+        seg.use_synonyms("max")
+
+
+def test_synonym_max_through_predict_host_and_device_paths(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_clip().state_dict().items()}, str(weights))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(random_pixels(90, 70, seed=5)).save(photos / "p.png")
+    labels = "cat;kitty,sky;heaven;air,road"
+    api = Segmenter.from_pretrained(str(weights), device="cpu", precision="fp32")
+    [want] = api.predict([str(photos / "p.png")], labels=labels)
+    for where in ("host", "device"):
+        out = tmp_path / where
+        result = CliRunner().invoke(app, ["predict", str(photos), "-l", labels, "-m", str(weights), "-o", str(out),
+                                          "--precision", "fp32", "--postprocess", where, "-q"])
+        assert result.exit_code == 0, result.output
+        assert np.array_equal(np.array(Image.open(out / "p_mask.png")), want.label_map)
+        assert json.loads((out / ".segcli" / "run.json").read_text())["synonyms"] == "max"
+
+
+def test_background_threshold_gives_label_0_where_no_label_is_sure(seg):
+    text = seg.label_embeddings(parse_labels("background,cat,sky,road"))
+    [logits] = seg.segment_images([random_pixels(64, 64, seed=6)], text, protocol=Protocol())
+    probs = (logits * seg.model.probability_scale).softmax(0).amax(0)
+    assert seg.model.probability_scale == 40.0 / 100.0  # cosine x NACLIP's 40, not CLIP's 100
+    threshold = float(probs.median())  # half the cells are unsure
+    seg.use_bg_threshold(threshold)
+    try:
+        out = seg.threshold_background(logits)
+    finally:
+        seg.use_bg_threshold(None)
+    unsure = probs < threshold
+    assert 0 < int(unsure.sum()) < unsure.numel()
+    assert (out.argmax(0)[unsure] == 0).all()
+    assert torch.equal(out.argmax(0)[~unsure], logits.argmax(0)[~unsure])  # the sure cells keep their label
+    assert torch.equal(out[1:], logits[1:])
+    with pytest.raises(SegcliError, match="between 0 and 1"):
+        seg.use_bg_threshold(1.5)

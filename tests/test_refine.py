@@ -89,11 +89,11 @@ def test_refine_changes_masks_and_auto_follows_the_method(tmp_path, tiny_checkpo
     clip = tmp_path / "open_clip_model.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_clip().state_dict().items()}, str(clip))
     masks = {}
-    for name, model, refine in (("naclip auto", f"naclip:{clip}", "auto"), ("naclip none", f"naclip:{clip}", "none"),
-                                ("clearclip auto", str(clip), "auto")):
+    for name, model, refine in (("naclip auto", str(clip), "auto"), ("naclip none", f"naclip:{clip}", "none"),
+                                ("clearclip auto", f"clearclip:{clip}", "auto")):  # a plain file: naclip, the default
         out = tmp_path / name.replace(" ", "_")
         result = CliRunner().invoke(app, ["predict", str(photos), "-l", "cat,grass,sky", "-m", model, "-o", str(out),
-                                          "--save", "mask", "--refine", refine, "--imgsz", "64", "-q"])
+                                          "--save", "mask", "--refine", refine, "--window", "0", "--imgsz", "64", "-q"])
         assert result.exit_code == 0, result.output
         masks[name] = np.array(Image.open(out / "cat_mask.png"))
         assert json.loads((out / ".segcli" / "run.json").read_text()).get("refine") == (

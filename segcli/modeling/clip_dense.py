@@ -23,7 +23,7 @@ from torch import nn
 
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
 from segcli.modeling.text_encoder import TextEncoder
-from segcli.registry import CLIP_DENSE_PROTOCOLS, CLIPDenseConfig
+from segcli.registry import CLIP_DENSE_PROBABILITY_SCALES, CLIP_DENSE_PROTOCOLS, CLIPDenseConfig
 from segcli.sliding import Protocol
 
 
@@ -35,7 +35,8 @@ class CLIPDense(PixelTextModel):
     State-dict names are open_clip's CLIP names, with the text tower under `text_encoder.tower.`.
     """
 
-    default_prompt = "a photo of a {}."  # CLIP's own zero-shot template; raw words match patches worse
+    default_prompt = "imagenet80"  # CLIP's 80 ImageNet templates averaged, as ClearCLIP, SCLIP and NACLIP
+    default_synonyms = "max"  # each synonym scored on its own, the label keeps its best (ClearCLIP, SCLIP, NACLIP)
 
     def __init__(self, cfg: CLIPDenseConfig):
         super().__init__(cfg)
@@ -50,6 +51,11 @@ class CLIPDense(PixelTextModel):
         if cfg.method not in ("clearclip", "naclip"):
             raise ValueError(f"unknown clip-dense method {cfg.method!r}")
         self._bias_cache: dict = {}
+
+    @property
+    def probability_scale(self) -> float:
+        """Logits x this = cosine x the method's own softmax temperature (for --bg-threshold)."""
+        return CLIP_DENSE_PROBABILITY_SCALES[self.cfg.method] / self.logit_scale
 
     @property
     def default_protocol(self) -> Protocol:
