@@ -122,7 +122,8 @@ class Segmenter:
     def threshold_background(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [S,h,w] (channel 0 is label 0's first synonym) -> the same with channel 0 made the
         best wherever no channel's probability reaches `bg_threshold`. Decided per cell of the
-        logits given (the peers decide per pixel after upsampling: the two differ only between cells)."""
+        logits given (pixels of the resized image with windows; the peers decide per pixel of the
+        original image)."""
         if self.bg_threshold is None:
             return logits
         scale = getattr(self.model, "probability_scale", 1.0)
@@ -153,7 +154,7 @@ class Segmenter:
         over a short side for clip-dense, one canvas otherwise) with these overrides; --window 0 is
         one canvas of `imgsz`."""
         protocol = resolve_protocol(getattr(self.model, "default_protocol", None), short_side, window, stride,
-                                    self.model.input_multiple, self.model.output_stride)
+                                    self.model.input_multiple)
         fixed = self.model.fixed_imgsz
         if protocol.sliding and fixed is not None and protocol.window != fixed:
             raise SegcliError(f"this exported model takes {fixed}-pixel inputs: use --window {fixed} (or --window 0)")
@@ -212,16 +213,17 @@ class Segmenter:
 
     def refine_logits(self, refiner: torch.nn.Module, logits: torch.Tensor, pixels: np.ndarray,
                       resized_hw: tuple[int, int]) -> torch.Tensor:
-        """Model-resolution logits [K,h',w'] of an image at the top-left of `pixels` (uint8, the
+        """`segment_images` logits [K,h',w'] of an image at the top-left of `pixels` (uint8, the
         model's input) -> [K,h,w] refined by PAMR at the size the image has there (`resized_hw`), so
         memory and time do not grow with the photo."""
         import torch.nn.functional as F
 
-        stride = self.model.output_stride
+        stride = self.logit_stride
         h, w = resized_hw
         cells = logits[:, :-(-h // stride), :-(-w // stride)].float()
         # the same pixel-centre mapping as the label map's restoration (align_corners=False)
-        up = F.interpolate(cells[None], scale_factor=stride, mode="bilinear", align_corners=False)[:, :, :h, :w]
+        up = cells[None] if stride == 1 else F.interpolate(cells[None], scale_factor=stride, mode="bilinear",
+                                                           align_corners=False)[:, :, :h, :w]
         image = torch.from_numpy(np.ascontiguousarray(pixels[:h, :w])).to(logits.device).permute(2, 0, 1).float().div_(255.0)
         return refiner(image[None], up)[0]
 
@@ -229,18 +231,23 @@ class Segmenter:
         """(the model's pixels, the image's size in them) under the protocol: see segment_images."""
         return model_pixels(image, self.imgsz, self.protocol)
 
+    @property
+    def logit_stride(self) -> int:
+        """Input pixels per cell of `segment_images`' logits: the model's output stride for one
+        canvas; 1 for windows (averaged at the image's pixels)."""
+        return 1 if self.protocol.sliding else self.model.output_stride
+
     @torch.inference_mode()
     def segment_images(self, pixels: Sequence[np.ndarray], label_embeddings: torch.Tensor | None,
                        batch_size: int = 8, protocol: Protocol | None = None) -> list[torch.Tensor]:
         """Images as `prepare_pixels` gives them -> per image logits [K,h',w'] fp32 on the model's
-        device, the image at the top-left (h' >= ceil(h/s)). One canvas: a batch of canvases. Windows:
-        every window of these images, `batch_size` at a time, each cell the mean over the windows
-        that cover it."""
+        device, the image at the top-left, one cell per `logit_stride` pixels. One canvas: a batch
+        of canvases, [K,S/s,S/s]. Windows: every window of these images, `batch_size` at a time,
+        each upsampled to its pixels and averaged where they overlap, [K,h,w] (segcli.sliding)."""
         protocol = protocol or self.protocol
         if not protocol.sliding:
             return list(self.segment_canvases(np.stack(pixels), label_embeddings, on_device=True)[0])
-        cell = self.model.output_stride
-        tiled = [window_tiles(p, protocol.window, protocol.stride, cell) for p in pixels]
+        tiled = [window_tiles(p, protocol.window, protocol.stride) for p in pixels]
         owners = [(i, corner) for i, (corners, _) in enumerate(tiled) for corner in corners]
         tiles = np.concatenate([t for _, t in tiled])
         window_logits = [[] for _ in pixels]
@@ -248,7 +255,7 @@ class Segmenter:
             logits, _ = self.segment_canvases(tiles[start:start + batch_size], label_embeddings, on_device=True)
             for (i, _), one in zip(owners[start:start + batch_size], logits):
                 window_logits[i].append(one)
-        return [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window, cell)
+        return [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window)
                 for w, (corners, _), p in zip(window_logits, tiled, pixels)]
 
     def image_region(self, per_pixel: torch.Tensor, canvas: Canvas) -> torch.Tensor:
@@ -323,7 +330,7 @@ class Segmenter:
         results: list[Prediction] = []
         if return_embeddings and self.protocol.sliding:
             raise SegcliError("pixel embeddings come from one canvas: use_protocol(window=0) first")
-        stride = self.model.output_stride
+        stride = self.logit_stride  # embeddings need one canvas: the model's stride then
         for start in range(0, len(items), batch_size):
             pil = [_as_pil(x) for x in items[start:start + batch_size]]
             prepared = [self.prepare_pixels(im) for im in pil]

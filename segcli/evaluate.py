@@ -41,7 +41,7 @@ def scale_logits(seg: Segmenter, image: Image.Image, text: torch.Tensor, scale: 
         protocol = replace(protocol, short_side=max(1, round(protocol.short_side * scale)))
     pixels, resized_hw = model_pixels(image, _round_to(seg.imgsz * scale, seg.model.input_multiple), protocol)
     [logits] = seg.segment_images([pixels], text, protocol=protocol)
-    s = seg.model.output_stride
+    s = seg.logit_stride
     region = image_region(logits, resized_hw, s).cpu()
     if flip:
         region = region.flip(-1)

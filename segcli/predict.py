@@ -165,7 +165,7 @@ class PredictRun:
             logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)
         else:
             logits, emb = self.seg.segment_images(pixels, text, self.opt.batch_size), None
-        valids = [image_extent(it.model_input.resized_hw, self.seg.model.output_stride) for it in batch]
+        valids = [image_extent(it.model_input.resized_hw, self.seg.logit_stride) for it in batch]
         if self.refiner is not None:  # refined at the model's pixels: stride 1 from here on
             per_image = [self.refine(logits[i], it.model_input.pixels, it.model_input.resized_hw) for i, it in enumerate(batch)]
             valids = [(float(h), float(w)) for h, w in (it.model_input.resized_hw for it in batch)]

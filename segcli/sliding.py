@@ -3,15 +3,13 @@
 The published clip-dense numbers (ClearCLIP, SCLIP, NACLIP) are measured this way, not on one
 padded canvas: the image is resized so its short side is N (long side at most 2048, mmseg's
 `Resize(scale=(2048, N), keep_ratio=True)`), windows of W pixels every S pixels cover it (the
-last one flush with the edge), and each cell takes the mean of the logits of the windows that
-cover it. Averaging happens at the model's cells (windows start on whole cells); the authors
-average after upsampling each window to pixels, which differs only within half a cell of a
-window's edge.
+last one flush with the image's edge), each window's logits are upsampled (bilinear) to its
+pixels, and each pixel takes the mean over the windows that cover it: the authors' forward_slide.
+A window larger than the image is padded with black (the authors run the smaller crop).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,11 +41,10 @@ class Protocol:
 
 
 def resolve_protocol(default: Protocol | None, short_side: int | None, window: int | None, stride: int | None,
-                     multiple: int, cell: int) -> Protocol:
+                     multiple: int) -> Protocol:
     """The user's --short-side/--window/--stride over the model's default protocol. --window 0
     turns windows off (one canvas); a stride defaults to half the window (the peers' ratio). A
-    window is a model input (a multiple of `multiple`); windows start on whole cells of the
-    model's output (`cell` pixels)."""
+    window is a model input (a multiple of `multiple`)."""
     base = default or Protocol()
     if window == 0:
         if short_side or stride:
@@ -63,9 +60,8 @@ def resolve_protocol(default: Protocol | None, short_side: int | None, window: i
     stride = stride or base.stride or window // 2
     short_side = short_side or base.short_side
     check_input_size(window, multiple, "--window")
-    check_input_size(stride, cell, "--stride")
-    if stride > window:
-        raise SegcliError(f"--stride {stride} must not exceed --window {window}")
+    if stride < 1 or stride > window:
+        raise SegcliError(f"--stride {stride}: give 1 to {window} pixels (at most the window)")
     if short_side is not None and short_side < 1:
         raise SegcliError(f"--short-side {short_side}: give a size in pixels, e.g. 448")
     return Protocol(short_side, window, stride)
@@ -85,25 +81,22 @@ def resize_short_side(image: Image.Image, short_side: int) -> np.ndarray:
     return np.array(resized.convert("RGB"))  # writable: torch takes it as it is
 
 
-def window_starts(length: int, window: int, stride: int, cell: int) -> list[int]:
-    """Window offsets covering `length` pixels (at least one window): every `stride`, then one more
-    flush with the end, its start rounded up to a whole cell so every cell is covered."""
-    starts = list(range(0, max(length - window, 0) + 1, stride))
-    if starts[-1] + window < length:
-        starts.append(-(-(length - window) // cell) * cell)
-    return starts
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering `length` pixels, as mmseg's slide inference places them: every
+    `stride`, the last one moved back to end flush with the edge (one window at 0 if it is longer)."""
+    count = max(length - window + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + window, length) - window, 0) for i in range(count)]
 
 
-def windows(hw: tuple[int, int], window: int, stride: int, cell: int) -> list[tuple[int, int]]:
+def windows(hw: tuple[int, int], window: int, stride: int) -> list[tuple[int, int]]:
     """Top-left corners (y, x) of the windows over an image of `hw` pixels."""
-    return [(y, x) for y in window_starts(max(hw[0], window), window, stride, cell)
-            for x in window_starts(max(hw[1], window), window, stride, cell)]
+    return [(y, x) for y in window_starts(hw[0], window, stride) for x in window_starts(hw[1], window, stride)]
 
 
-def window_tiles(pixels: np.ndarray, window: int, stride: int, cell: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+def window_tiles(pixels: np.ndarray, window: int, stride: int) -> tuple[list[tuple[int, int]], np.ndarray]:
     """[h,w,3] uint8 -> (corners, tiles [N,window,window,3]): the image's windows, zero-padded
-    where the image is smaller than a window (the padding's cells are never read back)."""
-    corners = windows(pixels.shape[:2], window, stride, cell)
+    where the image is smaller than a window."""
+    corners = windows(pixels.shape[:2], window, stride)
     tiles = np.zeros((len(corners), window, window, 3), np.uint8)
     for i, (y, x) in enumerate(corners):
         crop = pixels[y:y + window, x:x + window]
@@ -111,17 +104,20 @@ def window_tiles(pixels: np.ndarray, window: int, stride: int, cell: int) -> tup
     return corners, tiles
 
 
-def average_windows(window_logits, corners: list[tuple[int, int]], hw: tuple[int, int], window: int, cell: int):
-    """Per-window logits [N,K,window/cell,window/cell] -> [K,ceil(h/cell),ceil(w/cell)]: each cell
-    the mean over the windows that cover it (on the logits' device)."""
-    n = window // cell
-    gh, gw = math.ceil(max(hw[0], window) / cell), math.ceil(max(hw[1], window) / cell)
-    total = window_logits.new_zeros((window_logits.shape[1], gh, gw))
-    count = window_logits.new_zeros((1, gh, gw))
+def average_windows(window_logits, corners: list[tuple[int, int]], hw: tuple[int, int], window: int):
+    """Per-window logits [N,K,window/s,window/s] -> [K,h,w] at the image's pixels: each window
+    upsampled (bilinear, align_corners=False) to its pixels, each pixel the mean over the windows
+    that cover it (on the logits' device)."""
+    import torch.nn.functional as F
+
+    h, w = hw
+    total = window_logits.new_zeros((window_logits.shape[1], h, w))
+    count = window_logits.new_zeros((1, h, w))
     for logits, (y, x) in zip(window_logits, corners):
-        total[:, y // cell:y // cell + n, x // cell:x // cell + n] += logits
-        count[:, y // cell:y // cell + n, x // cell:x // cell + n] += 1
-    return (total / count)[:, :math.ceil(hw[0] / cell), :math.ceil(hw[1] / cell)].contiguous()
+        up = F.interpolate(logits[None], size=(window, window), mode="bilinear", align_corners=False)[0]
+        total[:, y:y + window, x:x + window] += up[:, :h - y, :w - x]
+        count[:, y:y + window, x:x + window] += 1
+    return total.div_(count)
 
 
 def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np.ndarray, tuple[int, int]]:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from test_clip_dense import tiny_clip
 from typer.testing import CliRunner
@@ -31,38 +32,42 @@ def random_pixels(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def test_one_window_that_covers_the_image_is_the_whole_image_result(seg):
+    """A 64-pixel image in one 64-pixel window: its logits upsampled to its pixels, nothing more."""
     text = seg.label_embeddings(parse_labels("cat,sky,road"))
-    pixels = random_pixels(40, 56)
+    pixels = random_pixels(64, 64)
     [windowed] = seg.segment_images([pixels], text, protocol=Protocol(None, 64, 32))
-    canvas = np.zeros((64, 64, 3), np.uint8)
-    canvas[:40, :56] = pixels
-    whole, _ = seg.segment_canvases(canvas[None], text)
-    assert windowed.shape == (3, 3, 4)  # ceil(40/16) x ceil(56/16) cells
-    assert torch.equal(windowed, whole[0, :, :3, :4])
+    whole, _ = seg.segment_canvases(pixels[None], text)
+    assert windowed.shape == (3, 64, 64)
+    assert torch.equal(windowed, F.interpolate(whole, size=(64, 64), mode="bilinear", align_corners=False)[0])
+    [smaller] = seg.segment_images([pixels[:40, :56]], text, protocol=Protocol(None, 64, 32))
+    assert smaller.shape == (3, 40, 56)  # padded to the window, cut back to the image
 
 
-def test_overlapping_windows_are_the_per_cell_mean_of_the_window_logits(seg):
-    """80x112 pixels, 64-pixel windows every 32: rows start at 0 and 16 (the last one flush with the
-    edge), columns at 0, 32 and 48; each 16-pixel cell is the mean over the windows covering it."""
+def test_overlapping_windows_are_the_per_pixel_mean_of_the_window_logits(seg):
+    """80x120 pixels, 64-pixel windows every 32, placed as mmseg's slide inference places them (the
+    last one flush with the edge): rows at 0 and 16, columns at 0, 32 and 56; each window's logits
+    upsampled to its pixels, each pixel the mean over the windows covering it."""
     text = seg.label_embeddings(parse_labels("cat,sky,road,tree"))
-    pixels = random_pixels(80, 112, seed=1)
-    corners = [(0, 0), (0, 32), (0, 48), (16, 0), (16, 32), (16, 48)]
-    assert windows((80, 112), 64, 32, 16) == corners
-    expected = np.zeros((4, 5, 7))
-    for y in range(5):  # directly, cell by cell
-        for x in range(7):
-            covering = []
-            for top, left in corners:
-                if top <= y * 16 < top + 64 and left <= x * 16 < left + 64:
-                    logits, _ = seg.segment_canvases(np.ascontiguousarray(pixels[top:top + 64, left:left + 64])[None], text)
-                    covering.append(logits[0, :, y - top // 16, x - left // 16].numpy())
+    pixels = random_pixels(80, 120, seed=1)
+    corners = [(0, 0), (0, 32), (0, 56), (16, 0), (16, 32), (16, 56)]
+    assert windows((80, 120), 64, 32) == corners
+    assert windows((30, 20), 64, 32) == [(0, 0)] and windows((336, 504), 224, 112) == [
+        (y, x) for y in (0, 112) for x in (0, 112, 224, 280)]
+    per_window = {}
+    for top, left in corners:
+        logits, _ = seg.segment_canvases(np.ascontiguousarray(pixels[top:top + 64, left:left + 64])[None], text)
+        per_window[top, left] = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)[0].numpy()
+    expected = np.zeros((4, 80, 120))
+    for y in range(80):  # directly, pixel by pixel
+        for x in range(120):
+            covering = [v[:, y - t, x - l] for (t, l), v in per_window.items() if t <= y < t + 64 and l <= x < l + 64]
             expected[:, y, x] = np.mean(covering, axis=0)
     for batch_size in (1, 4, 8):
         [got] = seg.segment_images([pixels], text, batch_size=batch_size, protocol=Protocol(None, 64, 32))
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
     two = seg.segment_images([pixels, random_pixels(30, 20)], text, batch_size=4, protocol=Protocol(None, 64, 32))
     np.testing.assert_allclose(two[0].numpy(), expected, rtol=1e-5, atol=1e-5)  # windows of two images share batches
-    assert two[1].shape == (4, 2, 2)
+    assert two[1].shape == (4, 30, 20)
 
 
 def test_short_side_resize_follows_mmsegs_keep_ratio_rescale():
@@ -81,15 +86,14 @@ def test_short_side_resize_follows_mmsegs_keep_ratio_rescale():
 
 def test_protocol_options_over_the_models_default():
     naclip = CLIP_DENSE_PROTOCOLS["naclip"]
-    assert resolve_protocol(naclip, None, None, None, 16, 16) == naclip == Protocol(336, 224, 112)
-    assert resolve_protocol(naclip, 448, None, None, 16, 16) == Protocol(448, 224, 112)
-    assert resolve_protocol(naclip, None, 448, None, 16, 16) == Protocol(336, 448, 224)  # a new window: half of it
-    assert resolve_protocol(naclip, None, 0, None, 16, 16) == Protocol()
-    assert resolve_protocol(None, None, 96, None, 32, 2) == Protocol(None, 96, 48)  # LSeg: 32-pixel inputs, 2-pixel cells
-    assert resolve_protocol(None, None, None, None, 32, 2) == Protocol()
-    for args, message in [((naclip, 448, 0, None, 16, 16), "--window 0"), ((None, 448, None, None, 32, 2), "give --window"),
-                          ((naclip, None, 224, 240, 16, 16), "must not exceed"),
-                          ((naclip, None, 230, None, 16, 16), "multiple of 16"), ((None, None, 96, 47, 32, 2), "multiple of 2")]:
+    assert resolve_protocol(naclip, None, None, None, 16) == naclip == Protocol(336, 224, 112)
+    assert resolve_protocol(naclip, 448, None, None, 16) == Protocol(448, 224, 112)
+    assert resolve_protocol(naclip, None, 448, None, 16) == Protocol(336, 448, 224)  # a new window: half of it
+    assert resolve_protocol(naclip, None, 0, None, 16) == Protocol()
+    assert resolve_protocol(None, None, 96, 47, 32) == Protocol(None, 96, 47)  # LSeg: 32-pixel inputs, any stride
+    assert resolve_protocol(None, None, None, None, 32) == Protocol()
+    for args, message in [((naclip, 448, 0, None, 16), "--window 0"), ((None, 448, None, None, 32), "give --window"),
+                          ((naclip, None, 224, 240, 16), "at most the window"), ((naclip, None, 230, None, 16), "multiple of 16")]:
         with pytest.raises(SegcliError, match=message):
             resolve_protocol(*args)
 
