@@ -217,7 +217,7 @@ class VideoRun:
                 state["previous"] = frame_logits
             valid = image_extent(canvas.resized_hw, self.seg.model.output_stride)
             if self.refine is not None:  # PAMR (predict's --refine), at the canvas's pixels
-                frame_logits = self.refine(frame_logits, canvas.pixels, canvas.resized_hw)
+                frame_logits = self.refine(frame_logits, canvas.pixels, canvas.resized_hw, self.seg.model.output_stride)
                 valid = (float(canvas.resized_hw[0]), float(canvas.resized_hw[1]))
             candidates, cand = candidate_logits(self.seg.threshold_background(frame_logits), valid, self.groups)
             counts = np.zeros(k, np.int64)

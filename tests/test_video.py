@@ -209,3 +209,24 @@ def test_bad_videos_never_stop_the_batch(tmp_path, tiny_checkpoint):
     assert (out / "good_overlay.mp4").exists() and (out / "cat_overlay.jpg").exists()
     assert not [p for p in out.rglob("*") if p.name.startswith(".segcli-tmp")]
     assert not (out / "truncated_masks").exists()  # a bad video leaves nothing behind
+
+
+def test_videos_use_one_canvas_with_the_methods_refinement(tmp_path):
+    """clip-dense (NACLIP: windows and PAMR by default) on a video: frames go through one canvas,
+    refined as predict refines a photo's canvas, so the masks equal predict's with --window 0."""
+    from safetensors.torch import save_file
+    from test_clip_dense import tiny_clip
+
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_clip().state_dict().items()}, str(weights))
+    video = make_video(tmp_path / "pan.mp4", frames=4)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, image in enumerate(decoded_frames(video)):
+        image.save(frames / f"{i:06d}.png")
+    a, b = tmp_path / "video_out", tmp_path / "png_out"
+    assert predict(video, a, weights, "--save", "mask", "--imgsz", "64", "--prompt", "a photo of a {}.").exit_code == 0
+    result = predict(frames, b, weights, "--save", "mask", "--imgsz", "64", "--prompt", "a photo of a {}.", "--window", "0")
+    assert result.exit_code == 0, result.output
+    for i in range(4):
+        assert (a / "pan_masks" / f"{i:06d}.png").read_bytes() == (b / f"{i:06d}_mask.png").read_bytes(), i
