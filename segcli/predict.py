@@ -37,7 +37,7 @@ from segcli.errors import SegcliError, one_line
 from segcli.fileio import is_disk_error, remove_stale_temp_files
 from segcli.host import ModelInput
 from segcli.labels import LabelSet
-from segcli.masks import batch_candidate_logits, candidate_logits, image_extent, image_region
+from segcli.masks import batch_candidate_logits, image_extent, image_region
 from segcli.outputs import DEFAULT_OUTPUTS
 from segcli.runfolder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
 
@@ -157,8 +157,9 @@ class PredictRun:
             self.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)
 
     def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
-        """A batch of canvases -> per image, the candidate labels' logits at model resolution on the
-        host (all labels', on the device, when post-processing happens there)."""
+        """A batch of model inputs -> per image, the candidate labels' logits on the host, one cell
+        per `seg.logit_stride` pixels of the resized photo (1 once refined); all labels', on the
+        device, when post-processing happens there."""
         t0 = time.perf_counter()
         pixels = [it.model_input.pixels for it in batch]
         if self.embed is not None:  # one canvas each (the protocol was checked in __init__)
@@ -175,8 +176,6 @@ class PredictRun:
             per_image = [self.seg.threshold_background(logits_i) for logits_i in per_image]
         if self.device_post is not None:
             selected = [(None, logits_i) for logits_i in per_image]
-        elif self.refiner is not None:
-            selected = [candidate_logits(logits_i, valid, self.groups) for logits_i, valid in zip(per_image, valids)]
         else:
             selected = batch_candidate_logits(per_image, valids, self.groups)
         share = (time.perf_counter() - t0) / len(batch)
