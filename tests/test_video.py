@@ -160,8 +160,9 @@ def test_a_killed_run_redoes_only_the_unfinished_video(tmp_path, tiny_checkpoint
     proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(folder), "-l", TINY_LABELS, "-m",
                              str(tiny_checkpoint), "-o", str(out), "-q"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "a_overlay.mp4").exists() and time.time() < deadline and proc.poll() is None:
+    records = out / ".segcli" / "records.jsonl"
+    deadline = time.time() + 120  # killed once the first video is recorded as done (its files come before its record)
+    while not (records.exists() and records.read_text().strip()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
