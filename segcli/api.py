@@ -212,14 +212,13 @@ class Segmenter:
         return None
 
     def refine_logits(self, refiner: torch.nn.Module, logits: torch.Tensor, pixels: np.ndarray,
-                      resized_hw: tuple[int, int], stride: int | None = None) -> torch.Tensor:
-        """`segment_images` logits [K,h',w'] (one cell per `stride` pixels, default `logit_stride`)
-        of an image at the top-left of `pixels` (uint8, the model's input) -> [K,h,w] refined by
-        PAMR at the size the image has there (`resized_hw`), so memory and time do not grow with
-        the photo."""
+                      resized_hw: tuple[int, int]) -> torch.Tensor:
+        """`segment_images` logits [K,h',w'] of an image at the top-left of `pixels` (uint8, the
+        model's input) -> [K,h,w] refined by PAMR at the size the image has there (`resized_hw`),
+        so memory and time do not grow with the photo."""
         import torch.nn.functional as F
 
-        stride = stride or self.logit_stride
+        stride = self.logit_stride
         h, w = resized_hw
         cells = logits[:, :-(-h // stride), :-(-w // stride)].float()
         # the same pixel-centre mapping as the label map's restoration (align_corners=False)

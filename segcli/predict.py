@@ -189,9 +189,8 @@ class PredictRun:
             item.model_input = None
         return jobs
 
-    def refine(self, logits: torch.Tensor, pixels: np.ndarray, resized_hw: tuple[int, int],
-               stride: int | None = None) -> torch.Tensor:
-        return self.seg.refine_logits(self.refiner, logits, pixels, resized_hw, stride)
+    def refine(self, logits: torch.Tensor, pixels: np.ndarray, resized_hw: tuple[int, int]) -> torch.Tensor:
+        return self.seg.refine_logits(self.refiner, logits, pixels, resized_hw)
 
     def _embeddings_file(self, emb: torch.Tensor, item: Item) -> bytes:
         """[C,S/s,S/s] of one canvas -> the NAME_embed.safetensors bytes of the photo's cells."""

@@ -1,8 +1,10 @@
 """`segcli serve`: an HTTP API and a browser page on the model core (FastAPI + uvicorn).
 
-    request thread: read the upload, decode it to the model's canvas (predict's `host.decode`)
+    request thread: read the upload, decode it to the model's input (predict's `host.decode`: a
+      canvas, or the photo resized for the model's sliding windows)
       -> the bounded queue -> the model thread: up to --batch-size requests that arrived within
-         --batch-window ms, one forward pass per label set (predict's `segment_canvases`)
+         --batch-window ms, one forward pass per label set (predict's `segment_images`, then
+         PAMR where predict refines by default)
       -> request thread: label map, PNG/JPEG (predict's `restore_label_map` and `host.render`)
 
 Every step is predict's own code, so an image output is the bytes `segcli predict` writes for that
@@ -64,11 +66,13 @@ class ServeError(Exception):
 
 @dataclass
 class _Job:
-    canvas: np.ndarray  # [S,S,3] uint8
+    pixels: np.ndarray  # the model's input: [S,S,3] uint8 canvas, or the resized photo for windows
+    resized_hw: tuple[int, int]
     labels: LabelSet
     prompt: str | None
     done: threading.Event = field(default_factory=threading.Event)
-    logits: object = None  # torch [K,S/s,S/s] fp32 on the CPU
+    logits: object = None  # torch [K,h',w'] fp32 on the CPU, one cell per `stride` pixels of the resized photo
+    stride: int = 1
     error: BaseException | None = None
 
 
@@ -77,6 +81,7 @@ class Batcher:
 
     def __init__(self, seg: Segmenter, batch_size: int, window_s: float, queue_size: int):
         self.seg, self.batch_size, self.window_s = seg, batch_size, window_s
+        self.refiner = seg.refiner_for("auto")  # as predict refines by default (PAMR for naclip)
         self.jobs: queue.Queue[_Job | None] = queue.Queue(queue_size)
         self.batches = 0
         self.thread = threading.Thread(target=self._loop, daemon=True, name="segcli-model")
@@ -120,9 +125,12 @@ class Batcher:
     def _run(self, group: list[_Job]) -> None:
         try:
             text = self.seg.label_embeddings(group[0].labels, group[0].prompt)
-            logits, _ = self.seg.segment_canvases(np.stack([job.canvas for job in group]), text)
-            for i, job in enumerate(group):
-                job.logits = logits[i]
+            logits = self.seg.segment_images([job.pixels for job in group], text, self.batch_size)  # predict's protocol
+            for job, logits_i in zip(group, logits):
+                job.stride = self.seg.logit_stride
+                if self.refiner is not None:
+                    logits_i, job.stride = self.seg.refine_logits(self.refiner, logits_i, job.pixels, job.resized_hw), 1
+                job.logits = logits_i.cpu()
         except BaseException as exc:  # one bad batch must not end the model thread
             for job in group:
                 job.error = exc
@@ -145,6 +153,7 @@ class Service:
         labels = self.default_labels
         return {"segcli_version": __version__, "model": self.seg.name, "architecture": self.seg.model.architecture,
                 "family": getattr(self.seg.model, "family", None), "imgsz": self.seg.imgsz,
+                "protocol": self.seg.protocol.describe(), "refine": "pamr" if self.batcher.refiner is not None else "none",
                 "default_labels": list(labels.names) if labels else None,
                 "open_vocabulary": self.seg.model.open_vocabulary, "device": str(self.seg.device),
                 "batch_size": self.opt.batch_size, "outputs": list(OUTPUTS),
@@ -170,12 +179,12 @@ class Service:
             raise ServeError(400, str(exc)) from None
         labels = self.labels(labels_text)
         plan = host.HostPlan(labels, ("mask", "color", "overlay"), self.opt.alpha, self.seg.imgsz, self.opt.max_pixels,
-                             Path("."), Path("."))
+                             Path("."), Path("."), self.seg.protocol)
         try:
             got = host.decode(data, plan)
         except ImageDecodeError as exc:
             raise _decode_failure(exc) from None
-        job = _Job(got.pixels, labels, prompt or None)
+        job = _Job(got.pixels, got.resized_hw, labels, prompt or None)
         if not self.batcher.submit(job):
             raise ServeError(503, "the server is busy (queue full): retry shortly", {"Retry-After": "1"})
         if not job.done.wait(self.opt.request_timeout_s):
@@ -184,7 +193,7 @@ class Service:
             if isinstance(job.error, SegcliError):
                 raise ServeError(400, str(job.error))
             raise ServeError(500, f"the model failed on this request: {type(job.error).__name__}: {one_line(str(job.error))}")
-        valid = image_extent(got.resized_hw, self.seg.model.output_stride)
+        valid = image_extent(got.resized_hw, job.stride)
         candidates, cand = candidate_logits(self.seg.threshold_background(job.logits), valid, self.seg.label_groups(labels))
         counts = np.zeros(len(labels), np.int64)
         mask = restore_label_map(cand, valid, got.full_hw, num_labels=len(labels), candidates=candidates, histogram=counts)

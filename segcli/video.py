@@ -1,7 +1,7 @@
 """Videos through predict's model path: frames in batches, outputs that appear only when whole.
 
-    PyAV decode (FFmpeg, threaded) -> every --vid-stride-th frame -> the model canvas (the photos'
-    fit_to_canvas) -> batches through Segmenter.segment_canvases -> [--smooth: an exponential
+    PyAV decode (FFmpeg, threaded) -> every --vid-stride-th frame -> the model's input as for a
+    photo (Segmenter.prepare_pixels) -> batches through Segmenter.segment_images -> [--smooth: an exponential
     moving average of the logits] -> the photos' restore_label_map -> per frame: the mask PNG,
     the colors and the overlay as video frames (libx264), the label fractions as a CSV row
 
@@ -31,7 +31,6 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from segcli.data.images import fit_to_canvas
 from segcli.data.sources import Source
 from segcli.errors import one_line
 from segcli.fileio import TMP_PREFIX, atomic_write_bytes
@@ -207,18 +206,18 @@ class VideoRun:
         import torch
 
         self._settle()
-        canvases = [fit_to_canvas(image, self.seg.imgsz) for _, _, image in batch]
-        logits, _ = self.seg.segment_canvases(np.stack([c.pixels for c in canvases]), self.text)
+        prepared = [self.seg.prepare_pixels(image) for _, _, image in batch]  # the photos' protocol
+        logits = self.seg.segment_images([pixels for pixels, _ in prepared], self.text, len(batch))
         plan, k = self.plan, len(self.plan.labels)
-        for (index, seconds, image), canvas, frame_logits in zip(batch, canvases, logits):
+        for (index, seconds, image), (pixels, resized_hw), frame_logits in zip(batch, prepared, logits):
             if self.smooth:  # flicker: each frame's logits blended with the running average before it
                 if state["previous"] is not None:
                     frame_logits = torch.lerp(frame_logits, state["previous"], self.smooth)
                 state["previous"] = frame_logits
-            valid = image_extent(canvas.resized_hw, self.seg.model.output_stride)
-            if self.refine is not None:  # PAMR (predict's --refine), at the canvas's pixels
-                frame_logits = self.refine(frame_logits, canvas.pixels, canvas.resized_hw, self.seg.model.output_stride)
-                valid = (float(canvas.resized_hw[0]), float(canvas.resized_hw[1]))
+            valid = image_extent(resized_hw, self.seg.logit_stride)
+            if self.refine is not None:  # PAMR (predict's --refine), at the model input's pixels
+                frame_logits = self.refine(frame_logits, pixels, resized_hw)
+                valid = (float(resized_hw[0]), float(resized_hw[1]))
             candidates, cand = candidate_logits(self.seg.threshold_background(frame_logits), valid, self.groups)
             counts = np.zeros(k, np.int64)
             mask = restore_label_map(cand, valid, (image.height, image.width), num_labels=k, candidates=candidates,

@@ -249,3 +249,26 @@ def test_the_browser_page(server, tmp_path):
         assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # the photo and the colors are rendered, not a blank page
     finally:
         browser.quit()
+
+
+def test_the_default_method_serves_predicts_masks(tmp_path):
+    """clip-dense's NACLIP (windows over the short side, PAMR, synonym max) through the server: the
+    mask is the one predict writes for the photo with the model's defaults."""
+    from safetensors.torch import save_file
+    from test_clip_dense import tiny_clip
+
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_clip().state_dict().items()}, str(weights))
+    labels = "cat;kitty,grass,sky"
+    out = tmp_path / "predict"
+    result = CliRunner().invoke(app, ["predict", str(SAMPLES / "cat.jpg"), "-l", labels, "-m", str(weights), "-o", str(out),
+                                      "--batch-size", "1", "--save", "mask", "-q"])
+    assert result.exit_code == 0, result.output
+    srv = Server(weights)
+    try:
+        status, _, body = srv.segment((SAMPLES / "cat.jpg").read_bytes(), "mask", labels=labels)
+        info = json.loads(srv.request("GET", "/v1/info")[2])
+    finally:
+        srv.stop()
+    assert status == 200 and body == (out / "cat_mask.png").read_bytes()
+    assert info["refine"] == "pamr" and info["protocol"].startswith("short side 336, 224-pixel windows")

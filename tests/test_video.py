@@ -212,9 +212,10 @@ def test_bad_videos_never_stop_the_batch(tmp_path, tiny_checkpoint):
     assert not (out / "truncated_masks").exists()  # a bad video leaves nothing behind
 
 
-def test_videos_use_one_canvas_with_the_methods_refinement(tmp_path):
-    """clip-dense (NACLIP: windows and PAMR by default) on a video: frames go through one canvas,
-    refined as predict refines a photo's canvas, so the masks equal predict's with --window 0."""
+def test_videos_follow_the_photos_protocol_and_refinement(tmp_path):
+    """clip-dense (NACLIP: windows over the short side and PAMR by default) on a video: each frame
+    is read as predict reads a photo, so the masks equal predict's on the frames, and with
+    --window 0 the one-canvas masks equal too."""
     from safetensors.torch import save_file
     from test_clip_dense import tiny_clip
 
@@ -225,9 +226,10 @@ def test_videos_use_one_canvas_with_the_methods_refinement(tmp_path):
     frames.mkdir()
     for i, image in enumerate(decoded_frames(video)):
         image.save(frames / f"{i:06d}.png")
-    a, b = tmp_path / "video_out", tmp_path / "png_out"
-    assert predict(video, a, weights, "--save", "mask", "--imgsz", "64", "--prompt", "a photo of a {}.").exit_code == 0
-    result = predict(frames, b, weights, "--save", "mask", "--imgsz", "64", "--prompt", "a photo of a {}.", "--window", "0")
-    assert result.exit_code == 0, result.output
-    for i in range(4):
-        assert (a / "pan_masks" / f"{i:06d}.png").read_bytes() == (b / f"{i:06d}_mask.png").read_bytes(), i
+    for extra in ([], ["--window", "0", "--imgsz", "64"]):
+        a, b = tmp_path / f"video_out{len(extra)}", tmp_path / f"png_out{len(extra)}"
+        assert predict(video, a, weights, "--save", "mask", "--prompt", "a photo of a {}.", *extra).exit_code == 0
+        result = predict(frames, b, weights, "--save", "mask", "--prompt", "a photo of a {}.", *extra)
+        assert result.exit_code == 0, result.output
+        for i in range(4):
+            assert (a / "pan_masks" / f"{i:06d}.png").read_bytes() == (b / f"{i:06d}_mask.png").read_bytes(), (extra, i)
