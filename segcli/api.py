@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -211,21 +212,25 @@ class Segmenter:
             return PAMR()
         return None
 
-    def refine_logits(self, refiner: torch.nn.Module, logits: torch.Tensor, pixels: np.ndarray,
-                      resized_hw: tuple[int, int]) -> torch.Tensor:
-        """`segment_images` logits [K,h',w'] of an image at the top-left of `pixels` (uint8, the
-        model's input) -> [K,h,w] refined by PAMR at the size the image has there (`resized_hw`),
-        so memory and time do not grow with the photo."""
+    def finish_logits(self, logits: torch.Tensor, pixels: np.ndarray, resized_hw: tuple[int, int],
+                      refiner: torch.nn.Module | None = None) -> tuple[torch.Tensor, tuple[float, float]]:
+        """`segment_images` logits [K,h',w'] of one image (at the top-left of `pixels`, the model's
+        uint8 input) -> (the logits its label map is restored from, the image's exact extent in
+        their cells): refined by `refiner` (PAMR) at the size the image has in `pixels` (stride 1
+        then; memory and time do not grow with the photo), then `threshold_background`. The one
+        place predict, the API, eval, videos and the server finish an image's logits."""
         import torch.nn.functional as F
 
         stride = self.logit_stride
-        h, w = resized_hw
-        cells = logits[:, :-(-h // stride), :-(-w // stride)].float()
-        # the same pixel-centre mapping as the label map's restoration (align_corners=False)
-        up = cells[None] if stride == 1 else F.interpolate(cells[None], scale_factor=stride, mode="bilinear",
-                                                           align_corners=False)[:, :, :h, :w]
-        image = torch.from_numpy(np.ascontiguousarray(pixels[:h, :w])).to(logits.device).permute(2, 0, 1).float().div_(255.0)
-        return refiner(image[None], up)[0]
+        if refiner is not None:
+            h, w = resized_hw
+            cells = logits[:, :-(-h // stride), :-(-w // stride)].float()
+            # the same pixel-centre mapping as the label map's restoration (align_corners=False)
+            up = cells[None] if stride == 1 else F.interpolate(cells[None], scale_factor=stride, mode="bilinear",
+                                                               align_corners=False)[:, :, :h, :w]
+            image = torch.from_numpy(np.ascontiguousarray(pixels[:h, :w])).to(logits.device).permute(2, 0, 1)
+            logits, stride = refiner(image[None].float().div_(255.0), up)[0], 1
+        return self.threshold_background(logits), image_extent(resized_hw, stride)
 
     def prepare_pixels(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
         """(the model's pixels, the image's size in them) under the protocol: see segment_images."""
@@ -330,7 +335,6 @@ class Segmenter:
         results: list[Prediction] = []
         if return_embeddings and self.protocol.sliding:
             raise SegcliError("pixel embeddings come from one canvas: use_protocol(window=0) first")
-        stride = self.logit_stride  # embeddings need one canvas: the model's stride then
         for start in range(0, len(items), batch_size):
             pil = [_as_pil(x) for x in items[start:start + batch_size]]
             prepared = [self.prepare_pixels(im) for im in pil]
@@ -339,16 +343,12 @@ class Segmenter:
             else:
                 logits, emb = self.segment_images([p for p, _ in prepared], text, batch_size), None
             for i, (im, (pixels, resized_hw)) in enumerate(zip(pil, prepared)):
-                logits_i, cell = logits[i], stride
-                if refiner is not None:
-                    logits_i, cell = self.refine_logits(refiner, logits_i, pixels, resized_hw), 1
-                logits_i = self.threshold_background(logits_i)
+                logits_i, valid = self.finish_logits(logits[i], pixels, resized_hw, refiner)
                 results.append(Prediction(
-                    label_map=restore_label_map(logits_i, image_extent(resized_hw, cell), (im.height, im.width),
-                                                groups=groups),
+                    label_map=restore_label_map(logits_i, valid, (im.height, im.width), groups=groups),
                     labels=label_set,
-                    logits=image_region(logits_i, resized_hw, cell).cpu() if return_logits else None,
-                    embeddings=image_region(emb[i], resized_hw, stride) if emb is not None else None,
+                    logits=logits_i[:, :math.ceil(valid[0]), :math.ceil(valid[1])].cpu() if return_logits else None,
+                    embeddings=image_region(emb[i], resized_hw, self.model.output_stride) if emb is not None else None,
                 ))
         return results
 

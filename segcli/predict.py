@@ -37,7 +37,7 @@ from segcli.errors import SegcliError, one_line
 from segcli.fileio import is_disk_error, remove_stale_temp_files
 from segcli.host import ModelInput
 from segcli.labels import LabelSet
-from segcli.masks import batch_candidate_logits, image_extent, image_region
+from segcli.masks import batch_candidate_logits, image_region
 from segcli.outputs import DEFAULT_OUTPUTS
 from segcli.runfolder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
 
@@ -166,14 +166,8 @@ class PredictRun:
             logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)
         else:
             logits, emb = self.seg.segment_images(pixels, text, self.opt.batch_size), None
-        valids = [image_extent(it.model_input.resized_hw, self.seg.logit_stride) for it in batch]
-        if self.refiner is not None:  # refined at the model's pixels: stride 1 from here on
-            per_image = [self.refine(logits[i], it.model_input.pixels, it.model_input.resized_hw) for i, it in enumerate(batch)]
-            valids = [(float(h), float(w)) for h, w in (it.model_input.resized_hw for it in batch)]
-        else:
-            per_image = list(logits)
-        if self.seg.bg_threshold is not None:
-            per_image = [self.seg.threshold_background(logits_i) for logits_i in per_image]
+        per_image, valids = zip(*(self.seg.finish_logits(logits_i, it.model_input.pixels, it.model_input.resized_hw,
+                                                         self.refiner) for logits_i, it in zip(logits, batch)))
         if self.device_post is not None:
             selected = [(None, logits_i) for logits_i in per_image]
         else:
@@ -188,9 +182,6 @@ class PredictRun:
                                        got.stamp, made))
             item.model_input = None
         return jobs
-
-    def refine(self, logits: torch.Tensor, pixels: np.ndarray, resized_hw: tuple[int, int]) -> torch.Tensor:
-        return self.seg.refine_logits(self.refiner, logits, pixels, resized_hw)
 
     def _embeddings_file(self, emb: torch.Tensor, item: Item) -> bytes:
         """[C,S/s,S/s] of one canvas -> the NAME_embed.safetensors bytes of the photo's cells."""
@@ -278,7 +269,7 @@ class PredictRun:
         from segcli.video import VideoRun
 
         run = VideoRun(self.seg, self.plan, text, self.opt.batch_size, self.opt.vid_stride, self.opt.smooth, self.on_frames,
-                       refine=self.refine if self.refiner is not None else None)
+                       refiner=self.refiner)
         for item in videos:
             try:
                 self._done(item.index, run.process(item.source))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import queue
 import signal
 import threading
@@ -37,7 +38,7 @@ from segcli.api import Segmenter
 from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_full_bgr
 from segcli.errors import SegcliError, one_line
 from segcli.labels import LabelSet, parse_labels, prompt_templates
-from segcli.masks import candidate_logits, image_extent, restore_label_map
+from segcli.masks import restore_label_map
 
 OUTPUTS = {"json": "application/json", "mask": "image/png", "color": "image/png", "overlay": "image/jpeg"}
 
@@ -71,8 +72,8 @@ class _Job:
     labels: LabelSet
     prompt: str | None
     done: threading.Event = field(default_factory=threading.Event)
-    logits: object = None  # torch [K,h',w'] fp32 on the CPU, one cell per `stride` pixels of the resized photo
-    stride: int = 1
+    logits: object = None  # torch [K,h',w'] fp32 on the CPU, finished (Segmenter.finish_logits)
+    valid_hw: tuple[float, float] = (0.0, 0.0)  # the photo's extent in their cells
     error: BaseException | None = None
 
 
@@ -127,9 +128,7 @@ class Batcher:
             text = self.seg.label_embeddings(group[0].labels, group[0].prompt)
             logits = self.seg.segment_images([job.pixels for job in group], text, self.batch_size)  # predict's protocol
             for job, logits_i in zip(group, logits):
-                job.stride = self.seg.logit_stride
-                if self.refiner is not None:
-                    logits_i, job.stride = self.seg.refine_logits(self.refiner, logits_i, job.pixels, job.resized_hw), 1
+                logits_i, job.valid_hw = self.seg.finish_logits(logits_i, job.pixels, job.resized_hw, self.refiner)
                 job.logits = logits_i.cpu()
         except BaseException as exc:  # one bad batch must not end the model thread
             for job in group:
@@ -193,10 +192,8 @@ class Service:
             if isinstance(job.error, SegcliError):
                 raise ServeError(400, str(job.error))
             raise ServeError(500, f"the model failed on this request: {type(job.error).__name__}: {one_line(str(job.error))}")
-        valid = image_extent(got.resized_hw, job.stride)
-        candidates, cand = candidate_logits(self.seg.threshold_background(job.logits), valid, self.seg.label_groups(labels))
         counts = np.zeros(len(labels), np.int64)
-        mask = restore_label_map(cand, valid, got.full_hw, num_labels=len(labels), candidates=candidates, histogram=counts)
+        mask = restore_label_map(job.logits, job.valid_hw, got.full_hw, histogram=counts, groups=self.seg.label_groups(labels))
         kind = "mask" if output == "json" else output
         photo = None
         if kind == "overlay":
@@ -208,8 +205,6 @@ class Service:
         self.served += 1
         if output != "json":
             return blobs[kind], OUTPUTS[output]
-        import json
-
         body = {"labels": list(labels.names), "colors": [list(c) for c in labels.colors],
                 "width": int(mask.shape[1]), "height": int(mask.shape[0]),
                 "fractions": {labels.names[k]: round(float(fractions[k]), 6) for k in present},

@@ -46,6 +46,9 @@ def resolve_protocol(default: Protocol | None, short_side: int | None, window: i
     turns windows off (one canvas); a stride defaults to half the window (the peers' ratio). A
     window is a model input (a multiple of `multiple`)."""
     base = default or Protocol()
+    for value, name in ((short_side, "--short-side"), (stride, "--stride")):
+        if value is not None and value < 1:
+            raise SegcliError(f"{name} {value}: give a positive number of pixels")
     if window == 0:
         if short_side or stride:
             raise SegcliError("--window 0 means one canvas: --short-side and --stride need windows")
@@ -55,15 +58,12 @@ def resolve_protocol(default: Protocol | None, short_side: int | None, window: i
         if short_side or stride:
             raise SegcliError("--short-side and --stride slide windows: give --window too (e.g. --window 448)")
         return Protocol()
-    if window != base.window:  # a window of the user's: the default stride is the peers' ratio
-        stride = stride or window // 2
-    stride = stride or base.stride or window // 2
+    if stride is None:  # the model's, or for a window of the user's the peers' ratio: half of it
+        stride = base.stride if window == base.window else window // 2
     short_side = short_side or base.short_side
     check_input_size(window, multiple, "--window")
-    if stride < 1 or stride > window:
-        raise SegcliError(f"--stride {stride}: give 1 to {window} pixels (at most the window)")
-    if short_side is not None and short_side < 1:
-        raise SegcliError(f"--short-side {short_side}: give a size in pixels, e.g. 448")
+    if stride > window:
+        raise SegcliError(f"--stride {stride}: at most the window ({window} pixels)")
     return Protocol(short_side, window, stride)
 
 

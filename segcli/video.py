@@ -35,7 +35,7 @@ from segcli.data.sources import Source
 from segcli.errors import one_line
 from segcli.fileio import TMP_PREFIX, atomic_write_bytes
 from segcli.host import HostPlan, InputFailure, make_output_folder, present_labels
-from segcli.masks import candidate_logits, image_extent, restore_label_map
+from segcli.masks import restore_label_map
 from segcli.outputs import VIDEO_OUTPUTS
 from segcli.render import colorize_bgr, encode_png, overlay_bgr
 
@@ -87,8 +87,8 @@ class VideoRun:
     """Segments one video after another with one model and one run's settings."""
 
     def __init__(self, seg, plan: HostPlan, text, batch_size: int, vid_stride: int = 1, smooth: float = 0.0,
-                 on_frames: Callable[[int], None] | None = None, refine: Callable | None = None):
-        self.seg, self.plan, self.text, self.refine = seg, plan, text, refine
+                 on_frames: Callable[[int], None] | None = None, refiner=None):
+        self.seg, self.plan, self.text, self.refiner = seg, plan, text, refiner  # refiner: PAMR, as predict's
         self.groups = seg.label_groups(plan.labels)  # synonyms scored separately, or None
         self.batch_size, self.vid_stride, self.smooth = batch_size, vid_stride, smooth
         self.on_frames = on_frames or (lambda n: None)
@@ -214,14 +214,9 @@ class VideoRun:
                 if state["previous"] is not None:
                     frame_logits = torch.lerp(frame_logits, state["previous"], self.smooth)
                 state["previous"] = frame_logits
-            valid = image_extent(resized_hw, self.seg.logit_stride)
-            if self.refine is not None:  # PAMR (predict's --refine), at the model input's pixels
-                frame_logits = self.refine(frame_logits, pixels, resized_hw)
-                valid = (float(resized_hw[0]), float(resized_hw[1]))
-            candidates, cand = candidate_logits(self.seg.threshold_background(frame_logits), valid, self.groups)
+            frame_logits, valid = self.seg.finish_logits(frame_logits, pixels, resized_hw, self.refiner)
             counts = np.zeros(k, np.int64)
-            mask = restore_label_map(cand, valid, (image.height, image.width), num_labels=k, candidates=candidates,
-                                     histogram=counts)
+            mask = restore_label_map(frame_logits, valid, (image.height, image.width), histogram=counts, groups=self.groups)
             state["counts"] += counts
             fractions, present = present_labels(counts)
             if "mask" in plan.kinds:

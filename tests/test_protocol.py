@@ -93,7 +93,10 @@ def test_protocol_options_over_the_models_default():
     assert resolve_protocol(None, None, 96, 47, 32) == Protocol(None, 96, 47)  # LSeg: 32-pixel inputs, any stride
     assert resolve_protocol(None, None, None, None, 32) == Protocol()
     for args, message in [((naclip, 448, 0, None, 16), "--window 0"), ((None, 448, None, None, 32), "give --window"),
-                          ((naclip, None, 224, 240, 16), "at most the window"), ((naclip, None, 230, None, 16), "multiple of 16")]:
+                          ((naclip, None, 224, 240, 16), "at most the window"), ((naclip, None, 230, None, 16), "multiple of 16"),
+                          ((naclip, None, None, 0, 16), "--stride 0: give a positive"),
+                          ((naclip, 0, None, None, 16), "--short-side 0: give a positive"),
+                          ((naclip, None, -224, None, 16), "--window -224 is too small")]:
         with pytest.raises(SegcliError, match=message):
             resolve_protocol(*args)
 
