@@ -31,18 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
 LABELS = "road,car,sky,person,tree,building,grass,water"
 OTHER = "cat,dog,table,chair,window,door,floor,wall"
-
-
-def make_photos(folder: Path, n: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    photos = sorted((ROOT / "sample_images").glob("*.jpg"))
-    for i in range(n):
-        img = Image.open(photos[i % len(photos)]).convert("RGB")
-        img.resize((640, 480)).rotate(7 * (i // len(photos))).save(folder / f"p{i:04d}.jpg", quality=90)
-    return folder
 
 
 def segcli(*args: str) -> tuple[float, float]:
@@ -120,7 +111,7 @@ def main() -> None:
         print(f"(a) {args.model}, 640x480 JPEGs, 8 labels, mask only, {os.cpu_count()} CPU cores")
         t, rss = {}, {}
         for n in sizes:
-            photos = make_photos(tmp / f"photos{n}", n)
+            photos = sample_photos(tmp / f"photos{n}", n)
             t["predict", n], rss["predict", n] = segcli("predict", str(photos), "-l", OTHER, "-o", str(tmp / f"pred{n}"), *common)
             stored = tmp / f"stored{n}"
             segcli("predict", str(photos), "-l", LABELS, "-m", model, "-o", str(stored), "--save", "embeddings", "-q")

@@ -16,29 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_photos(folder: Path, n: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = sorted((ROOT / "sample_images").glob("*.jpg"))
-    for i in range(n):
-        Image.open(sources[i % len(sources)]).convert("RGB").resize((640, 480)).save(folder / f"p{i:03d}.jpg", quality=90)
-    return folder
-
-
-def timed(args: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "segcli", "predict", *args, "-q"], cwd=ROOT, check=True)
-    return time.perf_counter() - t0
+from common import sample_photos, timed_predict  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -58,7 +40,7 @@ def main() -> None:
         clip = open_clip.create_model("ViT-B-16", pretrained=None)
         weights = tmp / "open_clip_model.safetensors"
         save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
-        small, big = make_photos(tmp / "small", max(1, args.images // 4)), make_photos(tmp / "big", args.images)
+        small, big = sample_photos(tmp / "small", max(1, args.images // 4)), sample_photos(tmp / "big", args.images)
         names = list(named_label_set("ade20k").names)
         print(f"random-weights CLIP ViT-B/16, 640x480 JPEGs, mask only, {os.cpu_count()} CPU cores")
         print("| method | input | refine | prompt | K | img/s | start-up s |")
@@ -73,7 +55,7 @@ def main() -> None:
             for method, where, refine, prompt in rows:
                 common = ["-m", f"{method}:{weights}", "-l", labels, "--save", "mask", "--refine", refine, "--prompt", prompt]
                 common += ["--window", "0", "--imgsz", "448"] if where == "canvas" else []
-                t = {n: timed([str(folder), *common, "-o", str(tmp / f"out_{method}_{where}_{refine}_{prompt}_{k}_{n}")])
+                t = {n: timed_predict(str(folder), *common, "-o", str(tmp / f"out_{method}_{where}_{refine}_{prompt}_{k}_{n}"))
                      for n, folder in ((args.images // 4 or 1, small), (args.images, big))}
                 (n0, t0), (n1, t1) = sorted(t.items())
                 rate = (n1 - n0) / (t1 - t0)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
 
 
 def make_folder(folder: Path, n: int, scales=(0.75, 1.0, 1.5, 2.0)) -> Path:
@@ -242,20 +242,6 @@ PARTS = {"ceiling": part_ceiling, "naive": part_naive, "clipseg": part_clipseg, 
 HOST_SIZES = {"0.3 MP": ((640, 480), 32, 160), "2 MP": ((1920, 1080), 16, 64), "12 MP": ((4000, 3000), 4, 20)}
 
 
-def make_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
-    """n JPEGs (q90) of `size`, cut from the sample photos (cover crop), different content each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    photos = sorted((ROOT / "sample_images").glob("*.jpg"))
-    w, h = size
-    for i in range(n):
-        img = Image.open(photos[i % len(photos)]).convert("RGB")
-        scale = max(w / img.width, h / img.height) * (1 + 0.1 * (i // len(photos)))
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
-        img.crop((left, top, left + w, top + h)).save(folder / f"p{i:03d}.jpg", quality=90)
-    return folder
-
-
 def machine_cpu_seconds() -> float:
     """CPU time (user + nice + sys + irq) spent by the whole machine so far, from /proc/stat: it counts
     predict's worker processes too, which are the forkserver's children, not the measured process's."""
@@ -334,7 +320,7 @@ def host_ceiling(args, tmp: Path, model_images_per_s: float | None) -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     per_photo = {}
     for label, (size, small, large) in HOST_SIZES.items():
-        photos = {n: make_photos(tmp / f"host_{size[0]}_{n}", n, size) for n in (small, large)}
+        photos = {n: sample_photos(tmp / f"host_{size[0]}_{n}", n, size) for n in (small, large)}
         for save in ("mask,color,overlay", "mask"):
             wall, cpu, main, model = {}, {}, {}, {}
             for workers in (1, 2):

@@ -27,21 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
 LABELS = "road,car,sky,person,tree,building,grass,water"
-
-
-def make_photos(folder: Path, n: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = sorted((ROOT / "sample_images").glob("*.jpg"))
-    out = []
-    for i in range(n):
-        path = folder / f"p{i:04d}.jpg"
-        Image.open(sources[i % len(sources)]).convert("RGB").resize((640, 480)).rotate(5 * i).save(path, quality=90)
-        out.append(path)
-    return out
 
 
 def free_port() -> int:
@@ -110,8 +98,8 @@ def predict_rate(model: str, folder_small: Path, folder_big: Path, tmp: Path) ->
 
 def run(model: str, name: str, requests: int, clients: int, tmp: Path, memory_steps: int = 0) -> None:
     small, big = tmp / f"{name}_small", tmp / f"{name}_big"
-    make_photos(small, max(4, requests // 4))
-    photos = [p.read_bytes() for p in make_photos(big, requests)]
+    sample_photos(small, max(4, requests // 4))
+    photos = [p.read_bytes() for p in sorted(sample_photos(big, requests).glob("*.jpg"))]
     rate_predict = predict_rate(model, small, big, tmp)
     port = free_port()
     proc = start_server(model, port)

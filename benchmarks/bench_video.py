@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, timed_predict  # benchmarks/ is on sys.path when run as a script
 LABELS = "road,car,sky,person,tree,building,grass,water"
 
 
@@ -54,12 +52,6 @@ def decode_rate(path: Path) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def timed(*args: str) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "segcli", "predict", *args, "-q"], cwd=ROOT, check=True)
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=240)
@@ -81,8 +73,8 @@ def main() -> None:
                 for i, frame in enumerate(container.decode(video=0)):
                     frame.to_image().save(frames / f"{i:06d}.jpg", quality=90)
             common = ["-m", args.model, "-l", LABELS, "--imgsz", str(args.imgsz)]
-            rates["video", n] = timed(str(video), *common, "-o", str(tmp / f"ov{n}"))
-            rates["jpeg", n] = timed(str(frames), *common, "-o", str(tmp / f"oj{n}"))
+            rates["video", n] = timed_predict(str(video), *common, "-o", str(tmp / f"ov{n}"))
+            rates["jpeg", n] = timed_predict(str(frames), *common, "-o", str(tmp / f"oj{n}"))
         per = {k: (lengths[1] - lengths[0]) / (rates[k, lengths[1]] - rates[k, lengths[0]]) for k in ("video", "jpeg")}
         decode = decode_rate(tmp / f"v{lengths[1]}" / "clip.mp4")
         print(f"720p, {args.model} at --imgsz {args.imgsz}, mask + color + overlay, {os.cpu_count()} CPU cores")
