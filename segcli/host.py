@@ -27,7 +27,7 @@ from segcli.fileio import atomic_write_bytes
 from segcli.labels import LabelSet
 from segcli.masks import mask_dtype, restore_label_map
 from segcli.outputs import OUTPUT_KINDS, VIDEO_OUTPUTS, RenderInput
-from segcli.render import color_lut, palette_array, scratch
+from segcli.render import blend_table, color_lut, palette_array, scratch
 from segcli.sliding import Protocol, draft_size, model_pixels
 
 
@@ -55,6 +55,10 @@ class HostPlan:
     @cached_property
     def lut(self) -> np.ndarray | None:
         return color_lut(self.palette) if len(self.labels) <= 256 else None
+
+    @cached_property
+    def blend(self) -> np.ndarray | None:
+        return blend_table(self.lut, self.alpha) if self.lut is not None else None
 
     @property
     def need_photo(self) -> bool:
@@ -108,6 +112,9 @@ def start_worker(plan: HostPlan, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)  # one image per core: OpenCV's own threads would only add overhead
+    from segcli.kernels import warm_up
+
+    warm_up()  # done already where the forkserver preloaded it; with spawn, each worker loads it here
     threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True, name="segcli-parent-watch").start()
 
 
@@ -222,7 +229,7 @@ def render(mask: np.ndarray, counts: np.ndarray, photo: np.ndarray | None, plan:
     """Label map (and its pixels per label) -> the encoded bytes of each of `kinds`."""
     fractions, present = present_labels(counts)
     given = RenderInput(mask=mask, labels=plan.labels, palette=plan.palette, present=present, alpha=plan.alpha,
-                        photo=photo, lut=plan.lut)
+                        photo=photo, lut=plan.lut, blend=plan.blend if photo is not None else None)
     return {kind: OUTPUT_KINDS[kind].produce(given) for kind in kinds}, fractions, present
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from segcli.labels import LabelSet
-from segcli.render import colorize, colorize_bgr, encode_jpeg_bgr, encode_png, overlay_bgr, palette_png, scratch
+from segcli.render import (colorize, colorize_bgr, encode_jpeg_bgr, encode_png, overlay_bgr, overlay_from_mask,
+                           palette_png, scratch)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RenderInput:
     alpha: float
     photo: np.ndarray | None = None  # the overlay is blended into it
     lut: np.ndarray | None = None  # [1,256,3] BGR lookup table for 8-bit masks (see render.color_lut)
+    blend: np.ndarray | None = None  # [256,256,3] the overlay's blend of each label and photo value (render.blend_table)
 
     @cached_property
     def mask_png(self) -> bytes:
@@ -45,6 +47,12 @@ class RenderInput:
     @cached_property
     def color_bgr(self) -> np.ndarray:
         return colorize_bgr(self.mask, self.palette, self.lut, out=scratch("color", self.mask.shape + (3,), np.uint8))
+
+    def overlay(self) -> np.ndarray:
+        """The photo (blended in place) with the label colors at `alpha` and the legend."""
+        if self.blend is not None and self.mask.dtype == np.uint8:
+            return overlay_from_mask(self.photo, self.mask, self.blend, self.legend)
+        return overlay_bgr(self.photo, self.color_bgr, self.alpha, self.legend, in_place=True)
 
     @property
     def legend(self) -> list[tuple[str, tuple[int, int, int]]]:
@@ -65,7 +73,7 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
         OutputKind("mask", "_mask.png", False, lambda r: r.mask_png),  # label index per pixel
         OutputKind("color", "_color.png", False, lambda r: r.color_png),  # palette PNG in the label colors
         OutputKind("overlay", "_overlay.jpg", True,  # the photo blended with the colors, with a legend
-                   lambda r: encode_jpeg_bgr(overlay_bgr(r.photo, r.color_bgr, r.alpha, r.legend, in_place=True))),
+                   lambda r: encode_jpeg_bgr(r.overlay())),
         OutputKind("embeddings", "_embed.safetensors", False, None),  # pixel embeddings, for relabel and search
     ]
 }

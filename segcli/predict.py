@@ -408,11 +408,12 @@ def _worker_context():
     """forkserver where there is one, else spawn: workers start from a clean single-threaded process.
     Not fork: a child forked from a process whose OpenCV (or OpenMP) thread pool is running inherits
     the pool's locks without its threads, and its first parallel call can hang for ever (seen here).
-    The server preloads only the torch-free host module, so workers start in milliseconds."""
+    The server preloads only the torch-free host module and the compiled restore loop
+    (`segcli.host_warmup`), so workers start in milliseconds, ready to work."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["segcli.host"])
+        ctx.set_forkserver_preload(["segcli.host_warmup"])
     return ctx
 
 

@@ -88,6 +88,19 @@ def test_host_restoration_equals_the_device_path_on_random_small_cases():
         assert np.array_equal(counts, np.bincount(host.ravel(), minlength=k))  # counted without a pass over the map
 
 
+def test_exact_ties_go_to_the_lower_label_as_argmax_does():
+    """Labels tied for best (or second) are all candidates, so the lower one wins as in a full argmax."""
+    logits = torch.zeros(4, 6, 6)
+    logits[2, :, :3] = 1.0
+    logits[3, :, :3] = 1.0  # tied with label 2 on the left half
+    logits[1, :, 3:] = 2.0  # best on the right half; labels 0, 2 and 3 tie for second there
+    full = F.interpolate(logits[None], size=(30, 41), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+    counts = np.zeros(4, np.int64)
+    assert np.array_equal(restore_label_map(logits, (6, 6), (30, 41), histogram=counts), full)
+    assert candidate_logits(logits, (6, 6))[0].tolist() == [0, 1, 2, 3]
+    assert counts[3] == 0 and counts[2] > 0
+
+
 def test_batch_candidate_selection_equals_the_per_image_one():
     """One ranking and one copy per batch pick what candidate_logits picks image by image, over each
     image's own cells only (the padding beyond them never counts)."""

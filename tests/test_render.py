@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from segcli.data.images import decode_full_bgr, decode_photo
-from segcli.render import colorize, colorize_bgr, draw_legend, encode_png, overlay_bgr, palette_png
+from segcli.render import (blend_table, color_lut, colorize, colorize_bgr, draw_legend, encode_png, overlay_bgr,
+                           overlay_from_mask, palette_png)
 
 from conftest import SAMPLES
 
@@ -45,6 +46,24 @@ def test_bgr_overlay_is_the_rgb_overlay_with_channels_swapped():
     bgr = overlay_bgr(np.ascontiguousarray(photo[..., ::-1]), colorize_bgr(mask, palette), 0.4, legend)
     assert np.array_equal(rgb, bgr[..., ::-1])
     assert np.array_equal(colorize_bgr(mask.astype(np.uint16), palette), colorize(mask, palette)[..., ::-1])
+
+
+def test_overlay_through_the_blend_table_is_the_colored_blend():
+    """The compiled one-pass overlay (a table of addWeighted's own results) gives addWeighted's pixels:
+    a real photo and random ones, widths that leave SIMD tails, opacities whose products round."""
+    rng = np.random.default_rng(2)
+    photo = np.ascontiguousarray(np.asarray(Image.open(SAMPLES / "cat.jpg").convert("RGB"))[..., ::-1])
+    cases = [(photo, _mask(*photo.shape[:2]), 5)]
+    cases += [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, 256, (h, w), dtype=np.uint8), 256)
+              for h, w in [(1, 1), (7, 33), (64, 97)]]
+    legend = [("cat", (255, 0, 0)), ("sky", (0, 128, 255))]
+    for bgr, mask, k in cases:
+        palette = rng.integers(0, 256, (k, 3), dtype=np.uint8)
+        for alpha in (0.5, 0.4, 0.77, 0.0, 1.0, 1 / 3):
+            want = overlay_bgr(bgr.copy(), colorize_bgr(mask, palette), alpha, legend)
+            got = bgr.copy()
+            assert overlay_from_mask(got, mask, blend_table(color_lut(palette), alpha), legend) is got
+            assert np.array_equal(got, want), (bgr.shape, alpha)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
