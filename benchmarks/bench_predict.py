@@ -204,6 +204,9 @@ def part_host(args) -> dict:
     from segcli.labels import LabelSet
     from segcli.predict import PredictOptions, PredictRun
 
+    import torch
+
+    torch.set_num_threads(1)  # the stand-in is tiny: a second thread only adds hand-offs (a GPU host runs it there)
     seg = Segmenter(ColorProbe(), device="cpu", precision="fp32", imgsz=384, name="color-probe")
     labels = LabelSet.from_synonyms([[n] for n in label_names(args.k)])
     save = tuple(args.save.split(","))

@@ -27,7 +27,7 @@ from segcli.fileio import atomic_write_bytes
 from segcli.labels import LabelSet
 from segcli.masks import mask_dtype, restore_label_map
 from segcli.outputs import OUTPUT_KINDS, VIDEO_OUTPUTS, RenderInput
-from segcli.render import blend_table, color_lut, palette_array, scratch
+from segcli.render import blend_table, color_lut, palette_array, png_rows, scratch
 from segcli.sliding import Protocol, draft_size, model_pixels
 
 
@@ -181,19 +181,23 @@ def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
                 raise InputFailure(str(exc)) from None
             warning = f"no {', '.join(k for k in plan.kinds if OUTPUT_KINDS[k].needs_photo)}: {exc}"
     counts = np.zeros(len(plan.labels), np.int64)
-    mask = restore(job, plan, counts)
-    return complete(job.source, mask, counts, plan, job.seconds + time.perf_counter() - t0, photo, job.made, warning)
+    rows = png_rows(job.full_hw) if mask_dtype(len(plan.labels)) == np.uint8 else None
+    mask = restore(job, plan, counts, out=rows[:, 1:] if rows is not None else None)
+    return complete(job.source, mask, counts, plan, job.seconds + time.perf_counter() - t0, photo, job.made, warning,
+                    mask_rows=rows)
 
 
 def complete(source: Source, mask: np.ndarray, counts: np.ndarray, plan: HostPlan, seconds: float,
-             photo: np.ndarray | None = None, made: dict[str, bytes] | None = None, warning: str | None = None) -> dict:
+             photo: np.ndarray | None = None, made: dict[str, bytes] | None = None, warning: str | None = None,
+             mask_rows: np.ndarray | None = None) -> dict:
     """render -> write for a restored label map and its pixels per label (`counts`, counted while
     restoring); `made` holds outputs produced elsewhere (the device's overlay, the model's embeddings).
-    Without `photo`, the kinds that need it are left out (`warning` says why). Returns the record."""
+    Without `photo`, the kinds that need it are left out (`warning` says why). `mask_rows`: the PNG
+    rows the map lies in (render.png_rows). Returns the record."""
     t0 = time.perf_counter()
     made = made or {}
     kinds = [k for k in plan.kinds if k not in made and (photo is not None or not OUTPUT_KINDS[k].needs_photo)]
-    blobs, fractions, present = render(mask, counts, photo, plan, kinds)
+    blobs, fractions, present = render(mask, counts, photo, plan, kinds, mask_rows)
     paths = write(source, {**blobs, **made}, plan)
     record = {
         "input": source.display,
@@ -211,9 +215,9 @@ def complete(source: Source, mask: np.ndarray, counts: np.ndarray, plan: HostPla
     return record
 
 
-def restore(job: FinishJob, plan: HostPlan, counts: np.ndarray | None = None) -> np.ndarray:
-    """Candidate logits -> label map [H,W] at the photo's full size (in this worker's reused buffer)."""
-    buffer = scratch("mask", job.full_hw, mask_dtype(len(plan.labels)))
+def restore(job: FinishJob, plan: HostPlan, counts: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Candidate logits -> label map [H,W] at the photo's full size, in `out` or this worker's reused buffer."""
+    buffer = out if out is not None else scratch("mask", job.full_hw, mask_dtype(len(plan.labels)))
     return restore_label_map(job.logits, job.valid_hw, job.full_hw, out=buffer, num_labels=len(plan.labels),
                              candidates=job.candidates, histogram=counts)
 
@@ -225,11 +229,12 @@ def present_labels(counts: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 
 def render(mask: np.ndarray, counts: np.ndarray, photo: np.ndarray | None, plan: HostPlan,
-           kinds: list[str]) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
-    """Label map (and its pixels per label) -> the encoded bytes of each of `kinds`."""
+           kinds: list[str], mask_rows: np.ndarray | None = None) -> tuple[dict[str, bytes], np.ndarray, list[int]]:
+    """Label map (and its pixels per label; the PNG rows it lies in) -> the encoded bytes of each of `kinds`."""
     fractions, present = present_labels(counts)
     given = RenderInput(mask=mask, labels=plan.labels, palette=plan.palette, present=present, alpha=plan.alpha,
-                        photo=photo, lut=plan.lut, blend=plan.blend if photo is not None else None)
+                        photo=photo, lut=plan.lut, blend=plan.blend if photo is not None else None,
+                        mask_rows=mask_rows)
     return {kind: OUTPUT_KINDS[kind].produce(given) for kind in kinds}, fractions, present
 
 

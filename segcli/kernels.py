@@ -140,11 +140,13 @@ def blend_into(photo, mask, table):  # pragma: no cover  (compiled)
 
 
 def warm_up() -> None:
-    """Compile (or load from the cache) the 8-bit specialisations now: called where worker processes
-    are forked from, so that each worker does not pay it again."""
+    """Compile (or load from the cache) the 8-bit specialisations now, for contiguous maps and for
+    maps inside PNG rows (render.png_rows): called where worker processes are forked from, so that
+    each worker does not pay it again."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         coords = np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros(2, np.float32)
-        restore_into(np.zeros((2, 2, 2), np.float32), np.arange(2, dtype=np.int64), *coords, *coords,
-                     np.zeros((2, 2), np.uint8), np.zeros(2, np.int64))
-        blend_into(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8), np.zeros((256, 256, 3), np.uint8))
+        for mask in (np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8)[:, 1:]):
+            restore_into(np.zeros((2, 2, 2), np.float32), np.arange(2, dtype=np.int64), *coords, *coords,
+                         mask, np.zeros(2, np.int64))
+            blend_into(np.zeros((2, 2, 3), np.uint8), mask, np.zeros((256, 256, 3), np.uint8))

@@ -15,7 +15,7 @@ import numpy as np
 
 from segcli.labels import LabelSet
 from segcli.render import (colorize, colorize_bgr, encode_jpeg_bgr, encode_png, overlay_bgr, overlay_from_mask,
-                           palette_png, scratch)
+                           palette_png, png_from_rows, scratch)
 
 
 @dataclass
@@ -32,10 +32,11 @@ class RenderInput:
     photo: np.ndarray | None = None  # the overlay is blended into it
     lut: np.ndarray | None = None  # [1,256,3] BGR lookup table for 8-bit masks (see render.color_lut)
     blend: np.ndarray | None = None  # [256,256,3] the overlay's blend of each label and photo value (render.blend_table)
+    mask_rows: np.ndarray | None = None  # [H,W+1] PNG rows whose [:, 1:] is `mask` (render.png_rows): encoded as they are
 
     @cached_property
     def mask_png(self) -> bytes:
-        return encode_png(self.mask)
+        return png_from_rows(self.mask_rows) if self.mask_rows is not None else encode_png(self.mask)
 
     @cached_property
     def color_png(self) -> bytes:

@@ -35,6 +35,26 @@ def test_color_png_is_the_mask_with_a_palette():
         palette_png(encode_png(mask.astype(np.uint16)), palette)
 
 
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_mask_png_from_its_rows_reads_back_as_the_map(deflate, monkeypatch):
+    """The PNG written from rows holding the filter byte (the host restores maps into them) is a
+    standard 8-bit grayscale PNG of the map, with ISA-L's deflate or zlib's where ISA-L is missing."""
+    from segcli import render
+
+    if deflate == "zlib":
+        monkeypatch.setattr(render, "_isal_compress", None)
+    rng = np.random.default_rng(4)
+    for mask in [_mask(), np.zeros((1, 1), np.uint8), rng.integers(0, 256, (37, 61), dtype=np.uint8)]:
+        rows = render.png_rows(mask.shape)
+        rows[:, 1:] = mask
+        data = render.png_from_rows(rows)
+        assert data == encode_png(mask)
+        image = Image.open(io.BytesIO(data))
+        assert image.mode == "L" and np.array_equal(np.array(image), mask)
+        assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), mask)
+        assert np.array_equal(np.array(Image.open(io.BytesIO(palette_png(data, np.zeros((3, 3), np.uint8))))), mask)
+
+
 def test_bgr_overlay_is_the_rgb_overlay_with_channels_swapped():
     photo = np.asarray(Image.open(SAMPLES / "cat.jpg").convert("RGB"))
     h, w = photo.shape[:2]
