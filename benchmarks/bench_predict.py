@@ -164,7 +164,7 @@ def part_clipseg(args) -> dict:
 class ColorProbe:
     """(e)'s stand-in model (a segcli.backend.DenseBackend): logits = cosine of the mean colour of
     8x8 cells with K fixed colours, brought to LSeg's output stride 2 bilinearly (LSeg's stride-2 map
-    is likewise upsampled from coarser ViT tokens). Costs ~1 ms per image; its label maps have real
+    is likewise upsampled from coarser ViT tokens). Costs ~2 ms per image on one core; its label maps have real
     boundaries, so restoring them to full size costs what it costs with a real model."""
 
     architecture, open_vocabulary, baked_labels, fixed_imgsz = "color-probe", True, None, None
