@@ -2,20 +2,20 @@
 NumPy's whole-array passes and temporaries cost several times the work itself.
 
 `restore_into`: the full-size label map from the candidate labels' logits at model resolution, in
-one pass over the output. Where the four cells around an output pixel share their best label, bilinear interpolation cannot
-change it (a convex combination keeps a label that beats every other at all four corners ahead), so
-those pixels are copied; between cells that disagree, only the labels that can win there (best
-corner >= the best worst corner of any label) are interpolated. Rows of one band (the output rows
-between the same two cell rows) share everything but the vertical weight: each band's first row is
-built once and copied, and only its disagreeing pixels are redone, from values interpolated along
-x once per band.
+one pass over the output. Where the four cells around an output pixel share their best label,
+bilinear interpolation cannot change it (a convex combination keeps a label that beats every other
+at all four corners ahead), so those pixels are copied; between cells that disagree, only the
+labels that can win there (best corner >= the best worst corner of any label) are interpolated.
+Rows of one band (the output rows between the same two cell rows) share everything but the
+vertical weight: each band's first row is built once and copied, and only its disagreeing pixels
+are redone, from values interpolated along x once per band.
 
 `blend_into`: the overlay, the photo blended with its label colors, in place, through a table of
 every (label, photo value) pair's blend made by cv2.addWeighted itself: the same pixels as coloring
 the map and blending, without the colored image.
 
-Imported on first use: numba costs a fraction of a second to import, which
-commands that never restore a map should not pay.
+Imported on first use: numba costs a fraction of a second to import, which commands that never
+restore a map should not pay.
 """
 
 from __future__ import annotations

@@ -314,7 +314,10 @@ def serve(seg: Segmenter, options: ServeOptions, host_name: str = "127.0.0.1", p
     """Run the server until SIGINT/SIGTERM; requests in flight finish, new ones get 503."""
     import uvicorn
 
+    from segcli.kernels import warm_up
+
     check_listen(host_name, port)
+    warm_up()  # the label-map loop compiled (or loaded) now, not during the first request
     service = Service(seg, options)
     app = create_app(service)
     config = uvicorn.Config(app, host=host_name, port=port, log_level=log_level, timeout_graceful_shutdown=30,
