@@ -190,9 +190,8 @@ class ColorProbe:
         import torch.nn.functional as F
 
         cells = F.normalize(F.avg_pool2d(images, 8) - 0.5, dim=1)
-        # upsampling is linear: the 3 colour channels before the K logits costs less, the same logits
-        cells = F.interpolate(cells, scale_factor=4, mode="bilinear", align_corners=False)
-        return torch.einsum("bchw,kc->bkhw", cells, label_embeddings * 20.0), None
+        logits = torch.einsum("bchw,kc->bkhw", cells, label_embeddings) * 20.0
+        return F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False), None
 
 
 def part_host(args) -> dict:
