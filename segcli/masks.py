@@ -3,8 +3,9 @@
 Both functions compute the same thing: the argmax over the candidate labels (best or second best
 at some model-resolution cell) of the logits bilinearly upsampled (align_corners=False) to the
 photo. `restore_label_map` is the host path (a compiled single-threaded loop, `segcli.kernels`:
-work proportional to the pixels near label boundaries, plus a copy of the rest); `restore_label_map_torch` is the device path (plain torch ops that
-run wherever the logits are: CUDA, MPS or the CPU).
+work proportional to the pixels near label boundaries, plus a copy of the rest);
+`restore_label_map_torch` is the device path (plain torch ops that run wherever the logits are:
+CUDA, MPS or the CPU).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Cheap on purpose, since on a GPU host this is what limits throughput: 8-bit labe
 PNG-encoded without filtering, from rows that already hold PNG's filter byte (the host restores the
 map into them: no copy), and deflated by ISA-L (a tenth of zlib's time on label maps), the color PNG
 is the mask's own compressed data with a palette chunk (the standard for label maps, as Pascal VOC
-and mmsegmentation write them), and overlays are blended and encoded in OpenCV's BGR order with a
-lookup table, so no full-size copy is converted or indexed pixel by pixel in Python.
+and mmsegmentation write them), and overlays are blended in OpenCV's BGR order in one compiled pass
+through a table of addWeighted's results (`blend_table`), so no full-size copy is converted, colored
+or indexed pixel by pixel in Python.
 """
 
 from __future__ import annotations
