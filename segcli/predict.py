@@ -311,6 +311,7 @@ class PredictRun:
                     fut.cancel()
 
     def _run(self, done: dict[str, dict]) -> PredictResult:
+        context = _worker_context()  # its fork server loads the host modules while the text tower runs
         text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
         todo: list[Item] = []
         reused = 0
@@ -327,7 +328,7 @@ class PredictRun:
         # render and write): --workers N uses N cores besides the model's, with no GIL between them
         workers = max(1, self.opt.workers or default_workers(self.seg.device))
         window = self.opt.batch_size * 2 + workers
-        pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=host.start_worker,
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=host.start_worker,
                                    initargs=(self.plan, os.getpid()))
         writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
         writing: deque[tuple[Item, Future]] = deque()
@@ -409,11 +410,15 @@ def _worker_context():
     Not fork: a child forked from a process whose OpenCV (or OpenMP) thread pool is running inherits
     the pool's locks without its threads, and its first parallel call can hang for ever (seen here).
     The server preloads only the torch-free host module and the compiled restore loop
-    (`segcli.host_warmup`), so workers start in milliseconds, ready to work."""
+    (`segcli.host_warmup`), so workers start in milliseconds, ready to work; it is started here,
+    so that it loads them while the caller goes on (the text tower, for predict)."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["segcli.host_warmup"])
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()  # starts it now without waiting for it (a no-op once it runs)
     return ctx
 
 
