@@ -16,7 +16,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
@@ -25,8 +25,31 @@ from segcli import __version__
 from segcli.errors import SegcliError
 from segcli.registry import DEFAULT_MODEL
 
+if TYPE_CHECKING:  # the CLI imports torch only inside the commands that need it
+    from segcli.api import Segmenter
+
 EXIT_CODES = """Exit status: 0 all inputs done; 1 some inputs failed (see stderr and summary.json);
 2 usage or environment error; 130 interrupted."""
+
+# options that predict, relabel and eval share: one wording each
+SYNONYMS_HELP = ('How a label\'s synonyms ("road;street") are scored: max (each on its own, the label keeps its best: '
+                 "the training-free methods' rule, clip-dense's default) or mean (one averaged embedding: LSeg's default).")
+BG_THRESHOLD_HELP = ("Pixels whose best label has a probability below this (softmax over the labels, as the training-free "
+                     "methods' prob_thd, e.g. 0.1) take the first label: put the background class first.")
+SHORT_SIDE_HELP = ("With windows: resize photos so the short side is N (long side at most 2048), as the training-free "
+                   "methods' authors do. Default: the model's (clip-dense: 448 clearclip, 336 naclip).")
+WINDOW_HELP = ("Slide windows of N pixels over the resized photo and average their logits (0: one padded canvas of "
+               "--imgsz). Default: the model's (clip-dense: 448 clearclip, 224 naclip; LSeg: 0).")
+STRIDE_HELP = "Window step in pixels. Default: the model's, else half the window."
+
+
+def _read_images_as(seg: Segmenter, short_side: int | None, window: int | None, stride: int | None,
+                    synonyms: str | None, bg_threshold: float | None) -> None:
+    """predict's and eval's protocol, synonym and background options onto the Segmenter (one-line errors)."""
+    seg.use_protocol(short_side, window, stride)
+    seg.use_synonyms(synonyms)
+    seg.use_bg_threshold(bg_threshold)
+
 
 app = typer.Typer(
     name="segcli",
@@ -94,13 +117,13 @@ def predict(
     embed_stride: Optional[int] = typer.Option(None, "--embed-stride", min=1, help="Store embeddings average-pooled to this stride in input pixels (a multiple of the model's output stride; default: that stride)."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt template, e.g. "a photo of a {}.", or a named set averaged over its templates: imagenet80 (CLIP\'s 80, as ClearCLIP/SCLIP/NACLIP). Default: the raw label for LSeg models, "a photo of a {}." for clip-dense.'),
-    synonyms: Optional[str] = typer.Option(None, "--synonyms", help='How a label\'s synonyms ("road;street") are scored: max (each on its own, the label keeps its best: the training-free methods\' rule, clip-dense\'s default) or mean (one averaged embedding: LSeg\'s default).'),
-    bg_threshold: Optional[float] = typer.Option(None, "--bg-threshold", help="Pixels whose best label has a probability below this (softmax over the labels, as the training-free methods' prob_thd, e.g. 0.1) take the first label: put the background class first."),
+    synonyms: Optional[str] = typer.Option(None, "--synonyms", help=SYNONYMS_HELP),
+    bg_threshold: Optional[float] = typer.Option(None, "--bg-threshold", help=BG_THRESHOLD_HELP),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="One canvas's long side (a multiple of 32 for LSeg, of the patch size for clip-dense; clip-dense uses it with --window 0). Default: the model's (LSeg 384, clip-dense 448)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images (or windows) per forward pass."),
-    short_side: Optional[int] = typer.Option(None, "--short-side", help="With windows: resize photos so the short side is N (long side at most 2048), as the training-free methods' authors do. Default: the model's (clip-dense: 448 clearclip, 336 naclip)."),
-    window: Optional[int] = typer.Option(None, "--window", help="Slide windows of N pixels over the resized photo and average their logits (0: one padded canvas of --imgsz). Default: the model's (clip-dense: 448 clearclip, 224 naclip; LSeg: 0)."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Window step in pixels. Default: the model's, else half the window."),
+    short_side: Optional[int] = typer.Option(None, "--short-side", help=SHORT_SIDE_HELP),
+    window: Optional[int] = typer.Option(None, "--window", help=WINDOW_HELP),
+    stride: Optional[int] = typer.Option(None, "--stride", help=STRIDE_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for decoding, label maps, rendering and writing (each uses one core). Default: 2 with the model on the CPU, all cores but one (at most 16) on a GPU."),
     postprocess: str = typer.Option("host", "--postprocess", help="Where the full-size work (label map, colors, overlay) runs: host (the worker processes; auto means the same), device (torch on the model's device)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -144,9 +167,7 @@ def predict(
         found = take_shard(found, *shard_spec)
     model = model or DEFAULT_MODEL
     seg = Segmenter.from_pretrained(model, device=str(rank_device(device)), precision=precision, imgsz=imgsz, warn=False)
-    seg.use_protocol(short_side, window, stride)
-    seg.use_synonyms(synonyms)
-    seg.use_bg_threshold(bg_threshold)
+    _read_images_as(seg, short_side, window, stride, synonyms, bg_threshold)
     if seg.untrained:
         _warn(UNTRAINED_WARNING.format(name=model))
     label_set = seg.resolve_labels(label_set)
@@ -180,7 +201,7 @@ def relabel(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that made the embeddings, when it moved (default: the one DIR records)."),
     save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay (overlays need the original photos)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template for the labels (as predict's)."),
-    synonyms: Optional[str] = typer.Option(None, "--synonyms", help='How a label\'s synonyms ("road;street") are scored: max (each on its own, the label keeps its best: the training-free methods\' rule, clip-dense\'s default) or mean (one averaged embedding: LSeg\'s default).'),
+    synonyms: Optional[str] = typer.Option(None, "--synonyms", help=SYNONYMS_HELP),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for label maps, rendering and writing."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -529,13 +550,13 @@ def eval_command(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where ade20k lives. Default: $SEGCLI_DATA, else ./data."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size. Default: the model's."),
     ms_flip: bool = typer.Option(False, "--ms-flip", help="Sum logits over scales 0.5-1.75 and horizontal flips (as LSeg evaluates)."),
-    short_side: Optional[int] = typer.Option(None, "--short-side", help="With windows: resize photos so the short side is N (long side at most 2048), as the training-free methods' authors do. Default: the model's (clip-dense: 448 clearclip, 336 naclip)."),
-    window: Optional[int] = typer.Option(None, "--window", help="Slide windows of N pixels over the resized photo and average their logits (0: one padded canvas of --imgsz). Default: the model's (clip-dense: 448 clearclip, 224 naclip; LSeg: 0)."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Window step in pixels. Default: the model's, else half the window."),
+    short_side: Optional[int] = typer.Option(None, "--short-side", help=SHORT_SIDE_HELP),
+    window: Optional[int] = typer.Option(None, "--window", help=WINDOW_HELP),
+    stride: Optional[int] = typer.Option(None, "--stride", help=STRIDE_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="As in predict: a template with {} or a named set (imagenet80)."),
     refine: str = typer.Option("auto", "--refine", help="As in predict: pamr, none, or auto (pamr for naclip models)."),
-    synonyms: Optional[str] = typer.Option(None, "--synonyms", help='How a label\'s synonyms ("road;street") are scored: max (each on its own, the label keeps its best: the training-free methods\' rule, clip-dense\'s default) or mean (one averaged embedding: LSeg\'s default).'),
-    bg_threshold: Optional[float] = typer.Option(None, "--bg-threshold", help="Pixels whose best label has a probability below this (softmax over the labels, as the training-free methods' prob_thd, e.g. 0.1) take the first label: put the background class first."),
+    synonyms: Optional[str] = typer.Option(None, "--synonyms", help=SYNONYMS_HELP),
+    bg_threshold: Optional[float] = typer.Option(None, "--bg-threshold", help=BG_THRESHOLD_HELP),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision", help="As in predict."),
@@ -553,9 +574,7 @@ def eval_command(
     dataset = open_dataset(data, data_root, seed=seed)
     label_set = parse_labels(labels) if labels else None
     seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
-    seg.use_protocol(short_side, window, stride)
-    seg.use_synonyms(synonyms)
-    seg.use_bg_threshold(bg_threshold)
+    _read_images_as(seg, short_side, window, stride, synonyms, bg_threshold)
     result = evaluate(seg, dataset, split, label_set, batch_size=batch_size, ms_flip=ms_flip, prompt=prompt, refine=refine)
     result["model"] = model
     if output:

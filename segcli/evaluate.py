@@ -68,7 +68,8 @@ def evaluate(seg: Segmenter, data: SegmentationData, split: str = "val", labels:
     """Metrics over the whole split from one confusion matrix (mmsegmentation's definition), under
     the Segmenter's protocol (`seg.use_protocol`: one canvas or sliding windows). `refine` as
     predict's (not with `ms_flip`, whose logits are summed at model resolution)."""
-    if ms_flip and seg.refiner_for(refine) is not None and refine != "auto":
+    refines = seg.refiner_for(refine) is not None and not ms_flip  # --ms-flip sums logits at model resolution
+    if ms_flip and refine == "pamr":
         raise SegcliError("--refine pamr does not combine with --ms-flip")
     labels = labels or data.classes
     if len(labels) != len(data.classes):
@@ -93,6 +94,6 @@ def evaluate(seg: Segmenter, data: SegmentationData, split: str = "val", labels:
     result = cm.summary(labels.names)
     result.update({"split": split, "images": len(samples), "dataset": data.name,
                    "ms_flip": ms_flip, "prompt": prompt, "synonyms": seg.synonyms, "bg_threshold": seg.bg_threshold,
-                   "refine": "pamr" if not ms_flip and seg.refiner_for(refine) is not None else "none", "protocol": seg.protocol.describe(),
+                   "refine": "pamr" if refines else "none", "protocol": seg.protocol.describe(),
                    "window": seg.protocol.window, "stride": seg.protocol.stride, "short_side": seg.protocol.short_side})
     return result

@@ -17,6 +17,7 @@ server drains for SIGTERM, new requests get 503 and the ones in flight finish.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import queue
@@ -147,6 +148,12 @@ class Service:
         self.batcher = Batcher(seg, options.batch_size, options.batch_window_ms / 1000, options.queue_size)
         self.draining = False
         self.served = 0
+        # one HostPlan per label set in use: its colors and the overlay's blend table are made once
+        self._plan = functools.lru_cache(maxsize=32)(self._make_plan)
+
+    def _make_plan(self, labels: LabelSet) -> host.HostPlan:
+        return host.HostPlan(labels, ("mask", "color", "overlay"), self.opt.alpha, self.seg.imgsz, self.opt.max_pixels,
+                             Path("."), Path("."), self.seg.protocol)
 
     def info(self) -> dict:
         labels = self.default_labels
@@ -177,8 +184,7 @@ class Service:
         except SegcliError as exc:
             raise ServeError(400, str(exc)) from None
         labels = self.labels(labels_text)
-        plan = host.HostPlan(labels, ("mask", "color", "overlay"), self.opt.alpha, self.seg.imgsz, self.opt.max_pixels,
-                             Path("."), Path("."), self.seg.protocol)
+        plan = self._plan(labels)
         try:
             got = host.decode(data, plan)
         except ImageDecodeError as exc:

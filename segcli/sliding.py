@@ -123,7 +123,7 @@ def average_windows(window_logits, corners: list[tuple[int, int]], hw: tuple[int
 def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np.ndarray, tuple[int, int]]:
     """An RGB image -> (the model's pixels, the image's size in them): one canvas [imgsz,imgsz,3]
     with the image at its top-left, or for windows the resized image itself [h,w,3]."""
-    from segcli.data.images import fit_to_canvas
+    from segcli.data.images import fit_to_canvas, resize_long_side
 
     if not protocol.sliding:
         canvas = fit_to_canvas(image, imgsz)
@@ -131,9 +131,7 @@ def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np
     if protocol.short_side:
         pixels = resize_short_side(image, protocol.short_side)
     else:  # windows over the long side at imgsz
-        scale = imgsz / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        pixels = np.array((image.resize(size, Image.BILINEAR) if size != image.size else image).convert("RGB"))
+        pixels = np.array(resize_long_side(image, imgsz).convert("RGB"))
     return pixels, pixels.shape[:2]
 
 

@@ -161,12 +161,18 @@ class Canvas:
     resized_hw: tuple[int, int]  # size of the image inside the canvas
 
 
-def fit_to_canvas(img: Image.Image, size: int) -> Canvas:
-    """Resize so the long side is `size` (aspect kept, antialiased), pad bottom/right with black."""
+def resize_long_side(img: Image.Image, size: int) -> Image.Image:
+    """`img` with its long side at `size` (aspect kept; Pillow's bilinear, antialiased when shrinking)."""
     w, h = img.size
     scale = size / max(w, h)
     rw, rh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-    resized = img.resize((rw, rh), Image.BILINEAR) if (rw, rh) != (w, h) else img
+    return img.resize((rw, rh), Image.BILINEAR) if (rw, rh) != (w, h) else img
+
+
+def fit_to_canvas(img: Image.Image, size: int) -> Canvas:
+    """Resize so the long side is `size` (resize_long_side), pad bottom/right with black."""
+    resized = resize_long_side(img, size)
+    rw, rh = resized.size
     pixels = np.zeros((size, size, 3), dtype=np.uint8)  # black = LSeg's padding value
     pixels[:rh, :rw] = np.asarray(resized)
     return Canvas(pixels=pixels, resized_hw=(rh, rw))
