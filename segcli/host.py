@@ -3,8 +3,8 @@
 Nothing here imports torch, so a worker starts in a fraction of a second and holds no model. The
 worker processes are single-threaded: work on one image never fights another for the GIL, so
 --workers N really uses N cores. What crosses between the model process and a worker is small: a
-path in, a model-size canvas out; then the candidate labels' logits in, a record out (replies go
-through segcli.replies, so that a worker killed mid-reply cannot hang the run). The
+path in, a model-size canvas out; then the candidate labels' logits in, a record out (through segcli.parcels,
+so that a worker killed halfway through cannot hang the run). The
 full-size photo (for overlays) is decoded by the worker that blends it, when it blends it.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segcli import replies
+from segcli import parcels
 from segcli.data.images import ImageDecodeError, decode_full_bgr, decode_photo
 from segcli.data.sources import Source
 from segcli.errors import one_line
@@ -114,7 +114,7 @@ def start_worker(plan: HostPlan, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)  # one image per core: OpenCV's own threads would only add overhead
-    replies.serve_for(parent_pid)
+    parcels.serve_for(parent_pid)
     from segcli.kernels import warm_up
 
     warm_up()  # done already where the forkserver preloaded it; with spawn, each worker loads it here

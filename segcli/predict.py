@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from segcli import host, replies
+from segcli import host, parcels
 from segcli.api import Segmenter
 from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from segcli.data.sources import Source, SourceList
@@ -238,7 +238,7 @@ class PredictRun:
             if fut.cancelled():  # interrupted before it started: not done, the next run does it
                 continue
             try:
-                self._done(item.index, replies.opened(fut.result()))
+                self._done(item.index, parcels.result(fut.result()))
             except host.InputFailure as exc:
                 self._done(item.index, error_record(item.source, str(exc)))
             except OSError as exc:
@@ -250,7 +250,7 @@ class PredictRun:
 
     def _decoded(self, item: Item, fut: Future) -> Item:
         try:
-            item.model_input = replies.opened(fut.result())
+            item.model_input = parcels.result(fut.result())
         except ImageDecodeError as exc:
             item.error = str(exc)
         return item
@@ -289,7 +289,7 @@ class PredictRun:
 
         def refill() -> None:
             while len(decoding) < window and (item := next(pending, None)) is not None:
-                decoding.append((item, None if item.error else pool.submit(replies.call, host.decode, item.source.path)))
+                decoding.append((item, None if item.error else pool.submit(parcels.call, host.decode, item.source.path)))
 
         try:
             refill()
@@ -312,7 +312,7 @@ class PredictRun:
 
     def _run(self, done: dict[str, dict]) -> PredictResult:
         context = _worker_context()  # its fork server loads the host modules while the text tower runs
-        replies.sweep()  # reply files left by runs that were killed outright
+        parcels.sweep()  # files left by runs that were killed outright
         text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
         todo: list[Item] = []
         reused = 0
@@ -344,7 +344,7 @@ class PredictRun:
                 if job is None:
                     self._done(item.index, error_record(item.source, item.error))
                 else:
-                    fut = self.finish_on_device(job, writers) if writers else pool.submit(replies.call, host.finish, job)
+                    fut = self.finish_on_device(job, writers) if writers else pool.submit(parcels.call, host.finish, parcels.pack(job))
                     writing.append((item, fut))
                 self._collect(writing, limit=window)
                 if self.stop is not None:
@@ -361,7 +361,7 @@ class PredictRun:
         finally:
             jobs.close()  # cancels the decodes not started
             pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
-            replies.sweep(os.getpid())  # the replies of decodes nobody waited for (stopped early)
+            parcels.sweep(os.getpid())  # what nobody read: jobs cancelled, decodes not waited for
             if broken:  # the dead worker cannot remove the temp file it was writing; its pid tells it is stale
                 remove_stale_temp_files(self.output)
             if writers is not None:
