@@ -136,7 +136,7 @@ def sweep(owner_pid: int | None = None) -> int:
         try:
             path.unlink()
             removed += 1
-        except FileNotFoundError:
+        except OSError:  # gone already, or another user's (/dev/shm is sticky)
             pass
     return removed
 

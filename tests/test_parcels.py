@@ -85,6 +85,20 @@ def test_sweep_removes_the_files_nobody_read_and_those_of_runs_that_are_gone():
     parcels.sweep(os.getpid())
 
 
+def test_sweep_leaves_alone_what_it_may_not_remove(monkeypatch):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = parcels.FOLDER / f"{parcels.PREFIX}{int(gone.stdout)}-1-1"
+    orphan.write_bytes(b"x")
+
+    def refuse(self, missing_ok=False):  # another user's file in the sticky /dev/shm
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", refuse)
+        assert parcels.sweep() == 0
+    orphan.unlink()
+
+
 def test_a_worker_killed_while_answering_breaks_the_pool_instead_of_hanging_it(tmp_path):
     # Without segcli.parcels the pool's reader waits for ever for the rest of a result cut short
     # (seen: the worker killed while sending 64 MB: no result and no error, and shutdown hangs too)
