@@ -3,9 +3,9 @@
 Nothing here imports torch, so a worker starts in a fraction of a second and holds no model. The
 worker processes are single-threaded: work on one image never fights another for the GIL, so
 --workers N really uses N cores. What crosses between the model process and a worker is small: a
-path in, a model-size canvas out; then the candidate labels' logits in, a record out (through segcli.parcels,
-so that a worker killed halfway through cannot hang the run). The
-full-size photo (for overlays) is decoded by the worker that blends it, when it blends it.
+path in, a model-size canvas out; then the candidate labels' logits in, a record out (as
+segcli.parcels, so that a worker killed halfway through cannot hang the run). The full-size photo
+(for overlays) is decoded by the worker that blends it, when it blends it.
 """
 
 from __future__ import annotations
@@ -105,16 +105,17 @@ class FinishJob:
 _plan: HostPlan | None = None
 
 
-def start_worker(plan: HostPlan, parent_pid: int) -> None:
+def start_worker(plan: HostPlan, parent_pid: int, parcel_owner: str) -> None:
     """Worker initializer. Interrupts are the main process's to handle: it lets running jobs finish
     (their files stay whole) and cancels the rest. If the main process is killed outright (kill -9,
-    the OOM killer), the worker ends itself: its queue would never close, so it would wait forever."""
+    the OOM killer), the worker ends itself: its queue would never close, so it would wait forever.
+    `parcel_owner`: the run whose files (segcli.parcels) it writes."""
     global _plan
     _plan = plan
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)  # one image per core: OpenCV's own threads would only add overhead
-    parcels.serve_for(parent_pid)
+    parcels.serve_for(parcel_owner)
     from segcli.kernels import warm_up
 
     warm_up()  # done already where the forkserver preloaded it; with spawn, each worker loads it here

@@ -6,7 +6,7 @@ holds too. A worker killed (the OOM killer, kill -9) halfway through writing a r
 what a pipe writes atomically (PIPE_BUF, 4 KiB on Linux) leaves the parent's reader waiting for the
 rest for ever: the run neither fails nor ends (CPython 3.11-3.13; a model-size canvas is 0.4 MB).
 So a worker runs each task through `call`, which answers with a Parcel under that size. A larger
-value goes into a file in /dev/shm named after the run's process: a small pickle, then its arrays'
+value goes into a file in /dev/shm named after the run (its process and number): a small pickle, then its arrays'
 bytes as they are (pickle protocol 5's out-of-band buffers), so each side copies them once. That is
 also cheaper for the run's process than the pipe (0.4-0.6 ms against 0.6-1.5 ms of its CPU per
 0.4 MB), so the jobs' logits travel to the workers the same way (`pack`).
@@ -16,6 +16,7 @@ one, a run stopped early, a run killed outright).
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import tempfile
@@ -27,8 +28,9 @@ from pathlib import Path
 ATOMIC_BYTES = 3072
 PREFIX = "segcli-parcel-"
 FOLDER = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-_owner: int | None = None  # the run's process, after which the files are named (None: this process)
+_owner: str | None = None  # the run whose files this worker writes (`serve_for`)
 _written = 0
+_runs = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,20 @@ class RemoteTraceback(Exception):
         return self.args[0] if self.args else ""
 
 
-def serve_for(owner_pid: int) -> None:
-    """In a worker: name the files after the run's process `owner_pid`."""
+def new_owner() -> str:
+    """A name for one run's files: its process id (what `sweep` checks), then the run's number in it."""
+    return f"{os.getpid()}.{next(_runs)}"
+
+
+def serve_for(owner: str) -> None:
+    """In a worker: write the files of the run `owner` (new_owner)."""
     global _owner
-    _owner = owner_pid
+    _owner = owner
 
 
-def pack(value) -> Parcel:
-    """`value` (picklable) as a Parcel: inline when its pickle fits in one atomic pipe write."""
+def pack(value, owner: str | None = None) -> Parcel:
+    """`value` (picklable) as a Parcel: inline when its pickle fits in one atomic pipe write; else a
+    file of the run `owner` (default: the run this worker serves)."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     views = [b.raw() for b in buffers]
@@ -64,7 +72,7 @@ def pack(value) -> Parcel:
         return Parcel(data=pickle.dumps(value, protocol=5) if views else data)
     global _written
     _written += 1
-    name = f"{PREFIX}{_owner or os.getpid()}-{os.getpid()}-{_written}"
+    name = f"{PREFIX}{owner or _owner or os.getpid()}-{os.getpid()}-{_written}"
     try:
         fd = os.open(FOLDER / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
@@ -126,12 +134,12 @@ def result(parcel):
     return value
 
 
-def sweep(owner_pid: int | None = None) -> int:
-    """Remove the files of `owner_pid`'s run that nobody read, or (None) those of runs whose process
-    is gone; returns how many."""
+def sweep(owner: str | None = None) -> int:
+    """Remove the files of the run `owner` that nobody read, or (None) those of runs whose process is
+    gone; returns how many."""
     removed = 0
-    for path in FOLDER.glob(f"{PREFIX}{owner_pid}-*" if owner_pid is not None else f"{PREFIX}*"):
-        if owner_pid is None and _alive(path.name[len(PREFIX):].split("-")[0]):
+    for path in FOLDER.glob(f"{PREFIX}{owner}-*" if owner is not None else f"{PREFIX}*"):
+        if owner is None and _alive(path.name[len(PREFIX):].split("-")[0].split(".")[0]):
             continue
         try:
             path.unlink()

@@ -313,6 +313,7 @@ class PredictRun:
     def _run(self, done: dict[str, dict]) -> PredictResult:
         context = _worker_context()  # its fork server loads the host modules while the text tower runs
         parcels.sweep()  # files left by runs that were killed outright
+        owner = parcels.new_owner()  # this run's files
         text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
         todo: list[Item] = []
         reused = 0
@@ -330,7 +331,7 @@ class PredictRun:
         workers = max(1, self.opt.workers or default_workers(self.seg.device))
         window = self.opt.batch_size * 2 + workers
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=host.start_worker,
-                                   initargs=(self.plan, os.getpid()))
+                                   initargs=(self.plan, os.getpid(), owner))
         writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
         writing: deque[tuple[Item, Future]] = deque()
         videos = [item for item in todo if item.source.video and not item.error]  # after the photos, here
@@ -344,7 +345,7 @@ class PredictRun:
                 if job is None:
                     self._done(item.index, error_record(item.source, item.error))
                 else:
-                    fut = self.finish_on_device(job, writers) if writers else pool.submit(parcels.call, host.finish, parcels.pack(job))
+                    fut = self.finish_on_device(job, writers) if writers else pool.submit(parcels.call, host.finish, parcels.pack(job, owner))
                     writing.append((item, fut))
                 self._collect(writing, limit=window)
                 if self.stop is not None:
@@ -361,7 +362,7 @@ class PredictRun:
         finally:
             jobs.close()  # cancels the decodes not started
             pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
-            parcels.sweep(os.getpid())  # what nobody read: jobs cancelled, decodes not waited for
+            parcels.sweep(owner)  # what nobody read: jobs cancelled, decodes not waited for
             if broken:  # the dead worker cannot remove the temp file it was writing; its pid tells it is stale
                 remove_stale_temp_files(self.output)
             if writers is not None:

@@ -17,8 +17,8 @@ import pytest
 from segcli import parcels
 
 
-def own_files() -> list[str]:
-    return sorted(p.name for p in parcels.FOLDER.glob(f"{parcels.PREFIX}{os.getpid()}-*"))
+def own_files(owner: str | None = None) -> list[str]:
+    return sorted(p.name for p in parcels.FOLDER.glob(f"{parcels.PREFIX}{owner or os.getpid()}-*"))
 
 
 def big_after_touch(flag: str, n: int) -> bytes:
@@ -85,6 +85,16 @@ def test_sweep_removes_the_files_nobody_read_and_those_of_runs_that_are_gone():
     parcels.sweep(os.getpid())
 
 
+def test_each_run_sweeps_only_its_own_files():
+    first, second = parcels.new_owner(), parcels.new_owner()  # two runs in one process (the Python API)
+    parcels.pack(bytes(100_000), first)
+    kept = parcels.pack(bytes(100_000), second)
+    assert len(own_files(first)) == len(own_files(second)) == 1
+    assert parcels.sweep(first) == 1 and own_files(first) == []
+    parcels.sweep()  # the process is alive: its runs' files stay
+    assert parcels.unpack(kept) == bytes(100_000)
+
+
 def test_sweep_leaves_alone_what_it_may_not_remove(monkeypatch):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     orphan = parcels.FOLDER / f"{parcels.PREFIX}{int(gone.stdout)}-1-1"
@@ -105,7 +115,8 @@ def test_a_worker_killed_while_answering_breaks_the_pool_instead_of_hanging_it(t
     context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     for attempt, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.2)):  # kills while pickling, writing, after
         flag = tmp_path / f"sending{attempt}"
-        pool = ProcessPoolExecutor(1, mp_context=context, initializer=parcels.serve_for, initargs=(os.getpid(),))
+        owner = parcels.new_owner()
+        pool = ProcessPoolExecutor(1, mp_context=context, initializer=parcels.serve_for, initargs=(owner,))
         try:
             worker = pool.submit(os.getpid).result(timeout=60)
             fut = pool.submit(parcels.call, big_after_touch, str(flag), 64_000_000)
@@ -120,5 +131,5 @@ def test_a_worker_killed_while_answering_breaks_the_pool_instead_of_hanging_it(t
                 pass
         finally:
             pool.shutdown(wait=True)
-        parcels.sweep(os.getpid())  # a file written before the kill, never read
-        assert own_files() == []
+        parcels.sweep(owner)  # a file written before the kill, never read
+        assert own_files(owner) == []
