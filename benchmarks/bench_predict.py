@@ -15,7 +15,7 @@ Random weights throughout (speed does not depend on their values), same machine,
     (a colour probe with LSeg's output stride 2 at 384, so label maps have real boundaries), on JPEGs
     of 0.3, 2 and 12 MP: the machine's CPU time (user + sys, /proc/stat, so worker processes count)
     during the run per photo, the workers' start-up subtracted by two folder sizes,
-    images/s with --workers 1 and 2, and the codec floor (decode + the encodes alone, the fastest of
+    images/s with --workers 1 and 2 (--host-workers), and the codec floor (decode + the encodes alone, the fastest of
     Pillow/OpenCV, one core) measured in the same run; then what a 16- or 32-core host can feed.
 Every part runs in its own process; peak RSS is that process's. `--memory` adds the memory checks:
 1,000 vs 10 images, and a 24-megapixel photo with 150 labels. `--host-only` runs (e) alone.
@@ -345,36 +345,39 @@ def codec_floor(folder: Path, masks: Path, mask_only: bool) -> float:
 
 
 def host_ceiling(args, tmp: Path, model_images_per_s: float | None) -> None:
+    counts = args.host_workers
+    first, last = counts[0], counts[-1]
+    more = max(1, last // 2)  # more photos with more workers, so that each still gets several
     print(f"\n(e) host ceiling: predict with a stand-in model that costs ~nothing (stride 2 at 384, "
           f"K={args.host_k}), JPEG q90, {os.cpu_count()} cores, median of {args.host_repeat} runs")
-    print("| photo | outputs | core-ms/photo | without the model stage | codec floor core-ms | ratio | img/s -j 1 "
-          "| img/s -j 2 | -j2/-j1 | main process ms/photo besides the model stage |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| photo | outputs | core-ms/photo | without the model stage | codec floor core-ms | ratio | "
+          + " | ".join(f"img/s -j {w}" for w in counts) + f" | -j{last}/-j{first} | main process ms/photo besides the model stage |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in counts) + " | ---: | ---: |")
     per_photo = {}
     for label, (size, small, large) in HOST_SIZES.items():
+        small, large = small * more, large * more
         photos = {n: sample_photos(tmp / f"host_{size[0]}_{n}", n, size) for n in (small, large)}
         for save in ("mask,color,overlay", "mask"):
-            trials = []  # per repetition: core-ms, main-process ms, model-stage ms, img/s -j 1, img/s -j 2
+            trials = []  # per repetition: core-ms, main-process ms, model-stage ms (-j last), then img/s per -j
             for rep in range(args.host_repeat):
                 wall, cpu, main, model = {}, {}, {}, {}
-                for workers in (1, 2):
+                for workers in counts:
                     for n, folder in photos.items():
                         out = tmp / f"host_out_{size[0]}_{n}_{workers}_{save.count(',')}"
                         shutil.rmtree(out, ignore_errors=True)
                         cmd = [sys.executable, __file__, "--part", "host", "--k", str(args.host_k), "--folder",
                                str(folder), "--out", str(out), "--save", save, "--workers", str(workers)]
                         wall[workers, n], cpu[workers, n], main[workers, n], model[workers, n] = run_host_part(cmd)
-                costs = [(d[2, large] - d[2, small]) / (large - small) * 1000 for d in (cpu, main, model)]
-                trials.append(costs + [(large - small) / (wall[w, large] - wall[w, small]) for w in (1, 2)])
+                costs = [(d[last, large] - d[last, small]) / (large - small) * 1000 for d in (cpu, main, model)]
+                trials.append(costs + [(large - small) / (wall[w, large] - wall[w, small]) for w in counts])
             # the median of each number over the repetitions: one pair of runs on a shared VM varies by ±15%
-            core_ms, main_ms, model_ms, rate1, rate2 = (float(np.median(column)) for column in zip(*trials))
+            core_ms, main_ms, model_ms, *rates = (float(np.median(column)) for column in zip(*trials))
             # model_ms: the stand-in model, its input and the candidate ranking: on a GPU host the device's work
-            rate = {1: rate1, 2: rate2}
-            floor = codec_floor(photos[small], tmp / f"host_out_{size[0]}_{small}_2_{save.count(',')}", save == "mask")
+            floor = codec_floor(photos[small], tmp / f"host_out_{size[0]}_{small}_{last}_{save.count(',')}", save == "mask")
             name = "all three" if "," in save else "mask only"
             per_photo[label, name] = core_ms, main_ms
             print(f"| {label} | {name} | {core_ms:.1f} | {core_ms - model_ms:.1f} | {floor:.1f} | {core_ms / floor:.2f} | "
-                  f"{rate[1]:.1f} | {rate[2]:.1f} | {rate[2] / rate[1]:.2f} | {main_ms:.2f} |", flush=True)
+                  + " | ".join(f"{r:.1f}" for r in rates) + f" | {rates[-1] / rates[0]:.2f} | {main_ms:.2f} |", flush=True)
     model = f"{model_images_per_s:.1f} img/s for {args.model} here ({args.device})" if model_images_per_s else ""
     for n in (16, 32):  # the workers' cores, or the main process's one, whichever runs out first
         feeds = ", ".join(f"{label} {min(n * 1000 / per_photo[label, 'all three'][0], 1000 / per_photo[label, 'all three'][1]):.0f}"
@@ -442,6 +445,8 @@ def main() -> None:
     ap.add_argument("--no-host", action="store_true", help="skip (e)")
     ap.add_argument("--host-k", type=int, default=8, help="labels for (e)")
     ap.add_argument("--host-repeat", type=int, default=3, help="(e): runs of each case; the median is printed")
+    ap.add_argument("--host-workers", type=int, nargs="+", default=[1, 2],
+                    help="(e): the --workers values to time (e.g. 1 4 15 on a 16-core GPU host; the folders grow with the last)")
     ap.add_argument("--postprocess", default="auto", help="predict's --postprocess for (b): auto, host or device")
     ap.add_argument("--save", default="mask,color,overlay", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)

@@ -6,12 +6,12 @@ holds too. A worker killed (the OOM killer, kill -9) halfway through writing a r
 what a pipe writes atomically (PIPE_BUF, 4 KiB on Linux) leaves the parent's reader waiting for the
 rest for ever: the run neither fails nor ends (CPython 3.11-3.13; a model-size canvas is 0.4 MB).
 So a worker runs each task through `call`, which answers with a Parcel under that size. A larger
-value goes into a file in /dev/shm named after the run (its process and number): a small pickle, then its arrays'
-bytes as they are (pickle protocol 5's out-of-band buffers), so each side copies them once. That is
-also cheaper for the run's process than the pipe (0.4-0.6 ms against 0.6-1.5 ms of its CPU per
-0.4 MB), so the jobs' logits travel to the workers the same way (`pack`).
-`unpack` reads and removes a file; `sweep` removes those nobody read (a worker killed after writing
-one, a run stopped early, a run killed outright).
+value goes into a file in /dev/shm named after the run (its process and number): a small pickle,
+then its arrays' bytes as they are (pickle protocol 5's out-of-band buffers), so each side copies
+them once. That also costs the run's process less CPU than the pipe (0.5-0.6 ms against 0.6-1.5 ms
+per 0.4 MB), so the jobs' logits travel to the workers the same way (`pack`). `unpack` reads and
+removes a file; `sweep` removes those nobody read (a worker killed after writing one, a run stopped
+early, a run killed outright).
 """
 
 from __future__ import annotations

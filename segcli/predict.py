@@ -289,7 +289,8 @@ class PredictRun:
 
         def refill() -> None:
             while len(decoding) < window and (item := next(pending, None)) is not None:
-                decoding.append((item, None if item.error else pool.submit(parcels.call, host.decode, item.source.path)))
+                fut = None if item.error else pool.submit(parcels.call, host.decode, item.source.path)
+                decoding.append((item, fut))
 
         try:
             refill()
@@ -345,7 +346,10 @@ class PredictRun:
                 if job is None:
                     self._done(item.index, error_record(item.source, item.error))
                 else:
-                    fut = self.finish_on_device(job, writers) if writers else pool.submit(parcels.call, host.finish, parcels.pack(job, owner))
+                    if writers:
+                        fut = self.finish_on_device(job, writers)
+                    else:
+                        fut = pool.submit(parcels.call, host.finish, parcels.pack(job, owner))
                     writing.append((item, fut))
                 self._collect(writing, limit=window)
                 if self.stop is not None:

@@ -112,7 +112,8 @@ def test_sweep_leaves_alone_what_it_may_not_remove(monkeypatch):
 def test_a_worker_killed_while_answering_breaks_the_pool_instead_of_hanging_it(tmp_path):
     # Without segcli.parcels the pool's reader waits for ever for the rest of a result cut short
     # (seen: the worker killed while sending 64 MB: no result and no error, and shutdown hangs too)
-    context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     for attempt, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.2)):  # kills while pickling, writing, after
         flag = tmp_path / f"sending{attempt}"
         owner = parcels.new_owner()
