@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -136,3 +137,18 @@ def make_nasty_folder(folder: Path) -> dict[str, str]:
     (folder / "no_extension").write_bytes(buf.getvalue())  # an image recognised by content
     kinds["no_extension"] = "good"
     return kinds
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 64 KiB tmpfs (remount it to resize); skips where it cannot be mounted (not root)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True, capture_output=True)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -147,24 +147,6 @@ def test_disk_full_mid_run_stops_cleanly_with_a_summary(photos, tmp_path, tiny_c
     assert [r["status"] for r in records] == ["ok", "ok"]  # the input that met the full disk is not done, not failed
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, capture_output=True)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "disk"
-    try:
-        _mount_tmpfs(mount, "64k")
-    except (subprocess.CalledProcessError, OSError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def test_a_really_full_disk(samples, tmp_path, tiny_checkpoint, small_disk):
     """A real tmpfs too small for the outputs, with real worker processes: exit 2, one line, no temp
     files; made bigger, the same command finishes with the files of a clean run."""

@@ -56,6 +56,16 @@ def test_where_no_file_can_be_written_a_large_value_travels_inline(monkeypatch, 
     assert np.array_equal(parcels.unpack(parcel), canvas)
 
 
+def test_a_full_memory_folder_sends_the_value_inline_and_leaves_no_partial_file(monkeypatch, small_disk):
+    monkeypatch.setattr(parcels, "FOLDER", small_disk)  # a real 64 KiB tmpfs, as a container's full /dev/shm
+    canvas = np.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=np.uint8)  # 432 KiB
+    parcel = parcels.pack(canvas)
+    assert parcel.name is None and np.array_equal(parcels.unpack(parcel), canvas)
+    assert list(small_disk.iterdir()) == []
+    small = parcels.pack(np.zeros(4000, np.uint8))  # what fits still goes through the folder
+    assert small.name is not None and np.array_equal(parcels.unpack(small), np.zeros(4000, np.uint8))
+
+
 def test_call_unpacks_its_arguments_and_answers_with_a_parcel():
     canvas = np.arange(300_000, dtype=np.uint8).reshape(500, 600)
     answer = parcels.call(np.flipud, parcels.pack(canvas))
