@@ -3,6 +3,7 @@ leave half-written in the pool's pipe."""
 
 import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -46,6 +47,16 @@ def test_small_values_travel_inline_and_large_ones_through_a_file_that_is_remove
     assert got["logits"].dtype == np.float32 and got["sizes"] == (300, 384)
     assert own_files() == []  # unpack removes the file
     assert parcels.unpack({"status": "ok"}) == {"status": "ok"}  # no Parcel: passes through
+
+
+def test_the_largest_inline_answer_still_fits_one_atomic_pipe_write():
+    # what the pool's worker writes: its own result item around our Parcel, pickled, behind a 4-byte length
+    from concurrent.futures.process import _ResultItem
+    from multiprocessing.reduction import ForkingPickler
+
+    largest = parcels.Parcel(data=bytes(parcels.ATOMIC_BYTES))  # pack sends nothing bigger inline
+    message = ForkingPickler.dumps(_ResultItem(2**62, result=largest, exit_pid=2**31))
+    assert 4 + len(message) <= select.PIPE_BUF
 
 
 def test_where_no_file_can_be_written_a_large_value_travels_inline(monkeypatch, tmp_path):
