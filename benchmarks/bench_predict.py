@@ -14,9 +14,10 @@ Random weights throughout (speed does not depend on their values), same machine,
 (e) the host ceiling: `segcli predict`'s pipeline with a stand-in model that costs next to nothing
     (a colour probe with LSeg's output stride 2 at 384, so label maps have real boundaries), on JPEGs
     of 0.3, 2 and 12 MP: the machine's CPU time (user + sys, /proc/stat, so worker processes count)
-    during the run per photo, the workers' start-up subtracted by two folder sizes,
-    images/s with --workers 1 and 2 (--host-workers), and the codec floor (decode + the encodes alone, the fastest of
-    Pillow/OpenCV, one core) measured in the same run; then what a 16- or 32-core host can feed.
+    during the run per photo, the workers' start-up subtracted by two folder sizes, images/s with
+    --workers 1 and 2 (or --host-workers), and the codec floor (decode + the encodes alone, the
+    fastest of Pillow/OpenCV, one core) measured in the same run; then what a 16- or 32-core host
+    can feed.
 Every part runs in its own process; peak RSS is that process's. `--memory` adds the memory checks:
 1,000 vs 10 images, and a 24-megapixel photo with 150 labels. `--host-only` runs (e) alone.
 """
@@ -193,8 +194,8 @@ def part_clipseg(args) -> dict:
 class ColorProbe:
     """(e)'s stand-in model (a segcli.backend.DenseBackend): logits = cosine of the mean colour of
     8x8 cells with K fixed colours, brought to LSeg's output stride 2 bilinearly (LSeg's stride-2 map
-    is likewise upsampled from coarser ViT tokens). Costs ~2 ms per image on one core; its label maps have real
-    boundaries, so restoring them to full size costs what it costs with a real model."""
+    is likewise upsampled from coarser ViT tokens). Costs ~2 ms per image on one core; its label
+    maps have real boundaries, so restoring them to full size costs what it costs with a real model."""
 
     architecture, open_vocabulary, baked_labels, fixed_imgsz = "color-probe", True, None, None
     default_imgsz, input_multiple, output_stride, default_prompt = 384, 32, 2, None
