@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
 from PIL import Image
 
-from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
 LABELS = "road,car,sky,person,tree,building,grass,water"
 OTHER = "cat,dog,table,chair,window,door,floor,wall"
 
@@ -99,8 +99,8 @@ def main() -> None:
     try:
         import torch
 
-        from segcli.checkpoint import save_checkpoint
         from segcli.modeling import build_model
+        from segcli.models.checkpoint import save_checkpoint
 
         torch.manual_seed(0)
         checkpoint = tmp / f"{args.model}.safetensors"  # a file, as users have: loads without random init

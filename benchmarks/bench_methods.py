@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 from common import sample_photos, timed_predict  # benchmarks/ is on sys.path when run as a script
 
 
@@ -34,7 +33,7 @@ def main() -> None:
         import torch
         from safetensors.torch import save_file
 
-        from segcli.labels import named_label_set
+        from segcli.data.labels import named_label_set
 
         torch.manual_seed(0)
         clip = open_clip.create_model("ViT-B-16", pretrained=None)

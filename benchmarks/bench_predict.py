@@ -35,9 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
+from PIL import Image
 
 
 def make_folder(folder: Path, n: int, scales=(0.75, 1.0, 1.5, 2.0)) -> Path:
@@ -51,7 +50,7 @@ def make_folder(folder: Path, n: int, scales=(0.75, 1.0, 1.5, 2.0)) -> Path:
 
 
 def label_names(k: int) -> list[str]:
-    from segcli.labels import named_label_set
+    from segcli.data.labels import named_label_set
 
     ade = list(named_label_set("ade20k").names)
     return ade[:k] if k <= len(ade) else [f"label {i}" for i in range(k)]
@@ -76,7 +75,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 
 def part_ceiling(args) -> dict:
     from segcli.api import Segmenter
-    from segcli.labels import LabelSet
+    from segcli.data.labels import LabelSet
 
     seg = Segmenter.from_pretrained(args.model, device=args.device, imgsz=args.imgsz, warn=False)
     text = seg.label_embeddings(LabelSet.from_synonyms([[n] for n in label_names(args.k)]))
@@ -98,9 +97,9 @@ def part_predict(args) -> dict:
     out exactly; two folder sizes through the CLI left out too little on a GPU, where model start-up
     varied by more than a run of 1,000 photos takes."""
     from segcli.api import Segmenter
+    from segcli.data.labels import LabelSet
     from segcli.data.sources import collect_sources
-    from segcli.labels import LabelSet
-    from segcli.predict import PredictOptions, PredictRun
+    from segcli.pipeline.run import PredictOptions, PredictRun
 
     seg = Segmenter.from_pretrained(args.model, device=args.device, imgsz=args.imgsz, warn=False)
     labels = seg.resolve_labels(LabelSet.from_synonyms([[n] for n in label_names(args.k)]))
@@ -122,10 +121,10 @@ def part_naive(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from segcli.models import load_model
-    from segcli.labels import LabelSet
+    from segcli.data.labels import LabelSet
     from segcli.modeling.pixel_text import embed_labels
-    from segcli.render import palette_array
+    from segcli.models.factory import load_model
+    from segcli.postprocess.render import palette_array
 
     device = torch.device(args.device)
     model = load_model(args.model, device).backend
@@ -159,8 +158,8 @@ def part_clipseg(args) -> dict:
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
-    from segcli.labels import LabelSet
-    from segcli.render import palette_array
+    from segcli.data.labels import LabelSet
+    from segcli.postprocess.render import palette_array
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -192,7 +191,7 @@ def part_clipseg(args) -> dict:
 
 
 class ColorProbe:
-    """(e)'s stand-in model (a segcli.backend.DenseBackend): logits = cosine of the mean colour of
+    """(e)'s stand-in model (a segcli.models.backend.DenseBackend): logits = cosine of the mean colour of
     8x8 cells with K fixed colours, brought to LSeg's output stride 2 bilinearly (LSeg's stride-2 map
     is likewise upsampled from coarser ViT tokens). Costs ~2 ms per image on one core; its label
     maps have real boundaries, so restoring them to full size costs what it costs with a real model."""
@@ -227,13 +226,12 @@ class ColorProbe:
 def part_host(args) -> dict:
     """One `segcli predict` run (the engine, in this process) with the ColorProbe stand-in."""
     import cv2
+    import torch
 
     from segcli.api import Segmenter
+    from segcli.data.labels import LabelSet
     from segcli.data.sources import collect_sources
-    from segcli.labels import LabelSet
-    from segcli.predict import PredictOptions, PredictRun
-
-    import torch
+    from segcli.pipeline.run import PredictOptions, PredictRun
 
     torch.set_num_threads(1)  # the stand-in is tiny: a second thread only adds hand-offs (a GPU host runs it there)
     seg = Segmenter(ColorProbe(), device="cpu", precision="fp32", imgsz=384, name="color-probe")

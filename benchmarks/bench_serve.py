@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
 from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
+
 LABELS = "road,car,sky,person,tree,building,grass,water"
 
 
@@ -131,8 +131,8 @@ def main() -> None:
     try:
         import torch
 
-        from segcli.checkpoint import save_checkpoint
         from segcli.modeling import build_model
+        from segcli.models.checkpoint import save_checkpoint
 
         models = {}
         for arch in ("lseg_vitb16_384", "lseg_tiny"):

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, timed_predict  # benchmarks/ is on sys.path when run as a script
 from PIL import Image
 
-from common import ROOT, timed_predict  # benchmarks/ is on sys.path when run as a script
 LABELS = "road,car,sky,person,tree,building,grass,water"
 
 

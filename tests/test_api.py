@@ -5,9 +5,9 @@ import socket
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES, NetworkAccess
 from PIL import Image
 
-from conftest import SAMPLES, NetworkAccess
 from segcli import Segmenter
 from segcli.data.images import to_rgb
 from segcli.errors import SegcliError

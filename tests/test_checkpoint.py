@@ -8,11 +8,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from segcli.api import Segmenter
-from segcli.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from segcli.cli import app
+from segcli.data.labels import parse_labels
 from segcli.errors import SegcliError
-from segcli.labels import parse_labels
 from segcli.modeling import build_model
+from segcli.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from segcli.cli import app
 from segcli.errors import one_line
-from segcli.options import TrainOptions
+from segcli.training.options import TrainOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "open_clip", "timm", "cv2", "safetensors")
@@ -37,7 +37,7 @@ def test_one_line_never_cuts_a_word():
 
 
 def test_every_train_option_is_a_cli_option_and_reaches_the_run(tmp_path):
-    from segcli.cli import train
+    from segcli.cli.training import train
 
     names = set(train.__signature__.parameters)
     assert {f.name for f in dataclasses.fields(TrainOptions)} <= names

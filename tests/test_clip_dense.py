@@ -18,8 +18,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 from safetensors.torch import save_file
 
-from segcli.clip_weights import clip_dense_from_clip_state, parse_clip_dense_spec
 from segcli.errors import SegcliError
+from segcli.models.clip_weights import clip_dense_from_clip_state, parse_clip_dense_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_naclip_matches_its_equations(std):
 
 
 def test_method_names_pick_the_method(clip_files):
-    from segcli.models import describe_model, load_model, resolve_model
+    from segcli.models.factory import describe_model, load_model, resolve_model
 
     path = clip_files["safetensors"]
     spec = resolve_model(f"naclip:{path}")
@@ -153,7 +153,7 @@ def test_method_names_pick_the_method(clip_files):
     assert describe_model(f"naclip:{path}")["method"].startswith("naclip: NACLIP")
     assert parse_clip_dense_spec("naclip:ViT-B-16@openai") == ("ViT-B-16", "openai")
     assert parse_clip_dense_spec("naclip") == ("ViT-B-16", "openai")
-    from segcli.clip_weights import is_clip_dense_spec, split_method
+    from segcli.models.clip_weights import is_clip_dense_spec, split_method
 
     assert is_clip_dense_spec("naclip:ViT-L-14") and not is_clip_dense_spec(f"naclip:{path}")
     assert split_method("clip-dense:ViT-B-16")[0] == "naclip" and split_method("lseg_tiny") is None
@@ -165,7 +165,7 @@ def test_imagenet80_ensemble_is_clips_zero_shot_classifier():
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-    from segcli.labels import parse_labels
+    from segcli.data.labels import parse_labels
 
     clip = tiny_clip()
     model = clip_dense_from_clip_state(clip.state_dict(), "tiny")
@@ -293,9 +293,9 @@ def test_info_describes_clip_models_without_downloading(clip_files):
 def test_clip_dense_saves_as_a_segcli_checkpoint_and_loads_back(clip_files, small_photos, tmp_path):
     from typer.testing import CliRunner
 
-    from segcli.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
     from segcli.cli import app
-    from segcli.labels import parse_labels
+    from segcli.data.labels import parse_labels
+    from segcli.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 
     model = clip_dense_from_clip_state(dict(tiny_clip().state_dict()), "tiny-clip")
     path = save_checkpoint(model, tmp_path / "clip.safetensors", labels=parse_labels("cat,sky"))

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from segcli.checkpoint import load_checkpoint
 from segcli.cli import app
-from segcli.convert import convert_weights, infer_config, read_lseg_state_dict
+from segcli.data.labels import parse_labels
 from segcli.errors import SegcliError
-from segcli.labels import parse_labels
 from segcli.modeling.text_encoder import TextEncoder
+from segcli.models.checkpoint import load_checkpoint
+from segcli.models.convert import convert_weights
+from segcli.models.lseg_weights import infer_config, read_lseg_state_dict
 
 # A small LSeg (ViT-B/16 layout, fewer and narrower layers): documented names, small shapes.
 D, DEPTH, PATCH, GRID, CH, FEAT, W, TEXT_LAYERS, C = 128, 4, 16, 4, (16, 32, 64, 64), 32, 64, 2, 32

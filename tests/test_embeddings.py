@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES, TINY_LABELS, small_photos
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS, small_photos
 from segcli.cli import app
 
 OTHER_LABELS = "sky;heaven,grass,person,cat,tree"
@@ -141,9 +141,9 @@ def test_pooled_embeddings_are_an_average_pooling(photos, tmp_path, tiny_checkpo
 
 
 def test_relabel_refuses_another_models_embeddings(photos, tmp_path, tiny_checkpoint):
-    from segcli.checkpoint import save_checkpoint
-    from segcli.labels import parse_labels
+    from segcli.data.labels import parse_labels
     from segcli.modeling import build_model
+    from segcli.models.checkpoint import save_checkpoint
 
     torch.manual_seed(7)
     other = tmp_path / "other.safetensors"

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES, TINY_LABELS
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS
 from segcli.cli import app
 from segcli.errors import SegcliError
 
@@ -55,7 +55,7 @@ def test_onnxruntime_matches_pytorch_with_dynamic_batch_and_labels(exports, tiny
     import onnxruntime as ort
 
     from segcli.api import Segmenter
-    from segcli.labels import parse_labels
+    from segcli.data.labels import parse_labels
 
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
     canvases = np.stack([seg.prepare(Image.open(p).convert("RGB")).pixels for p in sorted(SAMPLES.glob("*.jpg"))])
@@ -98,7 +98,7 @@ def test_baked_export_refuses_other_labels_and_sizes(exports, samples, tmp_path)
 
 def test_embed_labels_for_serving_without_pytorch(exports, tiny_checkpoint, tmp_path):
     from segcli.api import Segmenter
-    from segcli.labels import parse_labels
+    from segcli.data.labels import parse_labels
 
     out = tmp_path / "labels.npy"
     result = cli("embed-labels", "--model", str(exports["open"]), "--labels", "sofa;couch,floor,wall", "-o", str(out))
@@ -131,11 +131,11 @@ def test_pt2_and_half_exports_are_verified(tiny_checkpoint, tmp_path):
 
 
 def test_failed_verification_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    import segcli.export as export
+    import segcli.models.export as export
 
     monkeypatch.setattr(export, "_run_onnx", lambda path, images, text: -np.ones((3, 4, 64, 64), np.float32))
-    from segcli.checkpoint import load_checkpoint
-    from segcli.labels import parse_labels
+    from segcli.data.labels import parse_labels
+    from segcli.models.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(tiny_checkpoint)
     out = tmp_path / "bad.onnx"

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLES, TINY_LABELS, small_photos
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS, small_photos
-from segcli import fileio, host
 from segcli.cli import app
-from segcli.runlock import Holder, _pid_start
+from segcli.files import atomic as fileio
+from segcli.files.lock import Holder, _pid_start
+from segcli.pipeline import host
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -270,9 +271,9 @@ def test_two_real_runs_at_once_one_is_refused(tmp_path, tiny_checkpoint):
 
 def test_inputs_deleted_truncated_or_gone_after_listing(photos, tmp_path, tiny_checkpoint):
     from segcli.api import Segmenter
+    from segcli.data.labels import parse_labels
     from segcli.data.sources import collect_sources
-    from segcli.labels import parse_labels
-    from segcli.predict import PredictOptions, PredictRun
+    from segcli.pipeline.run import PredictOptions, PredictRun
 
     extra = photos / "gone"
     extra.mkdir()
@@ -291,7 +292,7 @@ def test_inputs_deleted_truncated_or_gone_after_listing(photos, tmp_path, tiny_c
 
 
 def test_a_photo_replaced_between_decoding_and_blending_fails_as_one_input(photos, tmp_path):
-    from segcli.labels import parse_labels
+    from segcli.data.labels import parse_labels
 
     out = tmp_path / "out"
     out.mkdir()
@@ -334,8 +335,9 @@ TRAIN = ["--data", "synthetic", "--model", "lseg_tiny", "--crop", "64", "--worke
 
 
 def test_train_disk_full_keeps_the_last_state_and_resumes(tmp_path, monkeypatch):
-    from segcli import checkpoint
     from safetensors.torch import load_file
+
+    from segcli.models import checkpoint
 
     run = tmp_path / "run"
     real, saves = checkpoint.save_file, {"n": 0}

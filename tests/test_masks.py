@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcli.masks import batch_candidate_logits, candidate_logits, mask_dtype, restore_label_map
+from segcli.postprocess.label_map import batch_candidate_logits, candidate_logits, mask_dtype, restore_label_map
 
 
 def test_restore_equals_full_bilinear_upsampling_then_argmax():
@@ -13,7 +13,7 @@ def test_restore_equals_full_bilinear_upsampling_then_argmax():
     full = F.interpolate(logits[None], size=(300, 400), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
     ours = restore_label_map(logits, (24, 32), (300, 400))
     assert (ours == full).mean() > 0.999
-    from segcli.masks import restore_label_map_torch
+    from segcli.postprocess.label_map import restore_label_map_torch
 
     chunked = restore_label_map_torch(logits, (24, 32), (300, 400), max_elements=5000)
     assert np.array_equal(chunked, restore_label_map_torch(logits, (24, 32), (300, 400)))
@@ -43,7 +43,7 @@ def test_mask_dtype_and_label_counts():
     mask = restore_label_map(logits, (4, 4), (10, 10), histogram=counts)
     assert mask.dtype == np.uint16 and counts.sum() == 100
     assert np.array_equal(counts, np.bincount(mask.ravel(), minlength=300))
-    from segcli.host import present_labels
+    from segcli.pipeline.host import present_labels
 
     fractions, present = present_labels(np.array([1, 3, 0]))
     assert fractions.tolist() == [0.25, 0.75, 0.0] and present == [1, 0]
@@ -51,7 +51,7 @@ def test_mask_dtype_and_label_counts():
 
 def test_host_and_device_restoration_agree_on_hard_maps():
     """The boundary-only NumPy path against the all-pixels torch path, where many labels meet."""
-    from segcli.masks import restore_label_map_torch
+    from segcli.postprocess.label_map import restore_label_map_torch
 
     gen = torch.Generator().manual_seed(1)
     for k, grid, out, valid in [(8, (32, 24), (301, 397), (31.5, 23.25)), (40, (48, 48), (500, 260), (48, 25.0)),
@@ -70,7 +70,7 @@ def test_host_and_device_restoration_agree_on_hard_maps():
 
 def test_host_restoration_equals_the_device_path_on_random_small_cases():
     """Edge cases: one-cell grids, fractional extents, outputs smaller than the grid, many labels."""
-    from segcli.masks import restore_label_map_torch
+    from segcli.postprocess.label_map import restore_label_map_torch
 
     gen = torch.Generator().manual_seed(5)
 

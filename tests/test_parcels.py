@@ -1,4 +1,4 @@
-"""segcli.parcels: values between predict's process and its workers, which a killed worker cannot
+"""segcli.pipeline.parcels: values between predict's process and its workers, which a killed worker cannot
 leave half-written in the pool's pipe."""
 
 import multiprocessing
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segcli import parcels
+from segcli.pipeline import parcels
 
 
 def own_files(owner: str | None = None) -> list[str]:
@@ -131,7 +131,7 @@ def test_sweep_leaves_alone_what_it_may_not_remove(monkeypatch):
 
 
 def test_a_worker_killed_while_answering_breaks_the_pool_instead_of_hanging_it(tmp_path):
-    # Without segcli.parcels the pool's reader waits for ever for the rest of a result cut short
+    # Without segcli.pipeline.parcels the pool's reader waits for ever for the rest of a result cut short
     # (seen: the worker killed while sending 64 MB: no result and no error, and shutdown hangs too)
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")

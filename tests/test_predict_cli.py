@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLES, TINY_LABELS, make_nasty_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS, make_nasty_folder
 from segcli.cli import app
 
 
@@ -368,7 +368,7 @@ def test_workers_end_when_the_run_is_killed_outright(tmp_path, tiny_checkpoint):
 def test_default_workers_use_the_cores_the_model_does_not(monkeypatch):
     import torch
 
-    from segcli.predict import default_workers
+    from segcli.pipeline.workers import default_workers
 
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     assert default_workers(torch.device("cpu")) == 2  # the model needs the cores

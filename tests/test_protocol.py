@@ -1,4 +1,4 @@
-"""The training-free methods' protocol (segcli.sliding): short-side resize, sliding windows, averages."""
+"""The training-free methods' protocol (segcli.inference.windows): short-side resize, sliding windows, averages."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from segcli.api import Segmenter
 from segcli.cli import app
-from segcli.clip_weights import clip_dense_from_clip_state
+from segcli.data.labels import parse_labels
 from segcli.errors import SegcliError
-from segcli.labels import parse_labels
-from segcli.registry import CLIP_DENSE_PROTOCOLS
-from segcli.sliding import Protocol, draft_size, model_pixels, resolve_protocol, short_side_size, windows
+from segcli.inference.windows import Protocol, draft_size, model_pixels, resolve_protocol, short_side_size, windows
+from segcli.modeling.configs import CLIP_DENSE_PROTOCOLS
+from segcli.models.clip_weights import clip_dense_from_clip_state
 
 
 @pytest.fixture(scope="module")

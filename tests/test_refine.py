@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES, TINY_LABELS
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS
 from segcli.cli import app
 from segcli.modeling.pamr import PAMR
 
@@ -79,8 +79,8 @@ def test_predict_refines_at_the_canvas_size(tmp_path, tiny_checkpoint, monkeypat
 
 
 def test_refine_changes_masks_and_auto_follows_the_method(tmp_path, tiny_checkpoint):
-    from test_clip_dense import tiny_clip
     from safetensors.torch import save_file
+    from test_clip_dense import tiny_clip
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -7,13 +7,21 @@ import io
 import cv2
 import numpy as np
 import pytest
+from conftest import SAMPLES
 from PIL import Image, ImageOps
 
 from segcli.data.images import decode_full_bgr, decode_photo
-from segcli.render import (blend_table, color_lut, colorize, colorize_bgr, draw_legend, encode_png, overlay_bgr,
-                           overlay_from_mask, palette_png)
-
-from conftest import SAMPLES
+from segcli.postprocess.render import (
+    blend_table,
+    color_lut,
+    colorize,
+    colorize_bgr,
+    draw_legend,
+    encode_png,
+    overlay_bgr,
+    overlay_from_mask,
+    palette_png,
+)
 
 
 def _mask(h=120, w=170, k=5) -> np.ndarray:
@@ -39,7 +47,7 @@ def test_color_png_is_the_mask_with_a_palette():
 def test_mask_png_from_its_rows_reads_back_as_the_map(deflate, monkeypatch):
     """The PNG written from rows holding the filter byte (the host restores maps into them) is a
     standard 8-bit grayscale PNG of the map, with ISA-L's deflate or zlib's where ISA-L is missing."""
-    from segcli import render
+    from segcli.postprocess import render
 
     if deflate == "zlib":
         monkeypatch.setattr(render, "_isal_compress", None)

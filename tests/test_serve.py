@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLES, TINY_LABELS, bomb_png
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS, bomb_png
 from segcli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

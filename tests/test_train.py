@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from segcli.cli import app
 from segcli.data.synthetic import SYNTHETIC_CLASSES, write_synthetic_dataset
-from segcli.metrics import ConfusionMatrix
+from segcli.training.metrics import ConfusionMatrix
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "lseg_tiny", "--crop", "96", "--lr", "1e-3", "--workers", "0", "--batch-size", "8"]
@@ -274,7 +274,7 @@ def test_search_ranks_photos_that_hold_the_class_first(trained, scenes, tmp_path
     assert sum(aucs) / len(aucs) >= 0.75, aucs
     # each score is the share of stored cells where the query beats every other label, recomputed here
     from segcli.api import Segmenter
-    from segcli.labels import LabelSet
+    from segcli.data.labels import LabelSet
 
     seg = Segmenter.from_pretrained(str(trained / "best.safetensors"), device="cpu")
     text = seg.label_embeddings(LabelSet.from_synonyms([[c] for c in SYNTHETIC_CLASSES])).numpy().astype(np.float64)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLES, TINY_LABELS
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLES, TINY_LABELS
 from segcli.cli import app
 
 av = pytest.importorskip("av")
@@ -124,9 +124,9 @@ def lively_checkpoint(tmp_path_factory) -> Path:
     shared tiny checkpoint's randomised statistics give one label everywhere on these frames)."""
     import torch
 
-    from segcli.checkpoint import save_checkpoint
-    from segcli.labels import parse_labels
+    from segcli.data.labels import parse_labels
     from segcli.modeling import build_model
+    from segcli.models.checkpoint import save_checkpoint
 
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("lively") / "tiny.safetensors"

@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 
 from segcli.data.images import IMAGE_SUFFIXES, load_image
+from segcli.data.labels import IGNORE_INDEX, LabelSet, named_label_set
 from segcli.data.synthetic import SYNTHETIC_CLASSES, synthetic_scene
 from segcli.errors import SegcliError
-from segcli.labels import LabelSet, named_label_set
-from segcli.metrics import IGNORE_INDEX
 
 SPLITS = ("train", "val")
 SYNTHETIC_SIZES = {"train": 400, "val": 100}

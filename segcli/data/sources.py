@@ -26,7 +26,7 @@ class Source:
     display: str  # as the user named it
     rel: PurePosixPath  # output location inside DIR, without suffix: outputs are REL_mask.png ...
     error: str | None = None  # known bad before decoding (e.g. a listed file that does not exist)
-    video: bool = False  # a video (by content, or by extension when unreadable): segcli.video
+    video: bool = False  # a video (by content, or by extension when unreadable): segcli.pipeline.video
 
 
 @dataclass

@@ -86,7 +86,7 @@ def write_synthetic_dataset(out: str | Path, train: int = 400, val: int = 100, s
     """Write scenes in the `folder:` layout: {train,val}/images/*.png, {train,val}/masks/*.png, classes.txt."""
     from PIL import Image
 
-    from segcli.fileio import atomic_path, atomic_write_bytes
+    from segcli.files.atomic import atomic_path, atomic_write_bytes
 
     out = Path(out)
     for split, count in (("train", train), ("val", val)):

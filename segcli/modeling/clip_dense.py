@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
+from segcli.modeling.configs import CLIP_DENSE_PROBABILITY_SCALES, CLIP_DENSE_PROTOCOLS, CLIPDenseConfig, Protocol
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
 from segcli.modeling.text_encoder import TextEncoder
-from segcli.registry import CLIP_DENSE_PROBABILITY_SCALES, CLIP_DENSE_PROTOCOLS, CLIPDenseConfig
-from segcli.sliding import Protocol
 
 
 class CLIPDense(PixelTextModel):
@@ -59,7 +58,7 @@ class CLIPDense(PixelTextModel):
 
     @property
     def default_protocol(self) -> Protocol:
-        """The method's authors' protocol: short-side resize, sliding windows (segcli.sliding)."""
+        """The method's authors' protocol: short-side resize, sliding windows (segcli.inference.windows)."""
         return CLIP_DENSE_PROTOCOLS[self.cfg.method]
 
     def position_embedding(self, grid_hw: tuple[int, int]) -> torch.Tensor:

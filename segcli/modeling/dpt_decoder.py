@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segcli.modeling.configs import LSegConfig
 from segcli.modeling.fusion import FeatureFusionBlock
 from segcli.modeling.reassemble import Reassemble
-from segcli.registry import LSegConfig
 
 
 class DPTDecoder(nn.Module):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from segcli.registry import LSegConfig
+from segcli.modeling.configs import LSegConfig
 
 
 class _LSegVisionTransformer(VisionTransformer):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from segcli.modeling.configs import LSegConfig, get_config
 from segcli.modeling.dpt_decoder import DPTDecoder
 from segcli.modeling.image_encoder import ImageEncoder
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
 from segcli.modeling.text_encoder import TextEncoder
-from segcli.registry import LSegConfig, get_config
 
 
 class LSeg(PixelTextModel):

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.labels import LabelSet, prompt_templates
+from segcli.data.labels import LabelSet, prompt_templates
 
 
 class PixelTextModel(nn.Module):
-    """Base of every PyTorch family (LSeg, CLIPDense); implements `segcli.backend.DenseBackend`.
+    """Base of every PyTorch family (LSeg, CLIPDense); implements `segcli.models.backend.DenseBackend`.
 
     Subclasses build `text_encoder`, set `output_stride` and implement
     `pixel_embeddings(images [B,3,H,W] in [0,1]) -> [B,C,H/s,W/s]` (s = output_stride).

@@ -9,7 +9,7 @@ from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 from segcli.errors import SegcliError
-from segcli.registry import TextConfig
+from segcli.modeling.configs import TextConfig
 
 _TOKENIZER: SimpleTokenizer | None = None
 

@@ -1,7 +1,0 @@
-"""What predict's forkserver imports before it forks the host workers: the torch-free host module
-and the compiled label-map loop, loaded once there instead of once in every worker."""
-
-from segcli import host  # noqa: F401
-from segcli.kernels import warm_up
-
-warm_up()

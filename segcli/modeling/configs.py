@@ -1,0 +1,208 @@
+"""The networks' configs and named architectures, as plain data (this module never imports torch).
+
+A config is JSON-serialisable, so a checkpoint records its family and config and rebuilds the model
+without any code of its own. Named architectures (`lseg_vitl16_384`, ...) are configs; each
+training-free method has a row in the CLIP_DENSE_* tables (description, protocol, temperature) and
+`Protocol` says how images meet a model. The family table that ties configs to modules and foreign
+weights is segcli.models.families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
+
+from segcli.errors import SegcliError
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images meet the model: `window` None = one canvas of `imgsz` (long side, padded);
+    else resized to `short_side` and covered by windows of `window` every `stride` pixels."""
+
+    short_side: int | None = None
+    window: int | None = None
+    stride: int | None = None
+
+    @property
+    def sliding(self) -> bool:
+        return self.window is not None
+
+    def describe(self) -> str:
+        if not self.sliding:
+            return "one canvas (long side = imgsz, padded)"
+        short = f"short side {self.short_side}" if self.short_side else "the canvas's long side"
+        return f"{short}, {self.window}-pixel windows every {self.stride}, logits averaged"
+
+
+# the training-free methods a CLIP can be read with (modeling/clip_dense.py); `clip-dense` names the default
+CLIP_DENSE_METHODS = {
+    "clearclip": "ClearCLIP (Lan et al., ECCV 2024): query-query attention, no residual, no feed-forward",
+    "naclip": "NACLIP (Hajimiri et al., WACV 2025): key-key attention plus a Gaussian neighbourhood, "
+              "no residual, no feed-forward",
+}
+DEFAULT_CLIP_DENSE_METHOD = "naclip"  # the best published number of those implemented (ADE-150 19.1, with PAMR)
+# each method's inference protocol as its authors evaluate (their ADE20K configs): the short side,
+# then windows of `window` every `stride` pixels, logits averaged (segcli.inference.windows)
+CLIP_DENSE_PROTOCOLS = {
+    "clearclip": Protocol(short_side=448, window=448, stride=224),
+    "naclip": Protocol(short_side=336, window=224, stride=112),
+}
+# the temperature each method's code gives cosine similarities before its softmax (--bg-threshold's
+# probabilities): NACLIP logit_scale=40, ClearCLIP 50 (their segmentors' defaults)
+CLIP_DENSE_PROBABILITY_SCALES = {"clearclip": 50.0, "naclip": 40.0}
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """An open_clip text tower. The defaults are OpenAI CLIP ViT-B/32's text transformer."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408  # the CLIP BPE vocabulary; the tokenizer ships inside open_clip
+    embed_dim: int = 512  # C: the shared pixel/text embedding size
+    quick_gelu: bool = True  # OpenAI CLIP weights were trained with QuickGELU
+
+
+@dataclass(frozen=True)
+class LSegConfig:
+    """ViT image encoder + DPT decoder + frozen CLIP text tower."""
+
+    name: str
+    patch_size: int
+    vit_dim: int
+    depth: int
+    num_heads: int
+    hook_blocks: tuple[int, int, int, int]  # blocks whose outputs feed the four reassemble branches
+    reassemble_channels: tuple[int, int, int, int]
+    features: int = 256  # decoder width
+    pos_embed_grid: int = 24  # pos_embed is stored for this grid (384 / patch)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale: float = 1 / 0.07  # LSeg's fixed temperature
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    default_imgsz: int = 384
+    timm_name: str | None = None  # where pretrained backbone weights come from
+    clip_name: str | None = "ViT-B-32"  # where pretrained text weights come from
+
+    family: ClassVar[str] = "lseg"
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text.embed_dim
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this: the coarsest decoder level is at stride 32."""
+        return max(32, self.patch_size)
+
+    @property
+    def resample_factors(self) -> tuple[float, float, float, float]:
+        """Per level, how the patch grid is rescaled to reach strides 4, 8, 16 and 32."""
+        return tuple(self.patch_size / stride for stride in (4, 8, 16, 32))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LSegConfig":
+        return config_from_dict(cls, data)
+
+
+def config_from_dict(cls: type, data: dict):
+    """Inverse of `asdict` for a family config: nested TextConfig, lists back to tuples."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise SegcliError(f"model config has unknown fields {sorted(unknown)}: written by a newer segcli?")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if "text" in data:
+        data["text"] = TextConfig(**data["text"])
+    return cls(**data)
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class CLIPDenseConfig:
+    """A pretrained CLIP ViT read densely (training-free, see modeling/clip_dense.py) + its text tower.
+
+    The fields are read off the weights' shapes, so any plain open_clip ViT checkpoint fits.
+    """
+
+    name: str  # "clip-dense:ViT-B-16@openai", or the weights file's name
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    pos_embed_grid: int  # the stored position embedding covers this grid (224 / patch for OpenAI)
+    text: TextConfig
+    quick_gelu: bool = True
+    logit_scale: float = 100.0  # CLIP's learned temperature after training (exp(4.6052))
+    pixel_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    pixel_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    default_imgsz: int = 448  # ClearCLIP/SCLIP evaluate at a 448 short side
+    method: str = "clearclip"  # how the last block reads the patches: "clearclip" or "naclip" (CLIP_DENSE_METHODS)
+    gaussian_std: float = 5.0  # naclip: the neighbourhood's width, in patches (NACLIP's default)
+
+    family: ClassVar[str] = "clip-dense"
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text.embed_dim
+
+    @property
+    def input_multiple(self) -> int:
+        return self.patch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CLIPDenseConfig":
+        return config_from_dict(cls, data)
+
+
+ARCHITECTURES: dict[str, LSegConfig] = {
+    cfg.name: cfg
+    for cfg in [
+        # LSeg's released model (demo_e200.ckpt): ViT-L/16 + CLIP ViT-B/32 text.
+        LSegConfig(
+            name="lseg_vitl16_384", patch_size=16, vit_dim=1024, depth=24, num_heads=16,
+            hook_blocks=(5, 11, 17, 23), reassemble_channels=(256, 512, 1024, 1024),
+            pos_embed_grid=24, timm_name="vit_large_patch16_384",
+        ),
+        LSegConfig(
+            name="lseg_vitb16_384", patch_size=16, vit_dim=768, depth=12, num_heads=12,
+            hook_blocks=(2, 5, 8, 11), reassemble_channels=(96, 192, 384, 768),
+            pos_embed_grid=24, timm_name="vit_base_patch16_384",
+        ),
+        LSegConfig(
+            name="lseg_vitb32_384", patch_size=32, vit_dim=768, depth=12, num_heads=12,
+            hook_blocks=(2, 5, 8, 11), reassemble_channels=(96, 192, 384, 768),
+            pos_embed_grid=12, timm_name="vit_base_patch32_384",
+        ),
+        # A few-layer model for tests and smoke runs on a CPU in seconds.
+        LSegConfig(
+            name="lseg_tiny", patch_size=16, vit_dim=64, depth=4, num_heads=2,
+            hook_blocks=(0, 1, 2, 3), reassemble_channels=(16, 32, 64, 64), features=32,
+            pos_embed_grid=8, default_imgsz=128, timm_name=None, clip_name=None,
+            text=TextConfig(width=64, heads=2, layers=2, embed_dim=64),
+        ),
+    ]
+}
+
+
+def get_config(name: str) -> LSegConfig:
+    """The registered config for an architecture name."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise SegcliError(
+            f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}"
+        ) from None

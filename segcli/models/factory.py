@@ -1,0 +1,246 @@
+"""One way to name a model: every --model value resolves to a ModelSpec, then loads.
+
+As open_clip's and timm's `create_model`: `resolve_model(spec)` says what a value means (kind,
+family, architecture, where the weights come from, whether loading may download) reading at most a
+file header, so `segcli info` can show it without loading or downloading anything;
+`load_model(spec, device)` builds the backend that predict, eval, export, convert and train use.
+
+Kinds of --model value:
+- hub:          clip-dense[:ARCH[@TAG]] - open_clip weights from the Hugging Face hub, cached
+- checkpoint:   a segcli .safetensors file (any family, recorded in its metadata)
+- weights:      foreign weights a family maps (an official LSeg .ckpt, open_clip CLIP weights)
+- onnx:         a `segcli export` .onnx file with its JSON sidecar
+- architecture: a registered name, built with random (seeded) weights
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from segcli.errors import SegcliError
+from segcli.modeling.configs import ARCHITECTURES, CLIP_DENSE_METHODS, CLIP_DENSE_PROTOCOLS, DEFAULT_CLIP_DENSE_METHOD
+from segcli.models.families import DEFAULT_MODEL, FAMILIES
+
+if TYPE_CHECKING:
+    import torch
+
+    from segcli.data.labels import LabelSet
+    from segcli.models.backend import DenseBackend
+
+KIND_TEXT = {
+    "hub": "training-free weights from the Hugging Face hub",
+    "checkpoint": "a segcli checkpoint",
+    "weights": "foreign weights (converted when loaded)",
+    "onnx": "an ONNX export",
+    "architecture": "an untrained architecture (random weights)",
+}
+UNTRAINED_WARNING = ("{name} is an untrained architecture with random weights: its masks are meaningless "
+                     "(fine for smoke tests and speed measurements; pass a checkpoint for real results)")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a --model value means, known without loading weights or downloading."""
+
+    spec: str  # as the user gave it
+    kind: str  # a key of KIND_TEXT
+    family: str | None  # a key of FAMILIES; None until foreign weights or an export are read
+    architecture: str | None
+    weights: str  # where the weights come from: a path, a hub URL, "random (seeded)"
+    downloads: bool  # loading may download (not cached yet)
+    path: Path | None = None
+    config: object | None = None  # the family config, when a name or header gives it
+    labels: "LabelSet | None" = None  # the labels the model carries (checkpoint header, baked export)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def kind_text(self) -> str:
+        return KIND_TEXT[self.kind]
+
+    @property
+    def untrained(self) -> bool:
+        return self.kind == "architecture"
+
+
+@dataclass
+class LoadedModel:
+    backend: "DenseBackend"
+    spec: ModelSpec
+    labels: "LabelSet | None"  # the labels it was trained on / baked in
+    fingerprint: str  # identifies the weights in run records
+
+
+def resolve_model(spec: str | None = None) -> ModelSpec:
+    """Classify a --model value (default: the training-free CLIP). Reads headers only; never downloads."""
+    from segcli.models.clip_weights import is_clip_dense_spec
+    from segcli.models.weights import WEIGHT_SUFFIXES
+
+    spec = spec or DEFAULT_MODEL
+    if is_clip_dense_spec(spec):
+        return _hub_spec(spec)
+    from segcli.models.clip_weights import split_method
+
+    method = split_method(spec)
+    if method is not None:  # naclip:/path/open_clip_model.safetensors: local weights read with a method
+        found = resolve_model(method[2])
+        if found.kind != "weights":
+            raise SegcliError(f"{method[1]}: takes open_clip weights files (a segcli checkpoint or export carries "
+                              f"its own method): {method[2]}")
+        return ModelSpec(spec, "weights", "clip-dense", None, found.weights, False, found.path,
+                         metadata={"method": method[0]})
+    path = Path(spec).expanduser()
+    if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES:
+        if not path.exists():
+            raise SegcliError(f"model file not found: {spec}")
+        if path.is_dir():
+            raise SegcliError(f"--model {spec} is a folder, not a checkpoint file")
+        suffix = path.suffix.lower()
+        if suffix == ".onnx":
+            from segcli.models.onnx_backend import read_sidecar
+
+            meta = read_sidecar(path)
+            from segcli.data.labels import LabelSet
+
+            labels = LabelSet.from_json(meta["labels"]) if meta.get("labels") else None
+            return ModelSpec(spec, "onnx", meta.get("family"), meta.get("architecture"), str(path), False, path,
+                             labels=labels, metadata=meta)
+        if suffix == ".safetensors":
+            from segcli.models.checkpoint import is_segcli_checkpoint, read_checkpoint_info
+
+            if is_segcli_checkpoint(path):
+                info = read_checkpoint_info(path)
+                meta = {k: v for k, v in info.metadata.items() if k not in ("config", "labels")}
+                return ModelSpec(spec, "checkpoint", info.family, info.config.name, str(path), False, path,
+                                 config=info.config, labels=info.labels, metadata=meta)
+        return ModelSpec(spec, "weights", None, None, str(path), False, path)
+    if spec in ARCHITECTURES:
+        cfg = ARCHITECTURES[spec]
+        return ModelSpec(spec, "architecture", cfg.family, spec, "random (seeded)", False, config=cfg)
+    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense|naclip|clearclip[:ARCH[@TAG]] nor an architecture "
+                      f"({', '.join(ARCHITECTURES)})")
+
+
+def _hub_spec(spec: str) -> ModelSpec:
+    from segcli.models.clip_weights import CLIP_DENSE, hub_weights_source, parse_clip_dense_spec, split_method
+    from segcli.models.hub import cached_hub_file
+
+    arch, tag = parse_clip_dense_spec(spec)
+    repo, names = hub_weights_source(arch, tag)
+    cached = cached_hub_file(repo, names)
+    method = split_method(spec)[0]
+    return ModelSpec(spec, "hub", CLIP_DENSE, arch, f"https://huggingface.co/{repo}",
+                     downloads=cached is None, path=cached,
+                     metadata={"pretrained": tag, "method": method})
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identity of a weights file, cheap for GB-sized files: size + first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return "sha256-partial:" + h.hexdigest()
+
+
+def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedModel:
+    """Build the backend a spec names, on `device`. Never runs code from a file."""
+    import torch
+
+    spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
+    if spec.kind == "hub":
+        from segcli.models.clip_weights import load_clip_dense
+
+        model, weights = load_clip_dense(spec.spec, device)
+        return LoadedModel(model, spec, None, f"{model.cfg.name}:{model_fingerprint(weights)}")
+    if spec.kind == "architecture":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random weights every time, so runs are repeatable
+            model = FAMILIES[spec.family].model_class()(spec.config).eval()
+        return LoadedModel(model.to(device), spec, None, f"arch:{spec.spec}")
+    fingerprint = model_fingerprint(spec.path)
+    if spec.kind == "onnx":
+        from segcli.models.onnx_backend import OnnxModel
+
+        model = OnnxModel(spec.path, spec.metadata)
+        return LoadedModel(model, spec, model.baked_labels, fingerprint)
+    if spec.kind == "checkpoint":
+        from segcli.models.checkpoint import load_checkpoint
+
+        model, info = load_checkpoint(spec.path, device)
+        return LoadedModel(model, spec, info.labels, fingerprint)
+    from segcli.models.weights import read_state_dict
+
+    state = read_state_dict(spec.path)  # tensors only: never runs code from the file
+    if spec.metadata.get("method"):
+        from segcli.models.clip_weights import clip_dense_from_clip_state, is_clip_state_dict
+
+        if not is_clip_state_dict(state):
+            raise SegcliError(f"{spec.spec}: {spec.path.name} is not an open_clip CLIP weights file")
+        model = clip_dense_from_clip_state(state, spec.path.name, method=spec.metadata["method"])
+        return LoadedModel(model.to(device), spec, None, f"{spec.metadata['method']}:{fingerprint}")
+    for family in FAMILIES.values():
+        found = family.try_foreign(state, spec.path.name)
+        if found is not None:
+            model, labels = found
+            return LoadedModel(model.to(device), spec, labels, fingerprint)
+    raise SegcliError(f"{spec.spec} is neither a segcli checkpoint, an LSeg checkpoint nor open_clip CLIP weights")
+
+
+def describe_model(value: str) -> dict:
+    """Everything `segcli info` shows about a --model value; never downloads."""
+    import torch
+
+    spec = resolve_model(value)
+    data = {"model": value, "kind": spec.kind_text, "family": spec.family, "architecture": spec.architecture,
+            "weights": spec.weights}
+    if spec.kind == "hub":
+        data["downloads"] = "on first use, then cached" if spec.downloads else f"no (cached: {spec.path})"
+    config, labels, meta = spec.config, spec.labels, dict(spec.metadata)
+    if spec.kind == "onnx":  # the sidecar says it all
+        data.update({"kind": f"ONNX export ({meta.get('mode')})", "input size": meta.get("imgsz"), **meta,
+                     "labels": list(labels.names) if labels else "any (open vocabulary)"})
+        return data
+    if spec.kind == "weights":  # what family and architecture they are is known once they are read
+        loaded = load_model(spec, torch.device("cpu"))
+        config, labels = loaded.backend.cfg, loaded.labels
+        data.update({"kind": f"{type(loaded.backend).__name__} weights (converted when loaded)",
+                     "family": config.family, "architecture": config.name})
+        if config.family == "clip-dense":
+            data.update(clip_dense_recipe(config.method))
+        params = sum(p.numel() for p in loaded.backend.state_dict().values())
+    elif spec.kind == "checkpoint":
+        from segcli.models.checkpoint import count_parameters
+
+        params = count_parameters(spec.path)
+    elif spec.kind == "architecture":
+        with torch.device("meta"):
+            params = sum(p.numel() for p in FAMILIES[spec.family].model_class()(config).state_dict().values())
+    else:  # hub: the config is read off the weights, which may not be here yet; the input size is the family's
+        data["input size"] = FAMILIES[spec.family].config.__dataclass_fields__["default_imgsz"].default
+        data["labels"] = "any (open vocabulary)"
+        data.update(meta)
+        if spec.family == "clip-dense":
+            data.update(clip_dense_recipe(meta.get("method", DEFAULT_CLIP_DENSE_METHOD)))
+        return data
+    data.update({"parameters": params, "input size": config.default_imgsz, "config": config.to_dict(),
+                 "labels": list(labels.names) if labels else None, "metadata": meta})
+    return data
+
+
+def clip_dense_recipe(method: str) -> dict[str, str]:
+    """How a clip-dense method reads images and labels by default (what `segcli info` shows)."""
+    return {
+        "method": f"{method}: {CLIP_DENSE_METHODS[method]}",
+        "protocol": CLIP_DENSE_PROTOCOLS[method].describe(),
+        "prompt": "imagenet80 (CLIP's 80 ImageNet templates, averaged)",
+        "synonyms": "max (each synonym scored, a label keeps its best)",
+        "refine": "pamr (PAMR, 10 steps, dilations 8 and 16)" if method == "naclip" else "none",
+    }

@@ -1,0 +1,409 @@
+"""The predict engine: a stream of named stages from SOURCE files to outputs in a run folder.
+
+    decode (worker processes, bounded window) -> infer (this process, batches)
+      -> restore (label map at the photo's size) -> render (one entry of OUTPUT_KINDS each) -> write
+         (the same worker processes, bounded)
+
+Memory depends on the batch size and window, never on the number of inputs. The host stages live in
+`segcli.pipeline.host` (torch-free, run by the workers); the run folder's bookkeeping (settings check,
+records, summaries) is `segcli.pipeline.run_folder.RunFolder`; what each output kind is and how it is made is
+the table `segcli.postprocess.outputs.OUTPUT_KINDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
+from segcli.data.labels import LabelSet
+from segcli.data.sources import Source, SourceList
+from segcli.embeddings.format import EmbeddingInfo, check_embed_stride, dtype_name, encode, pool, resolve_embed_dtype
+from segcli.errors import SegcliError, one_line
+from segcli.files.atomic import is_disk_error, remove_stale_temp_files
+from segcli.inference.segmenter import Segmenter
+from segcli.pipeline import host, parcels
+from segcli.pipeline.host import ModelInput
+from segcli.pipeline.run_folder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
+from segcli.pipeline.workers import default_workers, worker_context
+from segcli.postprocess.label_map import batch_candidate_logits, image_region
+from segcli.postprocess.outputs import DEFAULT_OUTPUTS
+
+# A write failure is one input's failure, except when it is the disk's (full, over quota, read-only,
+# I/O error: fileio.DISK_ERRNOS), or when the same errno fails this many inputs in a row: then the
+# run stops, those inputs stay not done, and the next run finishes the job.
+FAILED_WRITES_IN_A_ROW = 8
+
+
+class OutputWriteError(SegcliError):
+    """The run stopped because its output folder stopped taking writes (exit status 2)."""
+
+
+@dataclass
+class PredictOptions:
+    labels: LabelSet
+    prompt: str | None = None
+    output: Path | None = None  # None: a new runs/predict/N
+    save: tuple[str, ...] = DEFAULT_OUTPUTS
+    alpha: float = 0.5
+    batch_size: int = 8
+    workers: int | None = None  # None: 2 when the model runs on the CPU, else all cores but one (at most 16)
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    shard: tuple[int, int] | None = None  # (I, N): this run is shard I of N, writing into a shared DIR
+    postprocess: str = "host"  # where full-size work happens: host (worker processes) or device; auto = host
+    embed_dtype: str = "auto"  # the stored pixel embeddings' dtype (see segcli.embeddings.format)
+    embed_stride: int | None = None  # their stride in input pixels (None: the model's output stride)
+    refine: str = "auto"  # "pamr", "none", or auto: PAMR for the methods whose published numbers use it (naclip)
+    vid_stride: int = 1  # videos: every N-th frame
+    smooth: float = 0.0  # videos: weight of the running average in each frame's logits (0: off)
+
+
+@dataclass
+class PredictResult:
+    output: Path
+    records: list[dict]
+    summary: dict
+    failed: int = 0
+    reused: int = 0
+    interrupted: bool = False
+
+
+@dataclass
+class Item:
+    """One input on its way through the stages."""
+
+    index: int
+    source: Source
+    model_input: ModelInput | None = None
+    error: str | None = None
+
+
+class PredictRun:
+    """One `segcli predict` run over a list of sources."""
+
+    def __init__(self, segmenter: Segmenter, options: PredictOptions, sources: SourceList,
+                 on_record: Callable[[dict], None] | None = None, on_frames: Callable[[int], None] | None = None):
+        if options.postprocess not in ("auto", "host", "device"):
+            raise SegcliError(f"--postprocess {options.postprocess!r}: use host or device")
+        if options.vid_stride < 1 or not 0.0 <= options.smooth < 1.0:
+            raise SegcliError("--vid-stride takes 1 or more, --smooth a weight from 0 (off) to below 1")
+        self.on_frames = on_frames
+        self.seg = segmenter
+        self.opt = options
+        self.sources = sources
+        self.on_record = on_record or (lambda record: None)
+        self.embed = None  # (dtype, stride) when the pixel embeddings are stored
+        if "embeddings" in options.save:
+            if not segmenter.model.provides_embeddings:
+                raise SegcliError("this model gives no pixel embeddings (an ONNX export): --save embeddings needs "
+                                  "a PyTorch model (a checkpoint, clip-dense, ...)")
+            if segmenter.protocol.sliding:
+                raise SegcliError("--save embeddings stores the cells of one canvas: add --window 0 (this model "
+                                  "slides windows by default)")
+            self.embed = (resolve_embed_dtype(options.embed_dtype, segmenter.autocast_dtype),
+                          check_embed_stride(options.embed_stride, segmenter.model.output_stride))
+        self.refiner = segmenter.refiner_for(options.refine)
+        self.groups = segmenter.label_groups(options.labels)  # synonyms scored separately, or None
+        settings = {
+            "model": segmenter.name,
+            "model_fingerprint": segmenter.fingerprint,
+            "labels": options.labels.to_json(),
+            "prompt": options.prompt,
+            "imgsz": segmenter.imgsz,
+            "precision": dtype_name(segmenter.autocast_dtype or torch.float32),
+            "save": list(options.save),
+            "alpha": options.alpha,
+        }
+        if self.embed is not None:
+            settings["embeddings"] = {"dtype": dtype_name(self.embed[0]), "stride": self.embed[1]}
+        if self.refiner is not None:
+            settings["refine"] = "pamr"
+        if self.groups is not None:
+            settings["synonyms"] = "max"
+        if segmenter.bg_threshold is not None:
+            settings["bg_threshold"] = segmenter.bg_threshold
+        if segmenter.protocol.sliding:
+            settings["protocol"] = dataclasses.asdict(segmenter.protocol)
+        if options.vid_stride != 1 or options.smooth:
+            settings["video"] = {"vid_stride": options.vid_stride, "smooth": options.smooth}
+        self.folder = RunFolder(options.output, settings, options.shard, options.overwrite)
+        self.output = self.folder.path
+        self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
+                                  options.max_pixels, self.folder.path, self.folder.real, segmenter.protocol)
+        self.records: dict[int, dict] = {}
+        self.stop: OSError | None = None  # the write failure that ended the run early
+        self._failed_writes: list[int | None] = []  # errnos of the write failures since the last success
+        # the host's worker processes, unless asked: the device path runs one photo at a time in this
+        # process, which on an H200 fed 50 photos/s to a model that takes 444 (README, Performance)
+        on_device = options.postprocess == "device"
+        self.device_post = None
+        if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
+            from segcli.pipeline.device_post import DevicePostprocess
+
+            self.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)
+
+    def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
+        """A batch of model inputs -> per image, the candidate labels' logits on the host, one cell
+        per `seg.logit_stride` pixels of the resized photo (1 once refined); all labels', on the
+        device, when post-processing happens there."""
+        t0 = time.perf_counter()
+        pixels = [it.model_input.pixels for it in batch]
+        if self.embed is not None:  # one canvas each (the protocol was checked in __init__)
+            logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)
+        else:
+            logits, emb = self.seg.segment_images(pixels, text, self.opt.batch_size), None
+        per_image, valids = zip(*(self.seg.finish_logits(logits_i, it.model_input.pixels, it.model_input.resized_hw,
+                                                         self.refiner) for logits_i, it in zip(logits, batch)))
+        if self.device_post is not None:
+            selected = [(None, logits_i) for logits_i in per_image]
+        else:
+            selected = batch_candidate_logits(per_image, valids, self.groups)
+        share = (time.perf_counter() - t0) / len(batch)
+        jobs = []
+        for i, item in enumerate(batch):
+            got = item.model_input
+            candidates, cand = selected[i]
+            made = {"embeddings": self._embeddings_file(emb[i], item)} if emb is not None else None
+            jobs.append(host.FinishJob(item.source, candidates, cand, valids[i], got.full_hw, got.seconds + share,
+                                       got.stamp, made))
+            item.model_input = None
+        return jobs
+
+    def _embeddings_file(self, emb: torch.Tensor, item: Item) -> bytes:
+        """[C,S/s,S/s] of one canvas -> the NAME_embed.safetensors bytes of the photo's cells."""
+        dtype, stride = self.embed
+        got, model = item.model_input, self.seg.model
+        region = pool(image_region(emb, got.resized_hw, model.output_stride), stride // model.output_stride)
+        photo = {"path": os.path.abspath(item.source.path), "size": got.stamp[0], "mtime_ns": got.stamp[1]}
+        info = EmbeddingInfo.of(self.seg, region, stride, got.full_hw, got.resized_hw, photo)
+        return encode(region, info, dtype)
+
+    def finish_on_device(self, job: host.FinishJob, writers: ThreadPoolExecutor) -> Future:
+        """restore (+ the overlay) on the device, here; PNGs and writes on a host thread."""
+        t0 = time.perf_counter()
+        post = self.device_post
+        mask_on_device = post.label_map(job.logits, job.valid_hw, job.full_hw)
+        mask, counts = post.to_host(mask_on_device), post.histogram(mask_on_device)
+        made = {}
+        if "overlay" in self.plan.kinds:
+            try:
+                data = host.reread(job.source.path, job.stamp)
+                made["overlay"] = post.overlay_jpeg(data, mask_on_device, host.present_labels(counts)[1])
+            except host.InputFailure as exc:
+                return _failed(exc)
+        seconds = job.seconds + time.perf_counter() - t0
+        return writers.submit(host.complete, job.source, mask, counts, self.plan, seconds, None, {**(job.made or {}), **made})
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def _done(self, index: int, record: dict) -> None:
+        self.records[index] = record
+        if record["status"] == "ok":
+            self._failed_writes.clear()
+        try:
+            self.folder.record(record)
+        except OSError as exc:  # without its records the run cannot tell what it did: stop
+            self.stop = self.stop or exc
+        self.on_record(record)
+
+    def _write_failed(self, item: Item, exc: OSError) -> None:
+        """An input's outputs could not be written: its failure, or the end of the run (see above)."""
+        if self.stop is not None:
+            return  # written while stopping: not the input's fault, the next run does it
+        self._failed_writes.append(exc.errno)
+        streak = self._failed_writes[-FAILED_WRITES_IN_A_ROW:]
+        if is_disk_error(exc) or (len(streak) == FAILED_WRITES_IN_A_ROW and len(set(streak)) == 1):
+            self.stop = exc
+            return
+        self._done(item.index, error_record(item.source, f"cannot write outputs: {exc.strerror or exc}"))
+
+    def _collect(self, writing: deque, limit: int) -> None:
+        """Record finished writes (all that are done, and more until at most `limit` are pending)."""
+        while writing and (len(writing) > limit or writing[0][1].done()):
+            item, fut = writing.popleft()
+            if fut.cancelled():  # interrupted before it started: not done, the next run does it
+                continue
+            try:
+                self._done(item.index, parcels.result(fut.result()))
+            except host.InputFailure as exc:
+                self._done(item.index, error_record(item.source, str(exc)))
+            except OSError as exc:
+                self._write_failed(item, exc)
+            except BrokenProcessPool:
+                raise
+            except (MemoryError, ValueError, RuntimeError) as exc:
+                self._done(item.index, error_record(item.source, f"failed: {type(exc).__name__}: {one_line(str(exc))}"))
+
+    def _decoded(self, item: Item, fut: Future) -> Item:
+        try:
+            item.model_input = parcels.result(fut.result())
+        except ImageDecodeError as exc:
+            item.error = str(exc)
+        return item
+
+    def run(self) -> PredictResult:
+        """Every source through the stages. Raises OutputWriteError (after writing what it can of
+        the summary) when the output folder stops taking writes."""
+        done = self.folder.open()
+        try:
+            return self._run(done)
+        finally:
+            self.folder.release()
+
+    def _videos(self, videos: list[Item], text: torch.Tensor | None) -> None:
+        """Each video through the model in batches of frames, here (segcli.pipeline.video), after the photos."""
+        from segcli.pipeline.video import VideoRun
+
+        run = VideoRun(self.seg, self.plan, text, self.opt.batch_size, self.opt.vid_stride, self.opt.smooth, self.on_frames,
+                       refiner=self.refiner)
+        for item in videos:
+            try:
+                self._done(item.index, run.process(item.source))
+            except host.InputFailure as exc:
+                self._done(item.index, error_record(item.source, str(exc)))
+            except OSError as exc:
+                self._write_failed(item, exc)
+            if self.stop is not None:
+                return
+
+    def jobs(self, todo: list[Item], pool: ProcessPoolExecutor, text: torch.Tensor | None,
+             window: int) -> Iterator[tuple[Item, host.FinishJob | None]]:
+        """decode (in the pool, at most `window` ahead) -> infer (batches): per input, its job for
+        the workers, or None with `item.error` set. The extension point for other kinds of input
+        (relabel's stored embeddings): a subclass yields its own FinishJobs and the stages after
+        (restore, render, write, records) stay the same."""
+        decoding: deque[tuple[Item, Future | None]] = deque()
+        pending = iter(todo)
+
+        def refill() -> None:
+            while len(decoding) < window and (item := next(pending, None)) is not None:
+                fut = None if item.error else pool.submit(parcels.call, host.decode, item.source.path)
+                decoding.append((item, fut))
+
+        try:
+            refill()
+            batch: list[Item] = []
+            while decoding:
+                item, fut = decoding.popleft()
+                item = self._decoded(item, fut) if fut is not None else item
+                refill()
+                if item.error:
+                    yield item, None
+                else:
+                    batch.append(item)
+                if len(batch) == self.opt.batch_size or (not decoding and batch):
+                    yield from zip(batch, self.infer(batch, text))
+                    batch = []
+        finally:
+            for _, fut in decoding:
+                if fut is not None:
+                    fut.cancel()
+
+    def _run(self, done: dict[str, dict]) -> PredictResult:
+        context = worker_context()  # its fork server loads the host modules while the text tower runs
+        parcels.sweep()  # files left by runs that were killed outright
+        owner = parcels.new_owner()  # this run's files
+        text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
+        todo: list[Item] = []
+        reused = 0
+        for index, source in enumerate(self.sources.sources):
+            previous = self.folder.reusable(source, done, self.plan.outputs(source))
+            if previous is not None:
+                self.records[index] = previous
+                reused += 1
+                self.on_record(previous)
+            else:
+                todo.append(Item(index, source, error=source.error))
+
+        # `workers` single-threaded processes do all host work per image (decode, then restore,
+        # render and write): --workers N uses N cores besides the model's, with no GIL between them
+        workers = max(1, self.opt.workers or default_workers(self.seg.device))
+        window = self.opt.batch_size * 2 + workers
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=host.start_worker,
+                                   initargs=(self.plan, os.getpid(), owner))
+        writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
+        writing: deque[tuple[Item, Future]] = deque()
+        videos = [item for item in todo if item.source.video and not item.error]  # after the photos, here
+        jobs = self.jobs([item for item in todo if not (item.source.video and not item.error)], pool, text, window)
+        interrupted = broken = False
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            for item, job in jobs:
+                if job is None:
+                    self._done(item.index, error_record(item.source, item.error))
+                else:
+                    if writers:
+                        fut = self.finish_on_device(job, writers)
+                    else:
+                        fut = pool.submit(parcels.call, host.finish, parcels.pack(job, owner))
+                    writing.append((item, fut))
+                self._collect(writing, limit=window)
+                if self.stop is not None:
+                    break
+            self._collect(writing, limit=0)
+            if videos and self.stop is None:
+                self._videos(videos, text)
+        except KeyboardInterrupt:
+            interrupted = True
+        except BrokenProcessPool:
+            broken = True
+            raise SegcliError("a worker process died (killed, or out of memory); every file written is whole: "
+                              "run again to finish") from None
+        finally:
+            jobs.close()  # cancels the decodes not started
+            pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
+            parcels.sweep(owner)  # what nobody read: jobs cancelled, decodes not waited for
+            if broken:  # the dead worker cannot remove the temp file it was writing; its pid tells it is stale
+                remove_stale_temp_files(self.output)
+            if writers is not None:
+                writers.shutdown(wait=True, cancel_futures=True)
+            try:
+                self._collect(writing, limit=0)
+            except BrokenProcessPool:
+                pass
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+
+        ordered = [self.records[i] for i in sorted(self.records)]
+        total = len(self.sources.sources)
+        stopped = None if self.stop is None else f"cannot write to {self.output}: {self.stop.strerror or self.stop}"
+        try:
+            summary = self.folder.close(ordered, total, reused, interrupted, self.sources.skipped,
+                                        self.opt.labels.to_json(), stopped=stopped)
+            written = "summary.json written"
+        except OSError as exc:
+            if stopped is None:
+                raise OutputWriteError(f"all inputs processed, but the summary could not be written to {self.output}: "
+                                       f"{exc.strerror or exc}; run the same command again to write it") from None
+            written = "summary.json not written either"
+        if stopped is not None:
+            ok = sum(r["status"] == "ok" for r in ordered)
+            raise OutputWriteError(f"stopped: {stopped} ({ok} of {total} inputs done, {written}); once the folder "
+                                   "can be written again, run the same command to finish")
+        failed = sum(1 for r in ordered if r["status"] != "ok")
+        return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
+
+
+def _failed(exc: Exception) -> Future:
+    fut: Future = Future()
+    fut.set_exception(exc)
+    return fut
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
