@@ -1,9 +1,5 @@
-"""What every command shares: one-line errors and exit codes, warnings, the shared options' help.
-
-Exit status: 0 all inputs done; 1 some inputs failed (named on stderr and in summary.json);
-2 usage or environment error (bad labels, missing/corrupt model, unknown device, unwritable
-output); 130 interrupted.
-"""
+"""What every command shares: one-line errors with their exit codes (EXIT_CODES), warnings, the
+wording of the options several commands take."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ class RelabelRun(PredictRun):
         self.folder.settings["relabel_of"] = str(source_folder.resolve())
 
     def jobs(self, todo: list[Item], pool, text: torch.Tensor | None, window: int
-              ) -> Iterator[tuple[Item, host.FinishJob | None]]:
+             ) -> Iterator[tuple[Item, host.FinishJob | None]]:
         for item in todo:
             t0 = time.perf_counter()
             entry = self.stored[item.index]

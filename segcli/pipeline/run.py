@@ -42,7 +42,7 @@ from segcli.postprocess.label_map import batch_candidate_logits, image_region
 from segcli.postprocess.outputs import DEFAULT_OUTPUTS
 
 # A write failure is one input's failure, except when it is the disk's (full, over quota, read-only,
-# I/O error: fileio.DISK_ERRNOS), or when the same errno fails this many inputs in a row: then the
+# I/O error: segcli.files.atomic.DISK_ERRNOS), or when the same errno fails this many inputs in a row: then the
 # run stops, those inputs stay not done, and the next run finishes the job.
 FAILED_WRITES_IN_A_ROW = 8
 
