@@ -91,31 +91,37 @@ def decode_photo(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     `draft_long_side` pixels (or draft_long_side(w, h)) are needed on the long side. Failures:
     ImageDecodeError, one line."""
     with _decode_errors():
-        img, full_hw, _ = _open(path, max_pixels)
+        img, _ = _open(path, max_pixels)
+        w, h = img.size
         if draft_long_side and img.format == "JPEG":
-            w, h = img.size
             scale = (draft_long_side(w, h) if callable(draft_long_side) else draft_long_side) / max(w, h)
             if scale < 1:
                 img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
         img.load()
-        return DecodedPhoto(to_rgb(ImageOps.exif_transpose(img)), full_hw)
+        upright = ImageOps.exif_transpose(img)
+        # the upright size from what decoding gave, never from a tag read before it: Pillow's TIFF
+        # loader applies the orientation itself (its size is upright from the start) while a JPEG's
+        # is applied here; a DCT-reduced decode keeps the full size's aspect
+        turned = upright.size != img.size
+        return DecodedPhoto(to_rgb(upright), (w, h) if turned else (h, w))
 
 
 def decode_full_bgr(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The upright full-size photo (a file or its bytes) as [H,W,3] uint8 BGR (OpenCV's order, for
     blending and encoding). Plain JPEGs are decoded by OpenCV (twice as fast as Pillow, the same pixels); others by Pillow."""
     with _decode_errors():
-        img, full_hw, data = _open(path, max_pixels)
+        img, data = _open(path, max_pixels)
         if img.format == "JPEG" and img.mode in ("RGB", "L"):
             photo = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF orientation
-            if photo is not None and photo.shape[:2] == full_hw:
+            w, h = img.size  # a JPEG's orientation is the EXIF tag's, which OpenCV and Pillow both apply
+            if photo is not None and photo.shape[:2] == ((w, h) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)):
                 return photo
         img.load()
         return cv2.cvtColor(np.asarray(to_rgb(ImageOps.exif_transpose(img))), cv2.COLOR_RGB2BGR)
 
 
-def _open(path: str | Path | bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], bytes]:
-    """(lazily opened image, full upright size (H, W), the file's bytes) after the size checks."""
+def _open(path: str | Path | bytes, max_pixels: int) -> tuple[Image.Image, bytes]:
+    """(lazily opened image, the file's bytes) after the size checks."""
     data = path if isinstance(path, bytes) else Path(path).read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
@@ -127,8 +133,7 @@ def _open(path: str | Path | bytes, max_pixels: int) -> tuple[Image.Image, tuple
             "(possible decompression bomb; raise --max-pixels to allow)", "too_large")
     if w < 1 or h < 1:
         raise ImageDecodeError("image has no pixels")
-    orientation = img.getexif().get(0x0112, 1)
-    return img, ((w, h) if orientation in (5, 6, 7, 8) else (h, w)), data  # those orientations swap the axes
+    return img, data
 
 
 @contextmanager

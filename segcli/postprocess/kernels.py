@@ -14,6 +14,11 @@ are redone, from values interpolated along x once per band.
 every (label, photo value) pair's blend made by cv2.addWeighted itself: the same pixels as coloring
 the map and blending, without the colored image.
 
+Compiled code does not check its indices, so each loop is called through a Python function that
+checks every array's shape, dtype, layout and index range first and raises KernelInputError (one
+line) instead of reading or writing out of bounds; the checks cost a few microseconds plus one pass
+over the per-row and per-column taps.
+
 Imported on first use: numba costs a fraction of a second to import, which commands that never
 restore a map should not pay.
 """
@@ -35,14 +40,79 @@ def _compiled(fn):
         return njit(nogil=True)(fn)
 
 
+class KernelInputError(ValueError):
+    """Arrays that do not fit a compiled loop: refused before the loop could index out of bounds."""
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise KernelInputError(f"compiled loop refused its input: {what}")
+
+
+def _array(a, name: str, dtypes: tuple, ndim: int, writeable: bool = False, rows_contiguous: bool = False) -> None:
+    """`a` is an ndarray of one of `dtypes` and `ndim` dimensions, C-contiguous (or, with
+    `rows_contiguous`, contiguous along its last axis: a view of PNG rows), writeable if asked."""
+    _need(isinstance(a, np.ndarray), f"{name} is {type(a).__name__}, not a NumPy array")
+    _need(a.dtype in dtypes, f"{name} is {a.dtype}, not {' or '.join(str(np.dtype(d)) for d in dtypes)}")
+    _need(a.ndim == ndim, f"{name} has {a.ndim} dimensions, not {ndim}")
+    if rows_contiguous:
+        _need(a.shape[-1] <= 1 or a.strides[-1] == a.itemsize, f"{name}'s rows are not contiguous")
+    else:
+        _need(a.flags.c_contiguous, f"{name} is not C-contiguous")
+    _need(not writeable or a.flags.writeable, f"{name} is read-only")
+
+
+def _taps(lo, hi, weight, name: str, size: int, cells: int) -> None:
+    """One axis's bilinear taps: `size` of each, indices within `cells`, lower <= upper, not decreasing."""
+    for a, what, dtype in ((lo, "lower", np.int64), (hi, "upper", np.int64), (weight, "weight", np.float32)):
+        _array(a, f"{name} {what} taps", (dtype,), 1)
+        _need(a.shape[0] == size, f"{name} has {a.shape[0]} {what} taps for {size} output pixels")
+    if size:
+        _need(min(int(lo.min()), int(hi.min())) >= 0 and max(int(lo.max()), int(hi.max())) < cells,
+              f"{name} taps outside the {cells} cells")
+        _need(bool(np.all(hi >= lo)) and bool(np.all(np.diff(lo) >= 0)), f"{name} taps out of order")
+
+
+def restore_into(cand, labels, y0, y1, wy, x0, x1, wx, out, counts) -> None:
+    """Checked entry to the compiled `_restore_into` (its docstring says what the arrays are):
+    KernelInputError, one line, for anything that does not fit."""
+    _array(cand, "candidate logits", (np.float32,), 3)
+    n_cand, lh, lw = cand.shape
+    _need(n_cand >= 1 and lh >= 1 and lw >= 1, f"candidate logits of shape {cand.shape} are empty")
+    _array(labels, "candidate labels", (np.int64,), 1)
+    _array(counts, "label counts", (np.int64,), 1, writeable=True)
+    _need(labels.shape[0] == n_cand, f"{labels.shape[0]} candidate labels for {n_cand} candidates")
+    _need(int(labels.min()) >= 0 and int(labels.max()) < counts.shape[0],
+          f"candidate labels outside the {counts.shape[0]} labels counted")
+    _array(out, "label map", (np.uint8, np.uint16), 2, writeable=True, rows_contiguous=True)
+    _need(int(labels.max()) <= np.iinfo(out.dtype).max, f"labels up to {int(labels.max())} do not fit a {out.dtype} map")
+    _taps(y0, y1, wy, "rows", out.shape[0], lh)
+    _taps(x0, x1, wx, "columns", out.shape[1], lw)
+    _restore_into(cand, labels, y0, y1, wy, x0, x1, wx, out, counts)
+
+
+def blend_into(photo, mask, table) -> None:
+    """Checked entry to the compiled `_blend_into`: KernelInputError, one line, for a photo and label
+    map of different sizes (a photo decoded at another orientation than its map, say) or anything
+    else that does not fit."""
+    _array(photo, "photo", (np.uint8,), 3, writeable=True)
+    _need(photo.shape[2] == 3, f"photo has {photo.shape[2]} channels, not 3")
+    _array(mask, "label map", (np.uint8,), 2, rows_contiguous=True)
+    _need(mask.shape == photo.shape[:2], f"label map {mask.shape[1]}x{mask.shape[0]} and photo "
+                                         f"{photo.shape[1]}x{photo.shape[0]} differ in size")
+    _array(table, "blend table", (np.uint8,), 3)
+    _need(table.shape == (256, 256, 3), f"blend table of shape {table.shape}, not (256, 256, 3)")
+    _blend_into(photo, mask, table)
+
+
 @_compiled
-def restore_into(cand, labels, y0, y1, wy, x0, x1, wx, out, counts):  # pragma: no cover  (compiled)
+def _restore_into(cand, labels, y0, y1, wy, x0, x1, wx, out, counts):  # pragma: no cover  (compiled)
     """Write the label map into `out` [H,W] (uint8 or uint16) and add its pixels per label to
     `counts` [num_labels] int64.
 
     cand [P,h,w] float32: the candidates' logits over the image's cells; labels [P] int64: the label
     each candidate stands for; y0, y1 [H] int64, wy [H] float32 and x0, x1 [W], wx [W]: each output
-    row's (column's) lower and upper source cell and the upper one's weight (masks._source_coords).
+    row's (column's) lower and upper source cell and the upper one's weight (label_map._source_coords).
     Ties go to the lower candidate, as argmax does."""
     n_cand, lh, lw = cand.shape
     out_h, out_w = out.shape
@@ -128,7 +198,7 @@ def restore_into(cand, labels, y0, y1, wy, x0, x1, wx, out, counts):  # pragma: 
 
 
 @_compiled
-def blend_into(photo, mask, table):  # pragma: no cover  (compiled)
+def _blend_into(photo, mask, table):  # pragma: no cover  (compiled)
     """photo [H,W,3] uint8 (in place) <- table[mask, photo, channel]; mask [H,W] uint8, table
     [256,256,3] uint8 (render.blend_table)."""
     out_h, out_w = mask.shape
