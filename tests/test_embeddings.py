@@ -106,7 +106,13 @@ def test_the_stored_file(photos, tmp_path, tiny_checkpoint):
     canvas = fit_to_canvas(decode_photo(photos / "cat.jpg", draft_long_side=seg.imgsz).image, seg.imgsz)
     _, full = seg.segment_canvases(canvas.pixels[None], seg.label_embeddings(seg.resolve_labels(TINY_LABELS)),
                                    return_embeddings=True)
-    assert np.array_equal(emb, full[0, :, :emb.shape[1], :emb.shape[2]].numpy())  # the photo's cells, unchanged
+    # the photo's cells as the model computed them: bit for bit in predict's own batch; recomputed
+    # alone, oneDNN may round differently (its kernels depend on the batch and the ISA), by rounding
+    # steps of the dtype the model computed in, carried through its layers
+    again = full[0, :, :emb.shape[1], :emb.shape[2]].numpy()
+    diff = np.abs(emb - again) / np.abs(again).max()
+    print("stored vs recomputed alone: max", diff.max(), "mean", diff.mean(), "equal", (diff == 0).mean())
+    assert diff.max() <= (2.0 ** -5 if seg.autocast_dtype == torch.bfloat16 else 1e-4) and diff.mean() <= 1e-3
 
 
 def test_pooled_embeddings_are_an_average_pooling(photos, tmp_path, tiny_checkpoint):
