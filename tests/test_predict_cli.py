@@ -385,7 +385,10 @@ def test_unknown_postprocess_is_refused_before_the_output_folder_is_made(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_worker_killed_from_outside_stops_the_run_in_one_line(tmp_path, tiny_checkpoint):
+def test_a_worker_killed_from_outside_costs_only_a_retry(tmp_path, tiny_checkpoint):
+    """As the OOM killer would: the inputs the dead worker's pool held run again, one at a time, and
+    pass (they were not to blame); the run finishes with every photo done (tests/test_worker_crash.py:
+    an input that kills its worker again fails alone)."""
     folder = copies(SAMPLES / "coffee.jpg", tmp_path / "many", 300)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(folder), "-l", "a,b", "-m", str(tiny_checkpoint),
@@ -398,12 +401,14 @@ def test_a_worker_killed_from_outside_stops_the_run_in_one_line(tmp_path, tiny_c
     workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/status") if any(f"PPid:\t{s}\n" in _read(p) for s in server)]
     assert workers, "no worker process found"
     os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would
-    _, stderr = proc.communicate(timeout=60)
-    lines = stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "a worker process died" in lines[0], stderr
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and stderr.strip() == "", stderr
     assert not list(out.rglob(".segcli-tmp-*"))  # every file written is whole
+    assert json.loads((out / "summary.json").read_text())["counts"]["ok"] == 300
     width, height = Image.open(SAMPLES / "coffee.jpg").size
-    for mask in out.glob("*_mask.png"):
+    masks = list(out.glob("*_mask.png"))
+    assert len(masks) == 300
+    for mask in masks[::30]:
         assert np.array(Image.open(mask)).shape == (height, width)
 
 

@@ -165,6 +165,49 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(server, case):
     assert server.segment(photo, "mask")[0] == 200  # the next request still works
 
 
+def _documented(schema: dict, method: str, path: str, status: int, body: bytes, content_type: str) -> None:
+    """The served OpenAPI schema lists this answer, and the body has the declared shape."""
+    answers = schema["paths"][path][method.lower()]["responses"]
+    assert str(status) in answers, (path, status, sorted(answers))
+    if status == 200:
+        return
+    declared = answers[str(status)]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    body_schema = schema["components"]["schemas"][declared]
+    assert content_type.startswith("application/json") and body_schema["required"] == ["error"]
+    assert set(json.loads(body)) == {"error"} and isinstance(json.loads(body)["error"], str)
+
+
+def test_the_served_schema_documents_every_answer(server):
+    """What a contract tester (schemathesis) checks: every status a route really answers, and its
+    body, are in /openapi.json; the image is required and may not be empty; no 422 (errors are 400)."""
+    status, _, raw = server.request("GET", "/openapi.json")
+    schema = json.loads(raw)
+    segment = schema["paths"]["/v1/segment"]["post"]
+    form = segment["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]
+    image = schema["components"]["schemas"][form]
+    assert "image" in image["required"] and image["properties"]["image"]["minLength"] == 1
+    assert all("422" not in op["responses"] for path in schema["paths"].values() for op in path.values())
+    photo = (SAMPLES / "cat.jpg").read_bytes()
+    calls = [("GET", "/healthz", lambda: server.request("GET", "/healthz")),
+             ("GET", "/v1/info", lambda: server.request("GET", "/v1/info")),
+             ("POST", "/v1/segment", lambda: server.segment(photo)),
+             ("POST", "/v1/segment", lambda: server.segment(photo, "mask")),
+             ("POST", "/v1/segment", lambda: server.segment(b"")),
+             ("POST", "/v1/segment", lambda: server.segment(photo[:300])),
+             ("POST", "/v1/segment", lambda: server.segment(b"not a photo\n" * 10)),
+             ("POST", "/v1/segment", lambda: server.segment(photo, "tiff")),
+             ("POST", "/v1/segment", lambda: server.segment(photo * 200)),
+             ("POST", "/v1/segment", lambda: server.request("POST", "/v1/segment", fields={"labels": "a,b"})),
+             ("POST", "/v1/segment", lambda: server.request("POST", "/v1/segment", headers={"Transfer-Encoding": "chunked"},
+                                                            body=iter([b"0123"])))]
+    seen = set()
+    for method, path, call in calls:
+        status, headers, body = call()
+        _documented(schema, method, path, status, body, headers.get("content-type", ""))
+        seen.add(status)
+    assert seen == {200, 400, 411, 413, 415}
+
+
 def test_api_key_is_enforced(tiny_checkpoint):
     srv = Server(tiny_checkpoint, "--api-key", "s3cret")
     try:
@@ -172,6 +215,8 @@ def test_api_key_is_enforced(tiny_checkpoint):
         assert srv.request("GET", "/healthz")[0] == 200
         status, headers, body = srv.request("GET", "/v1/info")
         assert status == 401 and "API key" in json.loads(body)["error"]
+        _documented(json.loads(srv.request("GET", "/openapi.json")[2]), "GET", "/v1/info", status, body,
+                    headers.get("content-type", ""))
         assert srv.segment(photo, headers={"X-API-Key": "wrong"})[0] == 401
         assert srv.request("GET", "/v1/info", headers={"X-API-Key": "s3cret"})[0] == 200
         assert srv.segment(photo, "mask", headers={"Authorization": "Bearer s3cret"})[0] == 200

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -103,6 +104,43 @@ class FinishJob:
 
 
 _plan: HostPlan | None = None
+_stderr_captured = False  # fd 2 is this worker's stderr file (stderr_file)
+
+
+def stderr_file(owner: str, pid: int) -> Path:
+    """Where the worker `pid` of the run `owner` has its stderr: what native libraries print there
+    (libtiff's "Fax4Decode: Bad code word", glibc's "double free") stays off the terminal and goes
+    with the input it is about. One of the run's parcel files, so the run's sweep removes it."""
+    return parcels.FOLDER / f"{parcels.PREFIX}{owner}-stderr-{pid}"
+
+
+def _capture_stderr(owner: str) -> None:
+    global _stderr_captured
+    try:
+        fd = os.open(stderr_file(owner, os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+    except OSError:  # nowhere to put it: stderr stays the terminal
+        return
+    os.dup2(fd, 2)
+    os.close(fd)
+    _stderr_captured = True
+
+
+@contextmanager
+def _native_messages():
+    """Starts the task's stderr afresh; an exception that ends it carries what was printed (`.native`)."""
+    if _stderr_captured:
+        os.ftruncate(2, 0)  # O_APPEND: writes go on at the new end
+    try:
+        yield
+    except Exception as exc:
+        if _stderr_captured:
+            try:
+                text = os.pread(2, 4096, 0).decode(errors="replace").strip()
+            except OSError:
+                text = ""
+            if text:
+                exc.native = text
+        raise
 
 
 def start_worker(plan: HostPlan, parent_pid: int, parcel_owner: str) -> None:
@@ -116,6 +154,7 @@ def start_worker(plan: HostPlan, parent_pid: int, parcel_owner: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)  # one image per core: OpenCV's own threads would only add overhead
     parcels.serve_for(parcel_owner)
+    _capture_stderr(parcel_owner)
     from segcli.postprocess.kernels import warm_up
 
     warm_up()  # done already where the forkserver preloaded it; with spawn, each worker loads it here
@@ -138,19 +177,20 @@ def decode(path: Path | bytes, plan: HostPlan | None = None) -> ModelInput:
     not depend on which outputs are written). Raises ImageDecodeError with a one-line message."""
     plan = plan or _plan
     t0 = time.perf_counter()
-    try:
-        stamp = None if isinstance(path, bytes) else file_stamp(path)
-        decoded = decode_photo(path, plan.max_pixels,
-                               draft_long_side=lambda w, h: draft_size(w, h, plan.imgsz, plan.protocol))
-        pixels, resized_hw = model_pixels(decoded.image, plan.imgsz, plan.protocol)
-    except MemoryError:
-        raise ImageDecodeError("out of memory while decoding") from None
-    except FileNotFoundError:  # deleted since the folder was listed
-        raise ImageDecodeError("file not found (deleted since the inputs were listed)") from None
-    except ImageDecodeError:
-        raise
-    except Exception as exc:  # a decoder bug on a strange file must not stop the batch
-        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {one_line(str(exc))}") from None
+    with _native_messages():
+        try:
+            stamp = None if isinstance(path, bytes) else file_stamp(path)
+            decoded = decode_photo(path, plan.max_pixels,
+                                   draft_long_side=lambda w, h: draft_size(w, h, plan.imgsz, plan.protocol))
+            pixels, resized_hw = model_pixels(decoded.image, plan.imgsz, plan.protocol)
+        except MemoryError:
+            raise ImageDecodeError("out of memory while decoding") from None
+        except FileNotFoundError:  # deleted since the folder was listed
+            raise ImageDecodeError("file not found (deleted since the inputs were listed)") from None
+        except ImageDecodeError:
+            raise
+        except Exception as exc:  # a decoder bug on a strange file must not stop the batch
+            raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {one_line(str(exc))}") from None
     return ModelInput(pixels, resized_hw, decoded.full_hw, time.perf_counter() - t0, stamp)
 
 
@@ -174,7 +214,11 @@ def reread(path: Path, stamp: tuple[int, int] | None) -> bytes:
 
 def finish(job: FinishJob, plan: HostPlan | None = None) -> dict:
     """restore -> render -> write for one image; returns its record."""
-    plan = plan or _plan
+    with _native_messages():
+        return _finish(job, plan or _plan)
+
+
+def _finish(job: FinishJob, plan: HostPlan) -> dict:
     t0 = time.perf_counter()
     photo, warning = None, None
     if plan.need_photo:

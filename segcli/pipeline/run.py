@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ from segcli.inference.segmenter import Segmenter
 from segcli.pipeline import host, parcels
 from segcli.pipeline.host import ModelInput
 from segcli.pipeline.run_folder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
-from segcli.pipeline.workers import default_workers, worker_context
+from segcli.pipeline.workers import WorkerCrashed, WorkerPool, default_workers, worker_context
 from segcli.postprocess.label_map import batch_candidate_logits, image_region
 from segcli.postprocess.outputs import DEFAULT_OUTPUTS
 
@@ -89,6 +89,7 @@ class Item:
     source: Source
     model_input: ModelInput | None = None
     error: str | None = None
+    native: str | None = None  # what a worker's native code printed on stderr about its failure
 
 
 class PredictRun:
@@ -150,6 +151,7 @@ class PredictRun:
         # process, which on an H200 fed 50 photos/s to a model that takes 444 (README, Performance)
         on_device = options.postprocess == "device"
         self.device_post = None
+        self.pool: WorkerPool | None = None  # the worker processes, while the run runs
         if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
             from segcli.pipeline.device_post import DevicePostprocess
 
@@ -237,21 +239,22 @@ class PredictRun:
             if fut.cancelled():  # interrupted before it started: not done, the next run does it
                 continue
             try:
-                self._done(item.index, parcels.result(fut.result()))
-            except host.InputFailure as exc:
-                self._done(item.index, error_record(item.source, str(exc)))
+                self._done(item.index, self.pool.result(fut))
+            except (host.InputFailure, WorkerCrashed) as exc:
+                self._done(item.index, error_record(item.source, str(exc), getattr(exc, "native", None)))
             except OSError as exc:
                 self._write_failed(item, exc)
             except BrokenProcessPool:
                 raise
             except (MemoryError, ValueError, RuntimeError) as exc:
-                self._done(item.index, error_record(item.source, f"failed: {type(exc).__name__}: {one_line(str(exc))}"))
+                self._done(item.index, error_record(item.source, f"failed: {type(exc).__name__}: {one_line(str(exc))}",
+                                                    getattr(exc, "native", None)))
 
     def _decoded(self, item: Item, fut: Future) -> Item:
         try:
-            item.model_input = parcels.result(fut.result())
-        except ImageDecodeError as exc:
-            item.error = str(exc)
+            item.model_input = self.pool.result(fut)
+        except (ImageDecodeError, WorkerCrashed) as exc:
+            item.error, item.native = str(exc), getattr(exc, "native", None)
         return item
 
     def run(self) -> PredictResult:
@@ -279,7 +282,7 @@ class PredictRun:
             if self.stop is not None:
                 return
 
-    def jobs(self, todo: list[Item], pool: ProcessPoolExecutor, text: torch.Tensor | None,
+    def jobs(self, todo: list[Item], pool: WorkerPool, text: torch.Tensor | None,
              window: int) -> Iterator[tuple[Item, host.FinishJob | None]]:
         """decode (in the pool, at most `window` ahead) -> infer (batches): per input, its job for
         the workers, or None with `item.error` set. The extension point for other kinds of input
@@ -290,7 +293,7 @@ class PredictRun:
 
         def refill() -> None:
             while len(decoding) < window and (item := next(pending, None)) is not None:
-                fut = None if item.error else pool.submit(parcels.call, host.decode, item.source.path)
+                fut = None if item.error else pool.submit("decoding", host.decode, item.source.path)
                 decoding.append((item, fut))
 
         try:
@@ -332,8 +335,8 @@ class PredictRun:
         # render and write): --workers N uses N cores besides the model's, with no GIL between them
         workers = max(1, self.opt.workers or default_workers(self.seg.device))
         window = self.opt.batch_size * 2 + workers
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=host.start_worker,
-                                   initargs=(self.plan, os.getpid(), owner))
+        pool = self.pool = WorkerPool(workers, context, host.start_worker, (self.plan, os.getpid(), owner), owner,
+                                      host.stderr_file)
         writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
         writing: deque[tuple[Item, Future]] = deque()
         videos = [item for item in todo if item.source.video and not item.error]  # after the photos, here
@@ -345,12 +348,12 @@ class PredictRun:
         try:
             for item, job in jobs:
                 if job is None:
-                    self._done(item.index, error_record(item.source, item.error))
+                    self._done(item.index, error_record(item.source, item.error, item.native))
                 else:
                     if writers:
                         fut = self.finish_on_device(job, writers)
                     else:
-                        fut = pool.submit(parcels.call, host.finish, parcels.pack(job, owner))
+                        fut = pool.submit("making the outputs of", host.finish, job, packed=True)
                     writing.append((item, fut))
                 self._collect(writing, limit=window)
                 if self.stop is not None:
@@ -366,9 +369,9 @@ class PredictRun:
                               "run again to finish") from None
         finally:
             jobs.close()  # cancels the decodes not started
-            pool.shutdown(wait=True, cancel_futures=True)  # running writes finish: files stay whole
+            pool.shutdown()  # running writes finish: files stay whole
             parcels.sweep(owner)  # what nobody read: jobs cancelled, decodes not waited for
-            if broken:  # the dead worker cannot remove the temp file it was writing; its pid tells it is stale
+            if broken or pool.generation:  # a dead worker cannot remove the temp file it was writing; its pid tells it is stale
                 remove_stale_temp_files(self.output)
             if writers is not None:
                 writers.shutdown(wait=True, cancel_futures=True)

@@ -137,9 +137,13 @@ def _conflicts_with(shard: tuple[int, int] | None):
     return conflicts
 
 
-def error_record(source: Source, message: str) -> dict:
-    return {"input": source.display, "path": str(source.path), "output": str(source.rel),
-            "status": "error", "error": message}
+def error_record(source: Source, message: str, native: str | None = None) -> dict:
+    """A failed input's record; `native`: what native code printed about it (its last 20 lines)."""
+    record = {"input": source.display, "path": str(source.path), "output": str(source.rel),
+              "status": "error", "error": message}
+    if native:
+        record["native_messages"] = [line[:300] for line in native.splitlines()[-20:]]
+    return record
 
 
 def merge_summaries(folder: Path) -> dict:

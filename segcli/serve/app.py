@@ -13,12 +13,53 @@ from importlib import resources
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from segcli.errors import SegcliError, one_line
 from segcli.inference.segmenter import Segmenter
 from segcli.serve.service import OUTPUTS, ServeError, ServeOptions, Service
 from segcli.version import __version__
+
+
+class ErrorBody(BaseModel):
+    """Every error response: one sentence, no traceback."""
+
+    error: str
+
+
+# what each route can answer besides 200, each as {"error": ...}; the middleware's apply to every request
+_ERROR_TEXT = {
+    400: "Bad request: a missing or empty image, an undecodable image, bad labels, prompt or output.",
+    401: "Missing or wrong API key (only when the server has one).",
+    411: "No Content-Length (chunked uploads are refused).",
+    413: "Upload above --max-upload-mb, or an image above --max-pixels (decompression bombs).",
+    415: "The upload is not an image.",
+    500: "The model failed on this request.",
+    503: "Busy (the queue is full), the model did not answer in time, or shutting down; see Retry-After.",
+}
+_ROUTE_ERRORS = {("get", "/healthz"): (503,), ("get", "/v1/info"): (401, 503),
+                 ("post", "/v1/segment"): (400, 401, 411, 413, 415, 500, 503)}
+
+
+def _errors(*codes: int) -> dict:
+    return {code: {"model": ErrorBody, "description": _ERROR_TEXT[code]} for code in codes}
+
+
+def _without_422(app: FastAPI) -> dict:
+    """FastAPI's schema, less the 422 it documents for every route with parameters: this server
+    answers malformed requests with 400 and ErrorBody."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(service: Service):
@@ -74,22 +115,24 @@ def create_app(service: Service):
     def page():
         return resources.files("segcli.assets").joinpath("serve.html").read_text(encoding="utf-8")
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=_errors(*_ROUTE_ERRORS["get", "/healthz"]))
     def healthz():
         if service.draining:
             return error(503, "the server is shutting down")
         return {"status": "ok", "served": service.served, "batches": service.batcher.batches}
 
-    @app.get("/v1/info", dependencies=[Depends(api_key)])
+    @app.get("/v1/info", dependencies=[Depends(api_key)], responses=_errors(*_ROUTE_ERRORS["get", "/v1/info"]))
     def info():
         return service.info()
 
     @app.post("/v1/segment", dependencies=[Depends(api_key)],
-              responses={200: {"content": {t: {} for t in OUTPUTS.values()}}})
-    def segment(image: UploadFile = File(..., description="The photo (any format predict reads)."),
+              responses={200: {"content": {t: {} for t in OUTPUTS.values()}}, **_errors(*_ROUTE_ERRORS["post", "/v1/segment"])})
+    def segment(image: UploadFile = File(..., description="The photo (any format predict reads); not empty.",
+                                         json_schema_extra={"minLength": 1}),
                 labels: str | None = Form(None, description='"road,car,sky"; synonyms "road;street". Default: the server\'s.'),
                 prompt: str | None = Form(None, description='Prompt template with {}, e.g. "a photo of a {}."'),
-                output: str = Form("json", description="json | mask | color | overlay")):
+                output: str = Form("json", description="json | mask | color | overlay",
+                                   json_schema_extra={"enum": list(OUTPUTS)})):
         data = image.file.read(limit + 1)
         if len(data) > limit:
             raise ServeError(413, f"upload is above the {service.opt.max_upload_mb:g} MB limit")
@@ -98,6 +141,7 @@ def create_app(service: Service):
         body, media = service.segment(data, labels, prompt, output)
         return Response(body, media_type=media)
 
+    app.openapi = lambda: _without_422(app)
     return app
 
 
