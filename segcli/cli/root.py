@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from segcli.cli import models, predict, serve, training
+from segcli.cli import data, models, predict, serve, training
 from segcli.cli.common import EXIT_CODES
 from segcli.version import __version__
 
@@ -50,7 +50,7 @@ app.command()(training.train_command)
 app.command("eval")(training.eval_command)
 app.command()(models.export)
 app.command("embed-labels")(models.embed_labels_command)
-app.add_typer(training.data_app, name="data")
+app.add_typer(data.data_app, name="data")
 
 
 def main(argv: list[str] | None = None) -> None:

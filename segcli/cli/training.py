@@ -1,4 +1,4 @@
-"""`segcli train`, `eval` and `data`: training LSeg, measuring any model on a dataset, datasets."""
+"""`segcli train` and `eval`: training LSeg, measuring any model on a dataset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -24,6 +24,7 @@ from segcli.cli.common import (
     user_errors,
 )
 from segcli.cli.progress import TrainProgress
+from segcli.errors import SegcliError
 from segcli.training.options import TrainOptions
 
 
@@ -79,11 +80,14 @@ train_command = user_errors(train)  # what the app registers as `segcli train`
 
 @user_errors
 def eval_command(
-    model: str = typer.Option(..., "--model", "-m", help="Any --model value predict takes (a trained checkpoint, clip-dense, ...)."),
-    data: str = typer.Option(..., "--data", "-d", help="ade20k, folder:PATH or synthetic."),
+    models: List[str] = typer.Option(..., "--model", "-m", help="Any --model value predict takes (a trained checkpoint, clip-dense, ...); with --benchmark, repeat it for one row per model."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="A catalog dataset (ade20k, voc21, voc20, context60, context59, coco-stuff, coco-object, cityscapes; see segcli data list), folder:PATH or synthetic."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="training-free: the eight datasets the training-free methods report, each with their authors' settings; one table, a row per --model."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of each split (a smoke run)."),
+    download: bool = typer.Option(False, "--download", help="Fetch a missing catalog dataset first (segcli data get)."),
     split: str = typer.Option("val", "--split", help="train or val."),
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help="Other names for the dataset's classes, one per class in its order (zero-shot renaming)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where ade20k lives. Default: $SEGCLI_DATA, else ./data."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the datasets live (segcli data get --root). Default: $SEGCLI_DATA, else ./data."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size. Default: the model's."),
     ms_flip: bool = typer.Option(False, "--ms-flip", help="Sum logits over scales 0.5-1.75 and horizontal flips (as LSeg evaluates)."),
     short_side: Optional[int] = typer.Option(None, "--short-side", help=SHORT_SIDE_HELP),
@@ -100,14 +104,24 @@ def eval_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the metrics JSON here (default: stdout only with --json)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout instead of a table."),
 ) -> None:
-    """Pixel accuracy, mIoU and per-class IoU over a whole split (one confusion matrix)."""
+    """Pixel accuracy, mIoU and per-class IoU over a whole split (one confusion matrix); or, with
+    --benchmark, the papers' table over the eight benchmarks."""
     from segcli.data.labels import parse_labels
-    from segcli.data.segmentation import open_dataset
+    from segcli.data.segmentation import limited, open_dataset
     from segcli.files.atomic import atomic_write_json
     from segcli.inference.segmenter import Segmenter
     from segcli.training.evaluate import evaluate
 
-    dataset = open_dataset(data, data_root, seed=seed)
+    if benchmark is not None:
+        return _benchmark(models, benchmark, data_root, device, precision, limit, batch_size, output, json_out)
+    if data is None:
+        raise SegcliError("give --data (or --benchmark training-free)")
+    if len(models) > 1:
+        raise SegcliError("several --model values make rows of a --benchmark table: give one with --data")
+    model = models[0]
+    if download:
+        _download_if_missing(data, data_root)
+    dataset = limited(open_dataset(data, data_root, seed=seed), split, limit)
     label_set = parse_labels(labels) if labels else None
     seg = Segmenter.from_pretrained(model, device=device, precision=precision, imgsz=imgsz, warn=False)
     read_images_as(seg, short_side, window, stride, synonyms, bg_threshold)
@@ -131,19 +145,43 @@ def eval_command(
     Console(highlight=False).print(table)
 
 
-data_app = typer.Typer(help="Datasets: make synthetic ones.", no_args_is_help=True)
+def _download_if_missing(data: str, data_root: Path | None) -> None:
+    from segcli.data.catalog import BENCHMARKS
+    from segcli.data.prepare import default_root, get
+
+    if data in BENCHMARKS:
+        folder, what = get(BENCHMARKS[data].download, default_root(data_root))
+        print(f"{data}: {what} -> {folder}", file=sys.stderr)
 
 
-@data_app.command("synth")
-@user_errors
-def data_synth(
-    output: Path = typer.Argument(..., help="Folder to write (the folder: layout)."),
-    train_count: int = typer.Option(400, "--train", min=1, help="Training scenes."),
-    val_count: int = typer.Option(100, "--val", min=1, help="Validation scenes."),
-    seed: int = typer.Option(0, "--seed", help="The same seed gives the same scenes."),
-) -> None:
-    """Write procedurally drawn scenes with masks: OUT/{train,val}/{images,masks}/*.png, OUT/classes.txt."""
-    from segcli.data.synthetic import write_synthetic_dataset
+def _benchmark(models: list[str], suite: str, data_root: Path | None, device: str, precision: str, limit: int | None,
+               batch_size: int, output: Path | None, json_out: bool) -> None:
+    from rich.table import Table
 
-    out = write_synthetic_dataset(output, train_count, val_count, seed)
-    print(f"wrote {train_count} + {val_count} scenes -> {out} (use --data folder:{out})", file=sys.stderr)
+    from segcli.data.prepare import default_root
+    from segcli.files.atomic import atomic_write_json
+    from segcli.training.benchmark import run_benchmark
+
+    def progress(model: str, name: str, metrics: dict) -> None:
+        print(f"{model} on {name}: mIoU {metrics['mIoU']:.4f} ({metrics['images']} images)", file=sys.stderr, flush=True)
+
+    result = run_benchmark(models, suite, default_root(data_root), device, precision, limit, batch_size,
+                           on_result=None if json_out else progress)
+    if output:
+        atomic_write_json(output, result)
+    if json_out:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        table = Table(title=f"mIoU (%), {suite} benchmarks" + (f", first {limit} images each" if limit else ""))
+        table.add_column("model", overflow="fold")
+        for name in result["datasets"]:
+            table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
+        table.add_column("avg", justify="right", no_wrap=True)
+        for model, row in result["models"].items():
+            cells = [f"{100 * row[n]['mIoU']:.1f}" if row.get(n) else "-" for n in result["datasets"]]
+            average = row.get("average")
+            table.add_row(model, *cells, f"{100 * average['mIoU']:.1f}" if average else "-")
+        console = Console(highlight=False)
+        Console(highlight=False, width=max(console.width, 140)).print(table)  # the papers' row on one line
+    for name, command in result["missing"].items():
+        print(f"missing: {name} (fetch it: {command})", file=sys.stderr)

@@ -19,7 +19,11 @@ _BASE_PALETTE = [
 ]
 
 IGNORE_INDEX = 255  # the value of mask pixels that do not count (unlabelled; padding), in training and metrics
-NAMED_SETS = ("ade20k",)
+# the benchmarks' class names as the training-free methods' class-name files spell them (NACLIP's
+# configs/cls_*.txt: one class per line, its synonyms after commas; background first where there is one)
+DATASET_SETS = {"voc21": "voc21.txt", "voc20": "voc20.txt", "context60": "context60.txt", "context59": "context59.txt",
+                "coco-stuff": "coco_stuff171.txt", "coco-object": "coco_object.txt", "cityscapes": "cityscapes.txt"}
+NAMED_SETS = ("ade20k", *DATASET_SETS)
 # named prompt sets: --prompt NAME runs every label through each template and averages them
 PROMPT_SETS = {"imagenet80": "imagenet80_templates.txt"}
 
@@ -58,10 +62,18 @@ class LabelSet:
 
     @classmethod
     def from_json(cls, entries: list[dict], source: str = "custom") -> "LabelSet":
-        """Inverse of to_json()."""
+        """Inverse of to_json() (what segcli wrote: a named set's duplicates and names kept)."""
         entries = sorted(entries, key=lambda e: e["index"])
-        return cls.from_synonyms([e["synonyms"] for e in entries], source=source,
-                                 colors=[tuple(e["color"]) for e in entries])
+        if not entries or any(not e["synonyms"] for e in entries):
+            raise KeyError("synonyms")
+        return cls(tuple(e.get("label") or e["synonyms"][0] for e in entries),
+                   tuple(tuple(e["synonyms"]) for e in entries), tuple(tuple(e["color"]) for e in entries), source)
+
+    @classmethod
+    def of_words(cls, words: list[str], source: str = "custom") -> "LabelSet":
+        """One label per word, as given (repeats kept): a derived set (each synonym of a set scored
+        on its own), never user input, which from_synonyms checks."""
+        return cls(tuple(words), tuple((w,) for w in words), tuple(default_palette(len(words))), source)
 
     @classmethod
     def from_synonyms(cls, synonyms: list[list[str]], source: str = "custom", colors=None) -> "LabelSet":
@@ -107,7 +119,8 @@ def parse_labels(spec: str, allow_files: bool = True) -> LabelSet:
     - "road,car,sky": comma-separated labels; "road;street" makes synonyms of one label;
     - "@labels.txt": one label per line (synonyms with ";"), blank lines and "# ..." ignored
       (not with `allow_files=False`: the server never reads files a request names);
-    - a named set: "ade20k" (150 classes, standard palette).
+    - a named set: "ade20k" (150 classes, standard palette), or a benchmark's classes with the
+      training-free methods' synonyms: voc21, voc20, context60, context59, coco-stuff, coco-object, cityscapes.
     """
     spec = spec.strip()
     if spec in NAMED_SETS:
@@ -134,6 +147,14 @@ def parse_labels(spec: str, allow_files: bool = True) -> LabelSet:
 
 
 def named_label_set(name: str) -> LabelSet:
+    if name in DATASET_SETS:
+        text = resources.files("segcli.assets").joinpath("datasets", DATASET_SETS[name]).read_text(encoding="utf-8")
+        synonyms = [tuple(w.strip() for w in line.split(",") if w.strip()) for line in text.splitlines() if line.strip()]
+        # as the peers' files have them, duplicates included (coco-object's background lists "bed", a
+        # class of its own): built directly, without the duplicate check user labels get; the
+        # background line (its many stuff words) is shown as "background"
+        names = tuple("background" if k == 0 and len(s) > 5 else s[0] for k, s in enumerate(synonyms))
+        return LabelSet(names, tuple(synonyms), tuple(default_palette(len(synonyms))), source=name)
     if name != "ade20k":
         raise SegcliError(f"unknown label set {name!r}; known: {', '.join(NAMED_SETS)}")
     rows = resources.files("segcli.assets").joinpath("ade20k_classes.tsv").read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Segmentation datasets (ade20k, folder:PATH, synthetic), their checks and LSeg's augmentation.
+"""Segmentation datasets (the catalog's benchmarks, folder:PATH, synthetic), their checks and LSeg's augmentation.
 
 Every dataset yields (image [H,W,3] uint8 RGB, mask [H,W] uint8) with class values 0..K-1 and
 IGNORE_INDEX (255) for pixels that do not count.
@@ -6,7 +6,6 @@ IGNORE_INDEX (255) for pixels that do not count.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segcli.data.catalog import BENCHMARKS, DOWNLOADS, Benchmark, lut_array
 from segcli.data.images import IMAGE_SUFFIXES, load_image
 from segcli.data.labels import IGNORE_INDEX, LabelSet, named_label_set
+from segcli.data.prepare import default_root, get_command
 from segcli.data.synthetic import SYNTHETIC_CLASSES, synthetic_scene
 from segcli.errors import SegcliError
 
@@ -38,11 +39,11 @@ class SegmentationData:
     """One dataset: its classes and, per split, the samples."""
 
     def __init__(self, name: str, classes: LabelSet, splits: dict[str, list[Sample]],
-                 mask_offset: int = 0, seed: int = 0):
+                 mask_lut: np.ndarray | None = None, seed: int = 0):
         self.name = name
         self.classes = classes
         self.splits = splits
-        self.mask_offset = mask_offset  # ADE20K stores class k as k+1 and "other" as 0
+        self.mask_lut = mask_lut  # [256] stored value -> class (ADE20K stores class k as k+1; see catalog)
         self.seed = seed
 
     def samples(self, split: str) -> list[Sample]:
@@ -61,9 +62,10 @@ class SegmentationData:
         mask = np.asarray(Image.open(path))
         if mask.ndim != 2:
             raise SegcliError(f"{path}: a mask must be a single-channel PNG (got {mask.ndim} channels)")
-        if self.mask_offset:
-            shifted = mask.astype(np.int32) - self.mask_offset
-            return np.where(shifted < 0, IGNORE_INDEX, shifted).astype(np.uint8)
+        if self.mask_lut is not None:
+            if mask.dtype != np.uint8:
+                raise SegcliError(f"{path}: an 8-bit mask was expected (got {mask.dtype})")
+            return self.mask_lut[mask]
         return mask.astype(np.uint8)
 
     def check(self, splits: tuple[str, ...] = SPLITS, workers: int = 4) -> None:
@@ -121,13 +123,8 @@ def open_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
         return SegmentationData("synthetic", classes, {
             split: [Sample(name=f"synthetic:{split}/{i}", index=i) for i in range(n)]
             for split, n in SYNTHETIC_SIZES.items()}, seed=seed)
-    if spec == "ade20k":
-        root = Path(data_root or os.environ.get("SEGCLI_DATA") or "data") / "ADEChallengeData2016"
-        if not root.is_dir():
-            raise SegcliError(f"ADE20K not found at {root}: download ADEChallengeData2016 there, or pass --data-root")
-        splits = {split: _paired(root / "images" / sub, root / "annotations" / sub, split)
-                  for split, sub in (("train", "training"), ("val", "validation"))}
-        return SegmentationData("ade20k", named_label_set("ade20k"), splits, mask_offset=1)
+    if spec in BENCHMARKS:
+        return _benchmark(BENCHMARKS[spec], default_root(data_root))
     if spec.startswith("folder:"):
         root = Path(spec[len("folder:"):]).expanduser()
         classes_file = root / "classes.txt"
@@ -147,7 +144,41 @@ def open_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
         if not splits:
             raise SegcliError(f"{root} has neither train/ nor val/ (expected PATH/{{train,val}}/images and masks)")
         return SegmentationData(f"folder:{root}", classes, splits)
-    raise SegcliError(f"unknown dataset {spec!r}: use ade20k, folder:PATH or synthetic")
+    raise SegcliError(f"unknown dataset {spec!r}: use {', '.join(BENCHMARKS)}, folder:PATH or synthetic")
+
+
+def limited(data: SegmentationData, split: str, limit: int | None) -> SegmentationData:
+    """`data` with only the first `limit` samples of `split` (a smoke run)."""
+    if not limit:
+        return data
+    return SegmentationData(data.name, data.classes, {split: data.samples(split)[:limit]}, data.mask_lut, data.seed)
+
+
+def _benchmark(bench: Benchmark, root: Path) -> SegmentationData:
+    """A catalog benchmark under `root` as `segcli data get` lays it out; a missing one names the command."""
+    folder = root / DOWNLOADS[bench.download].folder
+    if not folder.is_dir():
+        raise SegcliError(f"{bench.name} not found at {folder}: run {get_command(bench.name, root)} "
+                          "(or pass --data-root where it is)")
+    splits = {}
+    for split, (images, image_suffix) in bench.images.items():
+        masks, mask_suffix = bench.masks[split]
+        if not (folder / images).is_dir():
+            continue  # a split that was not fetched (data get --split val)
+        if split in bench.listing:
+            try:
+                stems = (folder / bench.listing[split]).read_text(encoding="utf-8").split()
+            except OSError as exc:
+                raise SegcliError(f"{folder / bench.listing[split]}: cannot read the {split} list ({exc.strerror})") from None
+            pairs = [(Path(stem + image_suffix), stem) for stem in stems]
+        else:
+            found = sorted(p.relative_to(folder / images) for p in (folder / images).rglob("*" + image_suffix))
+            pairs = [(rel, str(rel)[: -len(image_suffix)]) for rel in found]
+        splits[split] = [Sample(name=str(folder / images / rel), image=folder / images / rel,
+                                mask=folder / masks / (base + mask_suffix)) for rel, base in pairs]
+    if not splits:
+        raise SegcliError(f"{folder} holds no {bench.name} images: run {get_command(bench.name, root)}")
+    return SegmentationData(bench.name, named_label_set(bench.labels), splits, mask_lut=lut_array(bench))
 
 
 def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

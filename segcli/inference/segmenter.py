@@ -142,7 +142,7 @@ class Segmenter:
         model has its labels baked in (and they are these)."""
         prompt_templates(prompt)  # a template with {} or a named set: checked before any work
         if self.label_groups(labels) is not None:
-            labels = LabelSet.from_synonyms([[word] for syn in labels.synonyms for word in syn])
+            labels = LabelSet.of_words([word for syn in labels.synonyms for word in syn])
         return self.model.label_embeddings(labels, prompt or self.model.default_prompt)
 
     def prepare(self, image: Image.Image) -> Canvas:

@@ -34,7 +34,9 @@ class TrainOptions:
     model: str | None = _option(None, "An architecture (lseg_vitl16_384, lseg_vitb16_384, lseg_vitb32_384, lseg_tiny) "
                                       "or a segcli LSeg checkpoint to fine-tune.", "--model", "-m")
     output: str | None = _option(None, "Run folder. Default: a new runs/train/N.", "--output", "-o")
-    data_root: str | None = _option(None, "Where ade20k lives. Default: $SEGCLI_DATA, else ./data.", "--data-root")
+    data_root: str | None = _option(None, "Where the datasets live (segcli data get --root). Default: $SEGCLI_DATA, "
+                                          "else ./data.", "--data-root")
+    download: bool = _option(False, "Fetch a missing catalog dataset first (segcli data get).", "--download")
     steps: int | None = _option(None, "Optimizer steps to train.", "--steps", min=1)
     epochs: int | None = _option(None, "Epochs to train (instead of --steps).", "--epochs", min=1)
     time_limit: float | None = _option(None, "Minutes: stop cleanly, evaluate and save when time is up. Alone, the "

@@ -94,6 +94,13 @@ class Trainer:
         if opts.batch_size % (self.dist.world * opts.accumulate):
             raise SegcliError(f"--batch-size {opts.batch_size} must divide by processes x --accumulate "
                               f"({self.dist.world} x {opts.accumulate})")
+        if opts.download and self.dist.main:
+            from segcli.data.catalog import BENCHMARKS
+            from segcli.data.prepare import default_root, get
+
+            if opts.data in BENCHMARKS:
+                get(BENCHMARKS[opts.data].download, default_root(opts.data_root))
+        self.dist.barrier()
         self.data: SegmentationData = open_dataset(opts.data, opts.data_root, seed=opts.seed)
         if self.dist.main:
             self.data.check()  # every bad file is found before the first step

@@ -1,0 +1,62 @@
+"""The open-vocabulary benchmark table in one run: models x the training-free methods' eight datasets.
+
+Each dataset is evaluated as the methods' authors do (NACLIP's configs): the dataset's own class-name
+file (synonyms scored separately, a label keeps its best), the photo resized to the dataset's short
+side (336; Cityscapes 560) and slid over with the model's windows, and where class 0 is background
+(VOC21, Context60, COCO-Object) pixels whose best probability is under 0.1 taken as background.
+Models that read one canvas (LSeg, exports) keep their own protocol; only the labels and the
+background rule apply to them. A dataset that is not under the data root is listed with the
+command that fetches it instead of failing the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from segcli.data.catalog import BENCHMARKS, TRAINING_FREE
+from segcli.data.labels import named_label_set
+from segcli.data.prepare import get_command
+from segcli.data.segmentation import limited, open_dataset
+from segcli.errors import SegcliError
+from segcli.inference.segmenter import Segmenter
+from segcli.training.evaluate import evaluate
+
+SUITES = {"training-free": TRAINING_FREE}
+BACKGROUND_THRESHOLD = 0.1  # the methods' prob_thd on the datasets with a background class
+
+
+def run_benchmark(models: list[str], suite: str, root: Path, device: str = "auto", precision: str = "auto",
+                  limit: int | None = None, batch_size: int = 8,
+                  on_result: Callable[[str, str, dict | None], None] | None = None) -> dict:
+    """{"models": {model: {dataset: metrics | None}}, "missing": {dataset: command}, "datasets": [...]}."""
+    if suite not in SUITES:
+        raise SegcliError(f"unknown --benchmark {suite!r}: use {', '.join(SUITES)}")
+    names = SUITES[suite]
+    datasets, missing = {}, {}
+    for name in names:
+        try:
+            datasets[name] = limited(open_dataset(name, root), "val", limit)
+        except SegcliError:
+            missing[name] = get_command(name, root)
+    table: dict[str, dict[str, dict | None]] = {}
+    for model in models:
+        seg = Segmenter.from_pretrained(model, device=device, precision=precision, warn=False)
+        sliding = seg.protocol.sliding  # the model's own protocol: windows (clip-dense) or one canvas
+        row = table[model] = {}
+        for name in names:
+            if name not in datasets:
+                row[name] = None
+                continue
+            bench = BENCHMARKS[name]
+            seg.use_protocol(short_side=bench.short_side) if sliding else seg.use_protocol()
+            seg.use_synonyms("max")
+            seg.use_bg_threshold(BACKGROUND_THRESHOLD if bench.background else None)
+            result = evaluate(seg, datasets[name], "val", named_label_set(bench.labels), batch_size=batch_size)
+            row[name] = {k: result[k] for k in ("mIoU", "pixAcc", "images", "protocol", "bg_threshold", "synonyms",
+                                                 "refine", "prompt")}
+            if on_result:
+                on_result(model, name, row[name])
+        present = [row[n]["mIoU"] for n in names if row.get(n)]
+        row["average"] = {"mIoU": sum(present) / len(present), "datasets": len(present)} if present else None
+    return {"suite": suite, "datasets": list(names), "models": table, "missing": missing, "limit": limit}
