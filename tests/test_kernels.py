@@ -74,3 +74,24 @@ def test_blend_refuses_what_does_not_fit(photo, mask, table, message):
     read_only.flags.writeable = False
     with pytest.raises(KernelInputError, match="photo is read-only"):
         blend_into(read_only, np.zeros((8, 8), np.uint8), np.zeros((256, 256, 3), np.uint8))
+
+
+def test_nan_logits_are_refused_not_indexed():
+    args = _restore_args()
+    args["cand"][1, 1, 1] = np.nan  # what a broken model gives: comparisons fail, no winner would be found
+    with pytest.raises(KernelInputError, match="NaN or infinity"):
+        _call(args)
+
+
+def test_maps_smaller_than_their_cells_restore_like_the_reference():
+    """Windows give logits at the resized photo's pixels, which for a photo under the short side are
+    more than the photo has: the map is then restored from a finer grid (every 4th cell here)."""
+    import torch
+
+    from segcli.postprocess.label_map import restore_label_map, restore_label_map_torch
+
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.standard_normal((4, 44, 60)).astype(np.float32))
+    fast = restore_label_map(logits, (44.0, 60.0), (11, 15))
+    reference = restore_label_map_torch(logits, (44.0, 60.0), (11, 15))
+    assert np.array_equal(fast, reference)

@@ -62,7 +62,9 @@ def test_a_file_that_crashes_its_worker_fails_alone_and_the_run_goes_on(tmp_path
     failed = [r for r in summary["images"] if r["status"] != "ok"]
     assert summary["counts"]["ok"] == 11 and [r["output"] for r in failed] == ["p05"]
     assert failed[0]["error"] == "worker crashed while decoding this file (signal 6, SIGABRT)"
-    assert failed[0]["native_messages"] == ["TIFFFillStrip: Read error on strip 7; got 0 bytes, expected 8192"]
+    native = failed[0]["native_messages"]  # what the decoder printed, then the worker's Python stack
+    assert native[0] == "TIFFFillStrip: Read error on strip 7; got 0 bytes, expected 8192"
+    assert "Fatal Python error: Aborted" in native and any("segcli/pipeline/host.py" in line for line in native)
     # its line on stderr, and the native noise nowhere on the terminal; no traceback
     assert "error: " in run.stderr and "worker crashed while decoding this file" in run.stderr
     assert "TIFFFillStrip" not in run.stderr and "Traceback" not in run.stderr

@@ -9,6 +9,12 @@ residual path and no feed-forward (`cfg.method`):
   each patch attends to its neighbourhood: softmax(k k^T / sqrt(d) + G) v with
   G[(i,j),(k,l)] = exp(-((i-k)^2 + (j-l)^2) / (2 std^2)) and 0 for the class token. Published
   ADE-150 mIoU (ViT-B/16, with PAMR and its sliding-window protocol): 19.1.
+- proxyclip (Lan et al., ECCV 2024): the attention comes from a second model, DINO ViT-B/8
+  (segcli.modeling.dino): with f the L2-normalised DINO patch features of the image (at 1/8),
+  S = f^T f, A = softmax((S - beta mean(S)) gamma, entries below 0 at -inf), and the output is A V,
+  CLIP's patch values upsampled (bilinear) to DINO's grid: pixel embeddings at stride 8.
+  Published ADE-150 mIoU (ViT-B/16 + DINO ViT-B/8): 20.2 (third-party tables; the paper's own
+  table lists it with ViT-H/14 CLIP).
 
 The resulting tokens go through the final LayerNorm and the visual projection, like the class token
 normally does, and land in the text embedding space.
@@ -21,7 +27,9 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
-from segcli.modeling.configs import CLIP_DENSE_PROBABILITY_SCALES, CLIP_DENSE_PROTOCOLS, CLIPDenseConfig, Protocol
+from segcli.modeling.configs import (CLIP_DENSE_PROBABILITY_SCALES, CLIP_DENSE_PROTOCOLS, CLIP_DENSE_PROXIES,
+                                     CLIPDenseConfig, Protocol)
+from segcli.modeling.dino import DinoViT
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
 from segcli.modeling.text_encoder import TextEncoder
 
@@ -39,7 +47,6 @@ class CLIPDense(PixelTextModel):
 
     def __init__(self, cfg: CLIPDenseConfig):
         super().__init__(cfg)
-        self.output_stride = cfg.patch_size
         self.visual = VisionTransformer(
             image_size=cfg.pos_embed_grid * cfg.patch_size, patch_size=cfg.patch_size, width=cfg.width,
             layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.embed_dim,
@@ -47,8 +54,12 @@ class CLIPDense(PixelTextModel):
         )
         self.visual.requires_grad_(False)  # training-free: nothing here is ever trained
         self.text_encoder = TextEncoder(cfg.text)
-        if cfg.method not in ("clearclip", "naclip"):
+        if cfg.method not in CLIP_DENSE_PROTOCOLS:
             raise ValueError(f"unknown clip-dense method {cfg.method!r}")
+        if (cfg.method in CLIP_DENSE_PROXIES) != (cfg.proxy is not None):
+            raise ValueError(f"clip-dense method {cfg.method!r} {'needs' if cfg.proxy is None else 'takes no'} a proxy model")
+        self.proxy = DinoViT(cfg.proxy) if cfg.proxy is not None else None
+        self.output_stride = cfg.output_stride
         self._bias_cache: dict = {}
 
     @property
@@ -62,18 +73,23 @@ class CLIPDense(PixelTextModel):
         return CLIP_DENSE_PROTOCOLS[self.cfg.method]
 
     def position_embedding(self, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """[1 + h*w, width]: the stored embedding with its patch part resized (bicubic) to `grid_hw`."""
+        """[1 + h*w, width]: the stored embedding with its patch part resized (bicubic) to `grid_hw`;
+        proxyclip as its authors' code does it (DINO's way: a scale factor of (n + 0.1) / g)."""
         stored = self.visual.positional_embedding
         g = self.cfg.pos_embed_grid
         if grid_hw == (g, g):
             return stored
         patches = stored[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        patches = F.interpolate(patches, size=grid_hw, mode="bicubic", align_corners=False)
+        if self.proxy is not None:
+            factor = ((grid_hw[0] + 0.1) / g, (grid_hw[1] + 0.1) / g)
+            patches = F.interpolate(patches, scale_factor=factor, mode="bicubic")
+        else:
+            patches = F.interpolate(patches, size=grid_hw, mode="bicubic", align_corners=False)
         return torch.cat([stored[:1], patches.flatten(2).squeeze(0).T])
 
     def pixel_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [0,1] -> [B,C,H/p,W/p] (not normalised)."""
-        p = self.cfg.patch_size
+        """[B,3,H,W] in [0,1] -> [B,C,H/s,W/s] (not normalised); s the patch size, DINO's for proxyclip."""
+        p = self.cfg.input_multiple
         if images.shape[-2] % p or images.shape[-1] % p:
             raise ValueError(f"input size {tuple(images.shape[-2:])} must be a multiple of {p}")
         v = self.visual
@@ -84,8 +100,13 @@ class CLIPDense(PixelTextModel):
         x = v.ln_pre(x + self.position_embedding((h, w)).to(x.dtype))
         for block in v.transformer.resblocks[:-1]:
             x = self._block(block, x)
-        x = self._last_block(v.transformer.resblocks[-1], x, (h, w))
-        x = v.ln_post(x[:, 1:]) @ v.proj.to(x.dtype)  # [B,h*w,C]
+        if self.proxy is not None:
+            features = self.proxy(images)  # [B,width',H/8,W/8]
+            x = self._proxy_block(v.transformer.resblocks[-1], x, (h, w), features)
+            h, w = features.shape[-2:]
+        else:
+            x = self._last_block(v.transformer.resblocks[-1], x, (h, w))[:, 1:]
+        x = v.ln_post(x) @ v.proj.to(x.dtype)  # [B,h*w,C]
         return x.transpose(1, 2).reshape(b, -1, h, w)
 
     @staticmethod
@@ -108,6 +129,33 @@ class CLIPDense(PixelTextModel):
             out = F.scaled_dot_product_attention(k, k, v, attn_mask=self._neighbourhood(grid_hw, x.dtype, x.device))
         else:
             out = F.scaled_dot_product_attention(q, q, v)
+        return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+    def _proxy_block(self, block: nn.Module, x: torch.Tensor, grid_hw: tuple[int, int],
+                     features: torch.Tensor) -> torch.Tensor:
+        """ProxyCLIP's last block: tokens [B,1+h*w,width] and proxy features [B,c,H',W'] -> the
+        patches' outputs [B,H'*W',width]. The attention is the proxy's patch similarity, thresholded
+        at beta x its mean and sharpened by gamma (per image: the authors run one image at a time),
+        over CLIP's patch values brought to the proxy's grid (bilinear)."""
+        attn = block.attn
+        _, _, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        b, heads = x.shape[0], attn.num_heads
+        h, w = grid_hw
+        big_h, big_w = features.shape[-2:]
+        f = F.normalize(features.flatten(2).float(), dim=1)  # [B,c,H'W']
+        similarity = f.transpose(1, 2) @ f  # [B,H'W',H'W']
+        mean = similarity.mean(dim=(1, 2), keepdim=True)
+        similarity = (similarity - mean * self.cfg.proxy_beta) * self.cfg.proxy_gamma
+        scores = similarity.masked_fill(similarity < 0, float("-inf"))
+        dead = torch.isinf(scores).all(-1)  # [B,H'W']: no patch passes (a near-uniform photo): the authors'
+        if dead.any():  # softmax gives NaN there; here such a patch keeps its own value
+            image, patch = dead.nonzero(as_tuple=True)
+            scores[image, patch, patch] = 0.0
+        weights = scores.softmax(-1).to(v.dtype)
+        values = v[:, 1:].unflatten(-1, (heads, -1)).permute(0, 2, 3, 1).reshape(b * heads, -1, h, w)  # [B*heads,d,h,w]
+        values = F.interpolate(values, size=(big_h, big_w), mode="bilinear", align_corners=False)
+        values = values.reshape(b, heads, -1, big_h * big_w).transpose(2, 3)  # [B,heads,H'W',d]
+        out = weights[:, None] @ values  # [B,heads,H'W',d]: the same weights for every head
         return attn.out_proj(out.transpose(1, 2).flatten(2))
 
     def _neighbourhood(self, grid_hw: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ weights is segcli.models.families.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
@@ -40,6 +41,8 @@ CLIP_DENSE_METHODS = {
     "clearclip": "ClearCLIP (Lan et al., ECCV 2024): query-query attention, no residual, no feed-forward",
     "naclip": "NACLIP (Hajimiri et al., WACV 2025): key-key attention plus a Gaussian neighbourhood, "
               "no residual, no feed-forward",
+    "proxyclip": "ProxyCLIP (Lan et al., ECCV 2024): attention from DINO ViT-B/8's patch-feature similarity "
+                 "(beta 1.2, gamma 3.0) over CLIP's values, at DINO's stride 8",
 }
 DEFAULT_CLIP_DENSE_METHOD = "naclip"  # the best published number of those implemented (ADE-150 19.1, with PAMR)
 # each method's inference protocol as its authors evaluate (their ADE20K configs): the short side,
@@ -47,10 +50,13 @@ DEFAULT_CLIP_DENSE_METHOD = "naclip"  # the best published number of those imple
 CLIP_DENSE_PROTOCOLS = {
     "clearclip": Protocol(short_side=448, window=448, stride=224),
     "naclip": Protocol(short_side=336, window=224, stride=112),
+    "proxyclip": Protocol(short_side=448, window=336, stride=112),  # its configs: Resize (2048, 448), slide 336/112
 }
 # the temperature each method's code gives cosine similarities before its softmax (--bg-threshold's
 # probabilities): NACLIP logit_scale=40, ClearCLIP 50 (their segmentors' defaults)
-CLIP_DENSE_PROBABILITY_SCALES = {"clearclip": 50.0, "naclip": 40.0}
+CLIP_DENSE_PROBABILITY_SCALES = {"clearclip": 50.0, "naclip": 40.0, "proxyclip": 40.0}
+# the methods that read a second vision model (a "vision foundation model") beside CLIP
+CLIP_DENSE_PROXIES = {"proxyclip": "dino_vitb8"}
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,23 @@ def config_from_dict(cls: type, data: dict):
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     if "text" in data:
         data["text"] = TextConfig(**data["text"])
+    if data.get("proxy") is not None:
+        data["proxy"] = DinoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["proxy"].items()})
     return cls(**data)
+
+
+@dataclass(frozen=True)
+class DinoConfig:
+    """A DINO ViT (Caron et al., ICCV 2021): the defaults are ViT-B/8 (timm's vit_base_patch8_224.dino)."""
+
+    patch_size: int = 8
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    pos_embed_grid: int = 28  # trained at 224
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet's
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -147,8 +169,11 @@ class CLIPDenseConfig:
     pixel_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     pixel_std: tuple[float, float, float] = OPENAI_CLIP_STD
     default_imgsz: int = 448  # ClearCLIP/SCLIP evaluate at a 448 short side
-    method: str = "clearclip"  # how the last block reads the patches: "clearclip" or "naclip" (CLIP_DENSE_METHODS)
+    method: str = "clearclip"  # how the last block reads the patches: a key of CLIP_DENSE_METHODS
     gaussian_std: float = 5.0  # naclip: the neighbourhood's width, in patches (NACLIP's default)
+    proxy: DinoConfig | None = None  # proxyclip: the DINO ViT whose patch similarities make the attention
+    proxy_beta: float = 1.2  # proxyclip: similarities below beta x their mean get no attention
+    proxy_gamma: float = 3.0  # proxyclip: the sharpness of the rest
 
     family: ClassVar[str] = "clip-dense"
 
@@ -158,7 +183,13 @@ class CLIPDenseConfig:
 
     @property
     def input_multiple(self) -> int:
-        return self.patch_size
+        if self.proxy is None:
+            return self.patch_size
+        return self.patch_size * self.proxy.patch_size // math.gcd(self.patch_size, self.proxy.patch_size)
+
+    @property
+    def output_stride(self) -> int:
+        return self.proxy.patch_size if self.proxy is not None else self.patch_size
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,7 @@ them with the default method; a method's own name picks it: `naclip:ViT-B-16`,
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 
 from segcli.errors import SegcliError, mismatch_detail
 from segcli.modeling.clip_dense import CLIPDense, clip_dense_from_state_dict
-from segcli.modeling.configs import CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig, TextConfig
+from segcli.modeling.configs import (CLIP_DENSE_METHODS, CLIP_DENSE_PROXIES, DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig,
+                                     DinoConfig, TextConfig)
 from segcli.models.weights import WEIGHT_SUFFIXES, read_state_dict
 
 CLIP_DENSE = "clip-dense"
@@ -105,15 +107,36 @@ def clip_dense_config(state: dict[str, torch.Tensor], name: str, quick_gelu: boo
     return cfg
 
 
+def dino_config(state: dict[str, torch.Tensor], name: str) -> DinoConfig:
+    """A DINO ViT's architecture read off its state dict (DINO's and timm's key names; head size 64)."""
+    try:
+        patch = state["patch_embed.proj.weight"]
+        width = patch.shape[0]
+        return DinoConfig(patch_size=patch.shape[-1], width=width, layers=_count_blocks(state, "blocks."),
+                          heads=max(1, width // 64), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                          pos_embed_grid=round((state["pos_embed"].shape[1] - 1) ** 0.5))
+    except (KeyError, ValueError) as exc:
+        raise SegcliError(f"{name}: not a DINO ViT state dict (missing {exc})") from None
+
+
 def clip_dense_from_clip_state(state: dict[str, torch.Tensor], name: str, quick_gelu: bool = True,
                                mean: tuple | None = None, std: tuple | None = None,
                                device: str | torch.device = "cpu",
-                               method: str = DEFAULT_CLIP_DENSE_METHOD) -> CLIPDense:
-    """open_clip CLIP weights -> CLIPDense read with `method` (every weight used, every shape checked)."""
+                               method: str = DEFAULT_CLIP_DENSE_METHOD,
+                               proxy_state: dict[str, torch.Tensor] | None = None) -> CLIPDense:
+    """open_clip CLIP weights -> CLIPDense read with `method` (every weight used, every shape checked);
+    `proxy_state`: the DINO ViT weights a method such as proxyclip reads beside CLIP."""
     state = _clean(state)
     cfg = clip_dense_config(state, name, quick_gelu, mean, std, method)
     mapped = {"text_encoder.tower." + k: v for k, v in clip_text_state(state).items()}
     mapped.update({k: v.float() for k, v in state.items() if k.startswith("visual.")})
+    if method in CLIP_DENSE_PROXIES:
+        if proxy_state is None:
+            raise SegcliError(f"{name}: {method} needs the DINO ViT weights beside CLIP's")
+        proxy_state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in proxy_state.items()
+                       if not k.startswith(("head.", "module.head."))}
+        cfg = dataclasses.replace(cfg, proxy=dino_config(proxy_state, name))
+        mapped.update({"proxy.vit." + k: v.float() for k, v in proxy_state.items()})
     try:
         return clip_dense_from_state_dict(cfg, mapped, device)
     except RuntimeError as exc:
@@ -165,6 +188,25 @@ def load_clip_dense(spec: str, device: str | torch.device = "cpu") -> tuple[CLIP
     path = download_clip_weights(arch, tag)
     pcfg = open_clip.get_pretrained_cfg(arch, tag)
     quick_gelu = bool(pcfg.get("quick_gelu") or (open_clip.get_model_config(arch) or {}).get("quick_gelu"))
+    proxy = read_state_dict(download_proxy_weights(method)) if method in CLIP_DENSE_PROXIES else None
     model = clip_dense_from_clip_state(read_state_dict(path), f"{prefix}:{arch}@{tag}", quick_gelu,
-                                       pcfg.get("mean"), pcfg.get("std"), method=method)
+                                       pcfg.get("mean"), pcfg.get("std"), method=method, proxy_state=proxy)
     return model.to(device), path
+
+
+# the second models the methods read, on the hub: DINO's released ViT-B/8 under timm's name (DINO's keys)
+PROXY_WEIGHTS = {"dino_vitb8": ("timm/vit_base_patch8_224.dino", ["model.safetensors", "pytorch_model.bin"])}
+
+
+def proxy_weights_source(method: str) -> tuple[str, list[str]]:
+    return PROXY_WEIGHTS[CLIP_DENSE_PROXIES[method]]
+
+
+def download_proxy_weights(method: str) -> Path:
+    """The cached DINO weights a method reads beside CLIP (downloaded on first use)."""
+    from segcli.models.hub import hub_file
+
+    repo, names = proxy_weights_source(method)
+    return hub_file(repo, names, f"the DINO ViT-B/8 weights {method} needs",
+                    f"connect once so they are cached, or download {names[0]} from https://huggingface.co/{repo} "
+                    f"into the Hugging Face cache")

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from segcli.errors import SegcliError
-from segcli.modeling.configs import ARCHITECTURES, CLIP_DENSE_METHODS, CLIP_DENSE_PROTOCOLS, DEFAULT_CLIP_DENSE_METHOD
+from segcli.modeling.configs import (ARCHITECTURES, CLIP_DENSE_METHODS, CLIP_DENSE_PROTOCOLS, CLIP_DENSE_PROXIES,
+                                     DEFAULT_CLIP_DENSE_METHOD)
 from segcli.models.families import DEFAULT_MODEL, FAMILIES
 
 if TYPE_CHECKING:
@@ -132,9 +133,18 @@ def _hub_spec(spec: str) -> ModelSpec:
     repo, names = hub_weights_source(arch, tag)
     cached = cached_hub_file(repo, names)
     method = split_method(spec)[0]
+    metadata = {"pretrained": tag, "method": method}
+    downloads = cached is None
+    if method in CLIP_DENSE_PROXIES:  # a second model read beside CLIP: its own file on the hub
+        from segcli.models.clip_weights import proxy_weights_source
+
+        proxy_repo, proxy_names = proxy_weights_source(method)
+        proxy_cached = cached_hub_file(proxy_repo, proxy_names)
+        metadata["proxy weights"] = (f"https://huggingface.co/{proxy_repo} "
+                                     + (f"(cached: {proxy_cached})" if proxy_cached else "(downloaded on first use)"))
+        downloads = downloads or proxy_cached is None
     return ModelSpec(spec, "hub", CLIP_DENSE, arch, f"https://huggingface.co/{repo}",
-                     downloads=cached is None, path=cached,
-                     metadata={"pretrained": tag, "method": method})
+                     downloads=downloads, path=cached, metadata=metadata)
 
 
 def model_fingerprint(path: Path) -> str:
@@ -184,7 +194,13 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
 
         if not is_clip_state_dict(state):
             raise SegcliError(f"{spec.spec}: {spec.path.name} is not an open_clip CLIP weights file")
-        model = clip_dense_from_clip_state(state, spec.path.name, method=spec.metadata["method"])
+        method = spec.metadata["method"]
+        proxy = None
+        if method in CLIP_DENSE_PROXIES:  # CLIP from the file, the second model from the hub (cached)
+            from segcli.models.clip_weights import download_proxy_weights
+
+            proxy = read_state_dict(download_proxy_weights(method))
+        model = clip_dense_from_clip_state(state, spec.path.name, method=method, proxy_state=proxy)
         return LoadedModel(model.to(device), spec, None, f"{spec.metadata['method']}:{fingerprint}")
     for family in FAMILIES.values():
         found = family.try_foreign(state, spec.path.name)

@@ -10,6 +10,7 @@ segcli.pipeline.parcels, so that a worker killed halfway through cannot hang the
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import threading
@@ -155,6 +156,7 @@ def start_worker(plan: HostPlan, parent_pid: int, parcel_owner: str) -> None:
     cv2.setNumThreads(1)  # one image per core: OpenCV's own threads would only add overhead
     parcels.serve_for(parcel_owner)
     _capture_stderr(parcel_owner)
+    faulthandler.enable()  # a native crash prints the Python stack into the stderr file: the input's record
     from segcli.postprocess.kernels import warm_up
 
     warm_up()  # done already where the forkserver preloaded it; with spawn, each worker loads it here

@@ -141,8 +141,10 @@ def error_record(source: Source, message: str, native: str | None = None) -> dic
     """A failed input's record; `native`: what native code printed about it (its last 20 lines)."""
     record = {"input": source.display, "path": str(source.path), "output": str(source.rel),
               "status": "error", "error": message}
-    if native:
-        record["native_messages"] = [line[:300] for line in native.splitlines()[-20:]]
+    if native:  # native libraries' lines, then (after a crash) faulthandler's Python stack: its ends kept
+        lines = native.split("\nExtension modules:")[0].splitlines()
+        lines = lines if len(lines) <= 40 else lines[:10] + ["..."] + lines[-30:]
+        record["native_messages"] = [line[:300] for line in lines]
     return record
 
 

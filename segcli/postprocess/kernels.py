@@ -79,6 +79,7 @@ def restore_into(cand, labels, y0, y1, wy, x0, x1, wx, out, counts) -> None:
     _array(cand, "candidate logits", (np.float32,), 3)
     n_cand, lh, lw = cand.shape
     _need(n_cand >= 1 and lh >= 1 and lw >= 1, f"candidate logits of shape {cand.shape} are empty")
+    _need(bool(np.isfinite(cand).all()), "candidate logits hold NaN or infinity (the model's output is broken)")
     _array(labels, "candidate labels", (np.int64,), 1)
     _array(counts, "label counts", (np.int64,), 1, writeable=True)
     _need(labels.shape[0] == n_cand, f"{labels.shape[0]} candidate labels for {n_cand} candidates")
