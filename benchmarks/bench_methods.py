@@ -1,9 +1,10 @@
 """What the training-free methods and options cost: images/s of `segcli predict` on this machine.
 
-    python benchmarks/bench_methods.py [--images 8] [--labels 5 150]
+    python benchmarks/bench_methods.py [--images 8] [--labels 5 150] [--methods clearclip naclip proxyclip]
 
 A random-weights CLIP ViT-B/16 (open_clip's architecture, no download) saved as an open_clip weights
-file, read as `clearclip:FILE` and `naclip:FILE`, 640x480 JPEGs, mask only; each row: one 448
+file, read as `clearclip:FILE` and `naclip:FILE` (proxyclip: with a random-weights DINO ViT-B/8, timm's
+architecture, as a segcli checkpoint), 640x480 JPEGs, mask only; each row: one 448
 canvas (--window 0) or the method's own sliding windows (clearclip: 448 windows every 224 over a
 448 short side; naclip: 224 every 112 over 336), with and without PAMR (--refine) and the
 80-template prompt ensemble (--prompt imagenet80, whose cost is the text tower's, once per run:
@@ -19,13 +20,28 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import sample_photos, timed_predict  # benchmarks/ is on sys.path when run as a script
+import subprocess
+import sys
+import time
+
+from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
+
+
+def timed_predict(*args: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one `segcli predict ARGS -q` in its own process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", *args, "-q"], cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"predict failed: {args}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--labels", type=int, nargs="+", default=[5, 150])
+    ap.add_argument("--methods", nargs="+", default=["clearclip", "naclip", "proxyclip"])
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="segcli-bench-methods-"))
     try:
@@ -39,27 +55,41 @@ def main() -> None:
         clip = open_clip.create_model("ViT-B-16", pretrained=None)
         weights = tmp / "open_clip_model.safetensors"
         save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+        models = {"clearclip": f"clearclip:{weights}", "naclip": f"naclip:{weights}"}
+        if "proxyclip" in args.methods:
+            import timm
+
+            from segcli.models.checkpoint import save_checkpoint
+            from segcli.models.clip_weights import clip_dense_from_clip_state
+
+            dino = timm.create_model("vit_base_patch8_224.dino", pretrained=False, num_classes=0)
+            proxy = clip_dense_from_clip_state(clip.state_dict(), "proxyclip:random", method="proxyclip",
+                                               proxy_state=dino.state_dict())
+            models["proxyclip"] = str(save_checkpoint(proxy, tmp / "proxyclip.safetensors"))
         small, big = sample_photos(tmp / "small", max(1, args.images // 4)), sample_photos(tmp / "big", args.images)
         names = list(named_label_set("ade20k").names)
         print(f"random-weights CLIP ViT-B/16, 640x480 JPEGs, mask only, {os.cpu_count()} CPU cores")
-        print("| method | input | refine | prompt | K | img/s | start-up s |")
-        print("| --- | --- | --- | --- | ---: | ---: | ---: |")
+        print("| method | input | refine | prompt | K | img/s | start-up s | peak RSS MB |")
+        print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
         photo = "a photo of a {}."
         rows = (("clearclip", "canvas", "none", photo), ("clearclip", "windows", "none", photo),
                 ("clearclip", "windows", "none", "imagenet80"),
                 ("naclip", "canvas", "none", photo), ("naclip", "windows", "none", photo),
-                ("naclip", "windows", "pamr", photo), ("naclip", "windows", "pamr", "imagenet80"))
+                ("naclip", "windows", "pamr", photo), ("naclip", "windows", "pamr", "imagenet80"),
+                ("proxyclip", "windows", "none", photo), ("proxyclip", "windows", "none", "imagenet80"))
+        rows = tuple(r for r in rows if r[0] in args.methods)
         for k in args.labels:
             labels = ",".join(names[:k])
             for method, where, refine, prompt in rows:
-                common = ["-m", f"{method}:{weights}", "-l", labels, "--save", "mask", "--refine", refine, "--prompt", prompt]
+                common = ["-m", models[method], "-l", labels, "--save", "mask", "--refine", refine, "--prompt", prompt]
                 common += ["--window", "0", "--imgsz", "448"] if where == "canvas" else []
                 t = {n: timed_predict(str(folder), *common, "-o", str(tmp / f"out_{method}_{where}_{refine}_{prompt}_{k}_{n}"))
                      for n, folder in ((args.images // 4 or 1, small), (args.images, big))}
-                (n0, t0), (n1, t1) = sorted(t.items())
+                (n0, (t0, _)), (n1, (t1, rss)) = sorted(t.items())
                 rate = (n1 - n0) / (t1 - t0)
                 shown = "448 canvas" if where == "canvas" else "its windows"
-                print(f"| {method} | {shown} | {refine} | {prompt} | {k} | {rate:.2f} | {t0 - n0 / rate:.1f} |", flush=True)
+                print(f"| {method} | {shown} | {refine} | {prompt} | {k} | {rate:.2f} | {t0 - n0 / rate:.1f} | {rss:.0f} |",
+                      flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

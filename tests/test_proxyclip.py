@@ -120,3 +120,22 @@ def test_proxyclip_needs_its_second_model():
 
     with pytest.raises(SegcliError, match="needs the DINO ViT weights"):
         clip_dense_from_clip_state(clip.state_dict(), "tiny", method="proxyclip")
+
+
+def test_local_files_for_both_models(tmp_path):
+    from safetensors.torch import save_file
+
+    clip, dino = tiny_models()
+    clip_file, dino_file = tmp_path / "open_clip_model.safetensors", tmp_path / "dino.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(clip_file))
+    save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, str(dino_file))
+    photo = tmp_path / "p.png"
+    Image.open(ROOT / "sample_images" / "cat.jpg").resize((120, 90)).save(photo)
+    run = CliRunner().invoke(app, ["predict", str(photo), "-m", f"proxyclip:{clip_file},{dino_file}", "-l", "cat,sky",
+                                   "-o", str(tmp_path / "out"), "-q", "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    assert np.array(Image.open(tmp_path / "out" / "p_mask.png")).shape == (90, 120)
+    offline = CliRunner().invoke(app, ["predict", str(photo), "-m", f"proxyclip:{clip_file}", "-l", "cat,sky",
+                                       "-o", str(tmp_path / "out2"), "-q"])
+    lines = offline.stderr.strip().splitlines()
+    assert offline.exit_code == 2 and len(lines) == 1 and "proxyclip:/path/to/open_clip_model.safetensors,/path/to/" in lines[0]

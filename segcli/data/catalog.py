@@ -124,21 +124,21 @@ DOWNLOADS: dict[str, Download] = {d.name: d for d in [
                "VOCdevkit/VOC2010 (a folder with SegmentationClassContext/ and ImageSets/SegmentationContext/)"),
 ]}
 
+def _voc_layout(kind: str) -> dict:
+    """PASCAL's layout (images, masks, split lists); kind "Context": mmsegmentation's context masks."""
+    splits = ("train", "val")
+    return {"images": {s: ("JPEGImages", ".jpg") for s in splits},
+            "masks": {s: (f"SegmentationClass{kind}", ".png") for s in splits},
+            "listing": {s: f"ImageSets/Segmentation{kind}/{s}.txt" for s in splits}}
+
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark("ade20k", "ade20k", "ade20k", {"train": ("images/training", ".jpg"), "val": ("images/validation", ".jpg")},
               {"train": ("annotations/training", ".png"), "val": ("annotations/validation", ".png")}, SHIFT_DOWN),
-    Benchmark("voc21", "voc2012", "voc21", {s: ("JPEGImages", ".jpg") for s in ("train", "val")},
-              {s: ("SegmentationClass", ".png") for s in ("train", "val")}, IDENTITY,
-              {s: f"ImageSets/Segmentation/{s}.txt" for s in ("train", "val")}, background=True),
-    Benchmark("voc20", "voc2012", "voc20", {s: ("JPEGImages", ".jpg") for s in ("train", "val")},
-              {s: ("SegmentationClass", ".png") for s in ("train", "val")}, SHIFT_DOWN,
-              {s: f"ImageSets/Segmentation/{s}.txt" for s in ("train", "val")}),
-    Benchmark("context60", "context", "context60", {s: ("JPEGImages", ".jpg") for s in ("train", "val")},
-              {s: ("SegmentationClassContext", ".png") for s in ("train", "val")}, IDENTITY,
-              {s: f"ImageSets/SegmentationContext/{s}.txt" for s in ("train", "val")}, background=True),
-    Benchmark("context59", "context", "context59", {s: ("JPEGImages", ".jpg") for s in ("train", "val")},
-              {s: ("SegmentationClassContext", ".png") for s in ("train", "val")}, SHIFT_DOWN,
-              {s: f"ImageSets/SegmentationContext/{s}.txt" for s in ("train", "val")}),
+    Benchmark("voc21", "voc2012", "voc21", lut=IDENTITY, background=True, **_voc_layout("")),
+    Benchmark("voc20", "voc2012", "voc20", lut=SHIFT_DOWN, **_voc_layout("")),
+    Benchmark("context60", "context", "context60", lut=IDENTITY, background=True, **_voc_layout("Context")),
+    Benchmark("context59", "context", "context59", lut=SHIFT_DOWN, **_voc_layout("Context")),
     Benchmark("coco-stuff", "coco-stuff164k", "coco-stuff",
               {s: (f"images/{s}2017", ".jpg") for s in ("train", "val")},
               {s: (f"annotations/{s}2017", ".png") for s in ("train", "val")}, COCO_STUFF_LUT),

@@ -209,4 +209,4 @@ def download_proxy_weights(method: str) -> Path:
     repo, names = proxy_weights_source(method)
     return hub_file(repo, names, f"the DINO ViT-B/8 weights {method} needs",
                     f"connect once so they are cached, or download {names[0]} from https://huggingface.co/{repo} "
-                    f"into the Hugging Face cache")
+                    f"and pass --model {method}:/path/to/open_clip_model.safetensors,/path/to/{names[0]}")

@@ -87,12 +87,17 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
 
     method = split_method(spec)
     if method is not None:  # naclip:/path/open_clip_model.safetensors: local weights read with a method
-        found = resolve_model(method[2])
+        rest, metadata = method[2], {"method": method[0]}
+        if method[0] in CLIP_DENSE_PROXIES and "," in rest:  # proxyclip:CLIP_FILE,DINO_FILE
+            rest, proxy_file = rest.rsplit(",", 1)
+            if not Path(proxy_file).expanduser().is_file():
+                raise SegcliError(f"{method[1]}: the second model's weights file {proxy_file} was not found")
+            metadata["proxy_file"] = str(Path(proxy_file).expanduser())
+        found = resolve_model(rest)
         if found.kind != "weights":
             raise SegcliError(f"{method[1]}: takes open_clip weights files (a segcli checkpoint or export carries "
-                              f"its own method): {method[2]}")
-        return ModelSpec(spec, "weights", "clip-dense", None, found.weights, False, found.path,
-                         metadata={"method": method[0]})
+                              f"its own method): {rest}")
+        return ModelSpec(spec, "weights", "clip-dense", None, found.weights, False, found.path, metadata=metadata)
     path = Path(spec).expanduser()
     if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES:
         if not path.exists():
@@ -196,10 +201,10 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
             raise SegcliError(f"{spec.spec}: {spec.path.name} is not an open_clip CLIP weights file")
         method = spec.metadata["method"]
         proxy = None
-        if method in CLIP_DENSE_PROXIES:  # CLIP from the file, the second model from the hub (cached)
+        if method in CLIP_DENSE_PROXIES:  # CLIP from the file, the second model from its file or the hub
             from segcli.models.clip_weights import download_proxy_weights
 
-            proxy = read_state_dict(download_proxy_weights(method))
+            proxy = read_state_dict(spec.metadata.get("proxy_file") or download_proxy_weights(method))
         model = clip_dense_from_clip_state(state, spec.path.name, method=method, proxy_state=proxy)
         return LoadedModel(model.to(device), spec, None, f"{spec.metadata['method']}:{fingerprint}")
     for family in FAMILIES.values():
