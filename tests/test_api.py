@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,3 +62,39 @@ def test_device_and_precision_validation():
 def test_network_is_blocked_in_tests():
     with pytest.raises(NetworkAccess):
         socket.create_connection(("huggingface.co", 443), timeout=1)
+
+
+def test_int8_quantises_the_image_branch_only_and_predict_records_it(tiny_checkpoint, tmp_path):
+    """--precision int8 (CPU): the image branch's linear layers become dynamic int8, the text tower
+    stays fp32, masks stay close to fp32's, and the run folder records int8 (a re-run with another
+    precision is another setting)."""
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from segcli.cli import app
+
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="int8")
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    linears = [m for m in seg.model.image_encoder.modules() if isinstance(m, (torch.nn.Linear, DynamicLinear))]
+    assert linears and all(isinstance(m, DynamicLinear) for m in linears)
+    assert not any(isinstance(m, DynamicLinear) for m in seg.model.text_encoder.modules())
+    fp32 = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
+    photos = sorted((Path(__file__).resolve().parents[1] / "sample_images").glob("*.jpg"))
+    a = [p.label_map for p in seg.predict([str(p) for p in photos], labels="cat,grass,sky")]
+    b = [p.label_map for p in fp32.predict([str(p) for p in photos], labels="cat,grass,sky")]
+    assert sum(int((x == y).sum()) for x, y in zip(a, b)) / sum(x.size for x in a) > 0.8  # random weights: a loose bound
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["predict", str(photos[0]), "-m", str(tiny_checkpoint), "-l", "cat,sky", "-o", str(out),
+                                   "--precision", "int8", "--device", "cpu", "-q"])
+    assert run.exit_code == 0, run.output
+    assert json.loads((out / ".segcli" / "run.json").read_text())["precision"] == "int8"
+    again = CliRunner().invoke(app, ["predict", str(photos[0]), "-m", str(tiny_checkpoint), "-l", "cat,sky", "-o", str(out),
+                                     "--precision", "fp32", "--device", "cpu", "-q"])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    with pytest.raises(SegcliError, match="int8 is for inference"):
+        from segcli.inference.device import resolve_precision
+
+        resolve_precision("int8", torch.device("cpu"), training=True)

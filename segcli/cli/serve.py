@@ -27,7 +27,7 @@ def serve(
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (as predict's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16, fp16 (as predict's)."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16, fp16, int8 (as predict's)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug."),
 ) -> None:
     """Serve the model over HTTP: POST /v1/segment, GET /v1/info, /healthz, a browser page at /, docs at /docs."""

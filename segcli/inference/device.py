@@ -16,7 +16,7 @@ from segcli.errors import SegcliError
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -61,8 +61,9 @@ def _cpu_has_bf16() -> bool:
 
 
 def resolve_precision(spec: str, device: torch.device, training: bool = False) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32. auto: inference uses fp16 on CUDA and bf16 on CPUs with native
-    bf16; training uses bf16 on CUDA when supported (else fp16, with loss scaling) and fp32 on CPUs."""
+    """Autocast dtype, or None for fp32 (and for int8, whose quantised layers are the Segmenter's). auto:
+    inference uses fp16 on CUDA and bf16 on CPUs with native bf16; training uses bf16 on CUDA when
+    supported (else fp16, with loss scaling) and fp32 on CPUs."""
     import torch
 
     spec = (spec or "auto").lower()
@@ -71,6 +72,12 @@ def resolve_precision(spec: str, device: torch.device, training: bool = False) -
             return torch.bfloat16 if training and torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "cpu" and _cpu_has_bf16() and not training:
             return torch.bfloat16
+        return None
+    if spec == "int8":  # the image branch's linear layers quantised (Segmenter), the rest in fp32
+        if training:
+            raise SegcliError("int8 is for inference: train in fp32, bf16 or fp16")
+        if device.type != "cpu":
+            raise SegcliError("int8 runs on the CPU (dynamic int8 linear layers): use fp16 or bf16 on a GPU")
         return None
     table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if spec not in table:

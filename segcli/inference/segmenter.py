@@ -50,6 +50,11 @@ class Segmenter:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
+        self.int8 = (precision or "").lower() == "int8"
+        if self.int8:
+            if not hasattr(self.model, "quantize_int8"):
+                raise SegcliError("--precision int8 needs a PyTorch model (a checkpoint, clip-dense, ...), not an export")
+            self.model.quantize_int8()
         self.imgsz = self._check_imgsz(imgsz or model.default_imgsz)
         self.default_labels = labels
         self.name = name or model.architecture
@@ -59,6 +64,13 @@ class Segmenter:
         self.protocol = self.use_protocol()
         self.synonyms = self.use_synonyms()
         self.bg_threshold: float | None = None
+
+    @property
+    def precision_name(self) -> str:
+        """What the image branch computes in, as run records say it: int8, bfloat16, float16, float32."""
+        if self.int8:
+            return "int8"
+        return str(self.autocast_dtype or torch.float32).replace("torch.", "")
 
     def use_bg_threshold(self, threshold: float | None) -> None:
         """Pixels whose best label is less likely than `threshold` (softmax over the scored channels,

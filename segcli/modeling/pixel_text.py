@@ -72,6 +72,21 @@ class PixelTextModel(nn.Module):
         scores = (cells @ label_embeddings.float().T).div_(norms).mul_(self.logit_scale)  # [h*w, K]
         return scores.T.reshape(-1, h, w)
 
+    def quantize_int8(self) -> None:
+        """Dynamic int8 for the image branch's linear layers (CPU inference, `--precision int8`): weights
+        stored int8, activations quantised per batch, outputs fp32. The text tower stays as it is
+        (it runs once per label set); convolutions and attention products stay fp32."""
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch's quantised tensors announce their move to torchao
+            warnings.simplefilter("ignore")
+            for name, child in self.named_children():
+                if name != "text_encoder":
+                    quantize_dynamic(child, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self.exportable = False  # quantised modules do not export to ONNX/.pt2
+
     def dense_logits(self, images: torch.Tensor, label_embeddings: torch.Tensor, autocast_dtype: torch.dtype | None = None,
                      return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B,3,H,W] in [0,1] -> (logits [B,K,H/s,W/s] fp32, pixel embeddings [B,C,H/s,W/s] or None).

@@ -124,7 +124,7 @@ class PredictRun:
             "labels": options.labels.to_json(),
             "prompt": options.prompt,
             "imgsz": segmenter.imgsz,
-            "precision": dtype_name(segmenter.autocast_dtype or torch.float32),
+            "precision": segmenter.precision_name,
             "save": list(options.save),
             "alpha": options.alpha,
         }
