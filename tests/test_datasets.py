@@ -341,3 +341,24 @@ def test_the_benchmark_table_is_each_datasets_own_evaluation(three_datasets, tin
     assert row["average"]["datasets"] == 5
     assert row["average"]["mIoU"] == pytest.approx(np.mean([row[n]["mIoU"] for n in ("voc21", "voc20", "coco-stuff",
                                                                                      "coco-object", "cityscapes")]))
+
+
+def test_context_is_adopted_from_a_converted_folder(tmp_path):
+    """PASCAL-Context's masks come from mmsegmentation's converter: --from that folder links it in;
+    without one, one line says how to make it."""
+    converted = tmp_path / "VOC2010"
+    mask = np.array([[0, 1, 59, 255]], np.uint8).repeat(24, 0).repeat(8, 1)
+    for sub in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
+        (converted / sub).mkdir(parents=True)
+    (converted / "JPEGImages" / "2008_000002.jpg").write_bytes(_jpg())
+    (converted / "SegmentationClassContext" / "2008_000002.png").write_bytes(_png(mask))
+    for split in ("train", "val"):
+        (converted / "ImageSets" / "SegmentationContext" / f"{split}.txt").write_text("2008_000002\n")
+    root = tmp_path / "data"
+    with pytest.raises(SegcliError, match="pascal_context.py"):
+        prepare.get("context", root)
+    folder, what = prepare.get("context", root, source=str(converted))
+    assert what.startswith("linked") and folder.is_symlink()
+    data = open_dataset("context59", root)
+    assert np.array_equal(data.load("val", data.samples("val")[0])[1], np.where(mask == 0, 255, np.where(mask == 255, 255, mask.astype(int) - 1)))
+    assert np.array_equal(open_dataset("context60", root).load("val", data.samples("val")[0])[1], mask)

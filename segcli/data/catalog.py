@@ -44,6 +44,7 @@ class Download:
     # go into FOLDER as they are
     moves: tuple[tuple[str, str], ...] = ()
     manual: str = ""  # what to do when it cannot be fetched or made here
+    prepared_elsewhere: bool = False  # segcli cannot make its masks: only --from a converted folder
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ DOWNLOADS: dict[str, Download] = {d.name: d for d in [
         Archive("VOCtrainval_03-May-2010.tar", "http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar",
                 "md5:da459979d0c395079b5c75ee67908abb", None, "URL and MD5: torchvision's voc.py"),
     ), "Flickr terms of use", "1.3 GB + masks", moves=(("VOCtrainval_03-May-2010/VOCdevkit/VOC2010", "."),),
+        prepared_elsewhere=True,
         manual="the context masks are made by mmsegmentation's tools/dataset_converters/pascal_context.py (it "
                "needs the Detail API and trainval_merged.json); run it, then: segcli data get context --from "
                "VOCdevkit/VOC2010 (a folder with SegmentationClassContext/ and ImageSets/SegmentationContext/)"),

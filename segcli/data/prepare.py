@@ -76,9 +76,9 @@ def get(name: str, root: Path, source: str | None = None, splits: tuple[str, ...
         raise SegcliError(f"{target} exists but was not prepared by segcli data get: move it away, or use it as it "
                           "is with --data-root")
     root.mkdir(parents=True, exist_ok=True)
-    if source and Path(source).expanduser().is_dir() and not any(Path(source, a.name).exists() for a in download.archives):
+    if source and _prepared_folder(download, Path(source).expanduser(), splits):
         return _adopt(download, Path(source).expanduser(), target, splits)
-    if download.manual and (download.login or name == "context") and not source:
+    if download.prepared_elsewhere or (download.login and not source):
         raise SegcliError(f"{name} cannot be fetched by segcli: {download.manual}")
     archives = [a for a in download.archives if set(a.splits) & set(splits)]
     files = [_archive(a, root, source, download, on_progress) for a in archives]
@@ -195,15 +195,16 @@ def _arrange(download: Download, unpacked: Path, prepared: Path, archives: list[
     return prepared
 
 
+def _prepared_folder(download: Download, folder: Path, splits: tuple[str, ...]) -> bool:
+    """`folder` already holds the download in the catalog's layout (images and masks of every split)."""
+    bench = next(b for b in BENCHMARKS.values() if b.download == download.name)
+    return folder.is_dir() and all((folder / sub).is_dir() for split in splits
+                                   for sub in (bench.images[split][0], bench.masks[split][0]))
+
+
 def _adopt(download: Download, folder: Path, target: Path, splits: tuple[str, ...]) -> tuple[Path, str]:
     """--from a folder already in the catalog's layout (e.g. PASCAL-Context converted by mmsegmentation):
-    checked, then linked into place (never copied)."""
-    needed = [b for b in BENCHMARKS.values() if b.download == download.name]
-    for bench in needed[:1]:
-        for split in splits:
-            for sub in (bench.images[split][0], bench.masks[split][0]):
-                if not (folder / sub).is_dir():
-                    raise SegcliError(f"{folder} lacks {sub}/: not a prepared {download.name} folder")
+    linked into place (never copied)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(folder.resolve(), target_is_directory=True)
     record = {"name": download.name, "splits": sorted(set(splits)), "prepared": time.strftime("%Y-%m-%dT%H:%M:%S"),
