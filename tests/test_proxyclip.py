@@ -95,7 +95,7 @@ def test_a_proxyclip_checkpoint_runs_predict_eval_and_stored_embeddings(tmp_path
     assert np.array(Image.open(out / "cat_mask.png")).shape == (110, 150)
     stored = tmp_path / "stored"
     run = CliRunner().invoke(app, ["predict", str(photos), "-m", str(path), "-o", str(stored), "-q", "--window", "0",
-                                   "--save", "mask,embeddings", "--imgsz", "96", "--device", "cpu"])
+                                   "--save", "mask,embeddings", "--embed-dtype", "float32", "--imgsz", "96", "--device", "cpu"])
     assert run.exit_code == 0, run.output
     relabel = CliRunner().invoke(app, ["relabel", str(stored), "-l", "cat,sky,grass", "-o", str(tmp_path / "re"), "-q",
                                        "--save", "mask", "--device", "cpu"])
