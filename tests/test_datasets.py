@@ -362,3 +362,12 @@ def test_context_is_adopted_from_a_converted_folder(tmp_path):
     data = open_dataset("context59", root)
     assert np.array_equal(data.load("val", data.samples("val")[0])[1], np.where(mask == 0, 255, np.where(mask == 255, 255, mask.astype(int) - 1)))
     assert np.array_equal(open_dataset("context60", root).load("val", data.samples("val")[0])[1], mask)
+
+
+def test_each_method_gets_its_own_per_dataset_settings():
+    from segcli.training.benchmark import dataset_settings
+
+    assert dataset_settings("naclip", "cityscapes") == {"short_side": 560, "window": None, "stride": None, "bg_threshold": None}
+    assert dataset_settings("naclip", "voc21")["bg_threshold"] == 0.1 and dataset_settings(None, "ade20k")["short_side"] == 336
+    assert dataset_settings("proxyclip", "cityscapes") == {"short_side": 448, "window": 224, "stride": 112, "bg_threshold": None}
+    assert dataset_settings("proxyclip", "coco-object")["bg_threshold"] == 0.25
