@@ -222,7 +222,7 @@ def test_from_a_file_the_user_has(tmp_path):
     data = ade_archive()
     mine = tmp_path / "ADEChallengeData2016.zip"
     mine.write_bytes(data)  # not the published archive: its SHA1 differs
-    with pytest.raises(SegcliError, match="does not match the published SHA1"):
+    with pytest.raises(SegcliError, match="SHA1 [0-9a-f]+ is not the published 219e1696"):
         prepare.get("ade20k", tmp_path / "data", source=str(mine))
     assert mine.exists()  # the user's own file is never deleted
 
@@ -371,3 +371,18 @@ def test_each_method_gets_its_own_per_dataset_settings():
     assert dataset_settings("naclip", "voc21")["bg_threshold"] == 0.1 and dataset_settings(None, "ade20k")["short_side"] == 336
     assert dataset_settings("proxyclip", "cityscapes") == {"short_side": 448, "window": 224, "stride": 112, "bg_threshold": None}
     assert dataset_settings("proxyclip", "coco-object")["bg_threshold"] == 0.25
+
+
+def test_a_second_split_keeps_the_first(three_datasets):
+    """coco-stuff164k fetched for val, then for train: the dataset is made again whole, val kept."""
+    root = three_datasets[0]
+    source = root.parent / "mine"
+    (source / "train2017.zip").write_bytes(_zip({"train2017/000000000009.jpg": _jpg()}))
+    result = CliRunner().invoke(app, ["data", "get", "coco-stuff164k", "--root", str(root), "--from", str(source),
+                                      "--split", "train", "-q"])
+    assert result.exit_code == 0, result.output
+    folder = root / "coco_stuff164k"
+    assert json.loads((folder / prepare.MARKER).read_text())["splits"] == ["train", "val"]
+    assert (folder / "images" / "val2017" / "000000000139.jpg").is_file()
+    assert (folder / "images" / "train2017" / "000000000009.jpg").is_file()
+    assert len(open_dataset("coco-stuff", root).samples("val")) == 1

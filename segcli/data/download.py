@@ -40,32 +40,31 @@ def parse_checksum(checksum: str | None) -> tuple[str, str] | None:
     return algorithm, digest.lower()
 
 
-def file_digest(path: Path, algorithm: str, on_progress: Callable[[int, int], None] | None = None) -> str:
+def file_digest(path: Path, algorithm: str) -> str:
     h = hashlib.new(algorithm)
-    total, done = path.stat().st_size, 0
     with open(path, "rb") as f:
         while block := f.read(CHUNK * 4):
             h.update(block)
-            done += len(block)
-            if on_progress:
-                on_progress(done, total)
     return h.hexdigest()
 
 
-def verify(path: Path, checksum: str | None, size: int | None, what: str) -> None:
-    """SegcliError (and the file removed) unless `path` has the expected size and checksum."""
+def verify(path: Path, checksum: str | None, size: int | None, what: str, remove: bool = True) -> None:
+    """SegcliError unless `path` has the expected size and checksum (where known). A file that fails
+    is removed (`remove`: one segcli fetched), or left where it is (a file the user brought)."""
     actual = path.stat().st_size
-    if size is not None and actual != size:
-        path.unlink(missing_ok=True)
-        raise SegcliError(f"{what}: {actual:,} bytes where {size:,} were expected; the file was removed")
+    problem = f"{actual:,} bytes where {size:,} were expected" if size is not None and actual != size else None
     parsed = parse_checksum(checksum)
-    if parsed is not None:
+    if problem is None and parsed is not None:
         algorithm, expected = parsed
         got = file_digest(path, algorithm)
         if got != expected:
-            path.unlink(missing_ok=True)
-            raise SegcliError(f"{what}: {algorithm.upper()} {got} is not the published {expected}; "
-                              "the file was removed (a corrupt download or a changed mirror)")
+            problem = f"{algorithm.upper()} {got} is not the published {expected}"
+    if problem is None:
+        return
+    if remove:
+        path.unlink(missing_ok=True)
+        raise SegcliError(f"{what}: {problem}; the file was removed (a corrupt download or a changed mirror)")
+    raise SegcliError(f"{what}: {path}: {problem}")
 
 
 def check_space(folder: Path, needed: int, what: str) -> None:
@@ -87,7 +86,7 @@ def fetch(url: str, target: Path, checksum: str | None = None, size: int | None 
     attempt, last_error = 0, None
     while attempt <= retries:
         try:
-            done = _download(url, part, size, on_progress)
+            _download(url, part, size, on_progress)
             break
         except _Restart:
             part.unlink(missing_ok=True)
@@ -106,9 +105,7 @@ def fetch(url: str, target: Path, checksum: str | None = None, size: int | None 
     else:
         raise SegcliError(f"{what}: download from {url} failed {retries + 1} times ({_reason(last_error)}); "
                           f"run the same command again to resume from {part.stat().st_size if part.exists() else 0:,} bytes")
-    if size is not None and done != size:
-        raise SegcliError(f"{what}: got {done:,} bytes where {size:,} were expected")
-    verify(part, checksum, size, what)
+    verify(part, checksum, size, what)  # its size too: a server that sent more than announced
     os.replace(part, target)
     return target
 

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from segcli.data.catalog import BENCHMARKS, DOWNLOADS, Archive, Download
-from segcli.data.download import check_space, fetch, file_digest, parse_checksum, verify
+from segcli.data.download import check_space, fetch, verify
 from segcli.errors import SegcliError
+from segcli.files.atomic import atomic_write_json
+from segcli.files.lock import pid_running
 from segcli.version import __version__
 
 MARKER = ".segcli-dataset.json"
@@ -72,6 +74,8 @@ def get(name: str, root: Path, source: str | None = None, splits: tuple[str, ...
     marker = present(download, root)
     if marker and set(splits) <= set(marker.get("splits", ())):
         return target, f"already present, verified on {marker.get('prepared', '?')[:10]}"
+    if marker:  # more splits into a dataset that is here: it is made again whole, with the ones it had
+        splits = tuple(sorted(set(splits) | set(marker.get("splits", ()))))
     if target.exists() and not marker:
         raise SegcliError(f"{target} exists but was not prepared by segcli data get: move it away, or use it as it "
                           "is with --data-root")
@@ -94,17 +98,17 @@ def get(name: str, root: Path, source: str | None = None, splits: tuple[str, ...
                   "segcli_version": __version__,
                   "archives": [{"name": a.name, "checksum": a.checksum, "bytes": p.stat().st_size}
                                for a, p in zip(archives, files)]}
-        if marker:  # more splits into a dataset that is here: the new one replaces it whole
-            record["splits"] = sorted(set(splits) | set(marker.get("splits", ())))
+        if marker:
             shutil.rmtree(target)
-        (prepared / MARKER).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        atomic_write_json(prepared / MARKER, record)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(prepared, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if not keep_archives and not source:
+    if not keep_archives:  # what was fetched here (never a file of the user's)
         for path in files:
-            path.unlink(missing_ok=True)
+            if path.parent == root / DOWNLOADS_DIR:
+                path.unlink(missing_ok=True)
     return target, f"prepared ({', '.join(sorted(set(splits)))})"
 
 
@@ -116,31 +120,17 @@ def _archive(archive: Archive, root: Path, source: str | None, download: Downloa
         path = src / archive.name if src.is_dir() else src
         if not path.is_file():
             raise SegcliError(f"{what}: {path} not found (--from takes the archive, or a folder holding it)")
-        _check(path, archive, what, remove=False)  # the user's own file is reported, never deleted
+        verify(path, archive.checksum, archive.size, what, remove=False)  # the user's own file: never deleted
         return path
     url = source.rstrip("/") + "/" + archive.name if source else archive.url
     if url is None:
         raise SegcliError(f"{what}: {download.manual}")
     target = root / DOWNLOADS_DIR / archive.name
     if target.exists():  # fetched by an earlier run that stopped later on: checked again before use
-        _check(target, archive, what, remove=True)
+        verify(target, archive.checksum, archive.size, what)
         return target
     return fetch(url, target, archive.checksum, archive.size, what,
                  on_progress=(lambda done, total: on_progress(archive.name, done, total)) if on_progress else None)
-
-
-def _check(path: Path, archive: Archive, what: str, remove: bool) -> None:
-    """SegcliError unless `path` has the archive's size and checksum (where published); a fetched
-    file that fails is removed, a file the user brought is left where it is."""
-    if remove:
-        verify(path, archive.checksum, archive.size, what)
-        return
-    size = path.stat().st_size
-    if archive.size is not None and size != archive.size:
-        raise SegcliError(f"{what}: {path} has {size:,} bytes where {archive.size:,} were expected")
-    parsed = parse_checksum(archive.checksum)
-    if parsed and file_digest(path, parsed[0]) != parsed[1]:
-        raise SegcliError(f"{what}: {path} does not match the published {parsed[0].upper()} {parsed[1]}")
 
 
 def _stem(name: str) -> str:
@@ -163,7 +153,14 @@ def _unpack(path: Path, into: Path) -> None:
                 z.extractall(into)
         elif tarfile.is_tarfile(path):
             with tarfile.open(path) as t:
-                t.extractall(into, filter="data")  # refuses absolute paths, .., links out, devices
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+                    t.extractall(into, filter="data")  # refuses absolute paths, .., links out, devices
+                else:
+                    for member in t.getmembers():
+                        if not (member.isfile() or member.isdir()) or not (real / member.name).resolve().is_relative_to(real):
+                            raise SegcliError(f"{path.name}: member {member.name!r} is not a plain file inside the "
+                                              "dataset; refused")
+                    t.extractall(into)
         else:
             raise SegcliError(f"{path.name} is neither a zip nor a tar archive")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
@@ -210,7 +207,7 @@ def _adopt(download: Download, folder: Path, target: Path, splits: tuple[str, ..
     record = {"name": download.name, "splits": sorted(set(splits)), "prepared": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "segcli_version": __version__, "adopted": str(folder.resolve())}
     try:
-        (target / MARKER).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        atomic_write_json(target / MARKER, record)
     except OSError as exc:
         target.unlink()
         raise SegcliError(f"cannot write the marker into {folder} ({exc.strerror})") from None
@@ -221,9 +218,5 @@ def _sweep_dead(root: Path, name: str) -> None:
     """Remove the unpacking folders of `get` runs that were killed (their pid is gone)."""
     for folder in root.glob(f".segcli-get-{name}-*"):
         pid = folder.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
+        if not pid.isdigit() or not pid_running(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            pass
