@@ -8,11 +8,9 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import tarfile
 import threading
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -68,9 +68,9 @@ class Segmenter:
     @property
     def precision_name(self) -> str:
         """What the image branch computes in, as run records say it: int8, bfloat16, float16, float32."""
-        if self.int8:
-            return "int8"
-        return str(self.autocast_dtype or torch.float32).replace("torch.", "")
+        from segcli.embeddings.format import dtype_name
+
+        return "int8" if self.int8 else dtype_name(self.autocast_dtype or torch.float32)
 
     def use_bg_threshold(self, threshold: float | None) -> None:
         """Pixels whose best label is less likely than `threshold` (softmax over the scored channels,

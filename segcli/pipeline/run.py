@@ -36,7 +36,7 @@ from segcli.files.atomic import is_disk_error, remove_stale_temp_files
 from segcli.inference.segmenter import Segmenter
 from segcli.pipeline import host, parcels
 from segcli.pipeline.host import ModelInput
-from segcli.pipeline.run_folder import RunFolder, error_record, merge_summaries  # noqa: F401  (merge: part of the API)
+from segcli.pipeline.run_folder import RunFolder, error_record
 from segcli.pipeline.workers import WorkerCrashed, WorkerPool, default_workers, worker_context
 from segcli.postprocess.label_map import batch_candidate_logits, image_region
 from segcli.postprocess.outputs import DEFAULT_OUTPUTS

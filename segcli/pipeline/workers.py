@@ -59,9 +59,10 @@ class WorkerCrashed(Exception):
 class Task:
     """One call on the worker pool, kept whole so that it can run again alone if its worker dies."""
 
-    def __init__(self, fn, args: tuple, stage: str, packed: bool, future: Future, generation: int):
+    def __init__(self, fn, args: tuple, stage: str, packed: bool):
         self.fn, self.args, self.stage, self.packed = fn, args, stage, packed
-        self.future, self.generation = future, generation
+        self.future: Future | None = None  # set by WorkerPool.submit, with the pool generation it went to
+        self.generation = 0
         self.outcome: tuple[bool, object] | None = None  # set when it was retried alone
 
     def done(self) -> bool:
@@ -106,13 +107,13 @@ class WorkerPool:
     def submit(self, stage: str, fn, *args, packed: bool = False) -> Task:
         """fn(*args) in a worker (through parcels.call); `stage` names it in a crash's message
         ("decoding"); `packed`: the arguments travel as parcels (large arrays)."""
-        task = Task(fn, args, stage, packed, Future(), self.generation)
+        task = Task(fn, args, stage, packed)
         try:
             task.future = self.pool.submit(parcels.call, fn, *self._call_args(task))
-        except BrokenProcessPool:
+        except BrokenProcessPool:  # broke since the last result was taken: its inputs first
             self._recover()
-            task.generation = self.generation
             task.future = self.pool.submit(parcels.call, fn, *self._call_args(task))
+        task.generation = self.generation
         self.live[id(task)] = task
         return task
 
