@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common import ROOT  # benchmarks/ is on sys.path when run as a script
@@ -53,11 +52,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def model_rate(model_name: str, precision: str, batch: int, imgsz: int, device: torch.device) -> tuple[float, float]:
-    """(FLOPs per batch of the image branch, seconds per batch) under `precision`. The FLOPs are the
-    network's (counted in fp32: the counter does not see int8's quantised kernels)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def _image_branch(model_name: str, precision: str, batch: int, imgsz: int, device: torch.device):
+    """A callable running the image branch (`pixel_embeddings`, what predict runs per batch) under `precision`."""
     from segcli.api import Segmenter
 
     seg = Segmenter.from_pretrained(model_name, device=str(device), precision=precision, imgsz=imgsz, warn=False)
@@ -68,20 +64,32 @@ def model_rate(model_name: str, precision: str, batch: int, imgsz: int, device: 
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return seg.model.pixel_embeddings(images)
 
+    return run
+
+
+def network_flops(model_name: str, batch: int, imgsz: int, device: torch.device) -> int:
+    """FLOPs of one batch through the image branch, counted in fp32 (the counter does not see int8's
+    quantised kernels; the network's arithmetic is the same)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    run = _image_branch(model_name, "fp32", batch, imgsz, device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return counter.get_total_flops()
+
+
+def seconds_per_batch(model_name: str, precision: str, batch: int, imgsz: int, device: torch.device) -> float:
+    """Over at least 2 s, after a warm-up batch."""
+    run = _image_branch(model_name, precision, batch, imgsz, device)
     run()
-    flops = None
-    if precision != "int8":
-        counter = FlopCounterMode(display=False)
-        with counter:
-            run()
-        flops = counter.get_total_flops()
     _sync(device)
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < 2.0 or n < 2:
         run()
         _sync(device)
         n += 1
-    return flops, (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n
 
 
 def agreement(precisions: list[str], steps: int, work: Path) -> dict[str, float]:
@@ -116,12 +124,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print("| precision | peak of its dtype TFLOP/s | model GFLOP per image | img/s | achieved TFLOP/s | fraction of peak |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    network_flops = None
+    flops = network_flops(args.model, args.batch, args.imgsz, device)
     for precision in args.precisions:
         top = peak(precision, device)
-        flops, seconds = model_rate(args.model, precision, args.batch, args.imgsz, device)
-        network_flops = flops or network_flops or model_rate(args.model, "fp32", args.batch, args.imgsz, device)[0]
-        flops = network_flops
+        seconds = seconds_per_batch(args.model, precision, args.batch, args.imgsz, device)
         achieved = flops / seconds
         print(f"| {precision} | {top / 1e12:.2f} | {flops / args.batch / 1e9:.1f} | {args.batch / seconds:.2f} | "
               f"{achieved / 1e12:.3f} | {achieved / top:.2f} |", flush=True)
