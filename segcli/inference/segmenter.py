@@ -173,12 +173,14 @@ class Segmenter:
         return None
 
     def finish_logits(self, logits: torch.Tensor, pixels: np.ndarray, resized_hw: tuple[int, int],
-                      refiner: torch.nn.Module | None = None) -> tuple[torch.Tensor, tuple[float, float]]:
+                      refiner: torch.nn.Module | None = None, regions: torch.Tensor | None = None,
+                      groups: np.ndarray | None = None) -> tuple[torch.Tensor, tuple[float, float]]:
         """`segment_images` logits [K,h',w'] of one image (at the top-left of `pixels`, the model's
         uint8 input) -> (the logits its label map is restored from, the image's exact extent in
         their cells): refined by `refiner` (PAMR) at the size the image has in `pixels` (stride 1
-        then; memory and time do not grow with the photo), then `threshold_background`. The one
-        place predict, the API, eval, videos and the server finish an image's logits."""
+        then; memory and time do not grow with the photo), then `threshold_background`, then with
+        `regions` (`region_maps`) the vote in each region (`groups`: `label_groups`). The one place
+        predict, the API, eval, videos and the server finish an image's logits."""
         import torch.nn.functional as F
 
         stride = self.logit_stride
@@ -190,7 +192,26 @@ class Segmenter:
                                                                align_corners=False)[:, :, :h, :w]
             image = torch.from_numpy(np.ascontiguousarray(pixels[:h, :w])).to(logits.device).permute(2, 0, 1)
             logits, stride = refiner(image[None].float().div_(255.0), up)[0], 1
-        return self.threshold_background(logits), image_extent(resized_hw, stride)
+        logits = self.threshold_background(logits)
+        if regions is not None:
+            from segcli.inference.regions import vote_in_regions
+
+            logits = vote_in_regions(logits, regions, resized_hw, groups)
+        return logits, image_extent(resized_hw, stride)
+
+    @torch.inference_mode()
+    def region_maps(self, pixels: Sequence[np.ndarray], resized_hws: Sequence[tuple[int, int]]
+                    ) -> list[torch.Tensor] | None:
+        """Per image, its pixels' region ids [H,W] int64 on the model's device, for a model that
+        reads them (corrclip: segcli.modeling.regions makes them); None for every other model."""
+        if not getattr(self.model, "needs_regions", False):
+            return None
+        generator = getattr(self.model, "region_generator", None)
+        if generator is None:
+            raise SegcliError(f"{self.name} needs a region-mask generator and was loaded without one")
+        from segcli.inference.regions import image_regions
+
+        return [image_regions(generator, p, hw, self.device) for p, hw in zip(pixels, resized_hws)]
 
     def prepare_pixels(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
         """(the model's pixels, the image's size in them) under the protocol: see segment_images."""
@@ -204,20 +225,32 @@ class Segmenter:
 
     @torch.inference_mode()
     def segment_images(self, pixels: Sequence[np.ndarray], label_embeddings: torch.Tensor | None,
-                       batch_size: int = 8, protocol: Protocol | None = None) -> list[torch.Tensor]:
+                       batch_size: int = 8, protocol: Protocol | None = None,
+                       regions: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Images as `prepare_pixels` gives them -> per image logits [K,h',w'] fp32 on the model's
         device, the image at the top-left, one cell per `logit_stride` pixels. One canvas: a batch
         of canvases, [K,S/s,S/s]. Windows: every window of these images, `batch_size` at a time,
-        each upsampled to its pixels and averaged where they overlap, [K,h,w] (segcli.inference.windows)."""
+        each upsampled to its pixels and averaged where they overlap, [K,h,w] (segcli.inference.windows).
+        `regions`: `region_maps` of these images, cut as they are, for a model that reads them."""
         protocol = protocol or self.protocol
+        if regions is None and getattr(self.model, "needs_regions", False):
+            raise SegcliError(f"{self.name} reads each image's region masks: pass regions=seg.region_maps(...)")
         if not protocol.sliding:
-            return list(self.segment_canvases(np.stack(pixels), label_embeddings, on_device=True)[0])
+            stacked = torch.stack(list(regions)) if regions is not None else None
+            return list(self.segment_canvases(np.stack(pixels), label_embeddings, on_device=True, regions=stacked)[0])
         tiled = [window_tiles(p, protocol.window, protocol.stride) for p in pixels]
         owners = [(i, corner) for i, (corners, _) in enumerate(tiled) for corner in corners]
         tiles = np.concatenate([t for _, t in tiled])
+        region_tiles_ = None
+        if regions is not None:
+            from segcli.inference.regions import region_tiles
+
+            region_tiles_ = torch.cat([region_tiles(r, corners, protocol.window) for r, (corners, _) in zip(regions, tiled)])
         window_logits = [[] for _ in pixels]
         for start in range(0, len(tiles), batch_size):
-            logits, _ = self.segment_canvases(tiles[start:start + batch_size], label_embeddings, on_device=True)
+            cut = region_tiles_[start:start + batch_size] if region_tiles_ is not None else None
+            logits, _ = self.segment_canvases(tiles[start:start + batch_size], label_embeddings, on_device=True,
+                                              regions=cut)
             for (i, _), one in zip(owners[start:start + batch_size], logits):
                 window_logits[i].append(one)
         return [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window)
@@ -229,12 +262,14 @@ class Segmenter:
 
     @torch.inference_mode()
     def segment_canvases(self, pixels: np.ndarray, label_embeddings: torch.Tensor | None,
-                         return_embeddings: bool = False, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         return_embeddings: bool = False, on_device: bool = False,
+                         regions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 canvases [B,S,S,3] -> logits [B,K,S/s,S/s] fp32 on the CPU, or left on the model's
         device with `on_device` (and embeddings [B,C,S/s,S/s]). uint8 travels (from pinned memory on
-        CUDA); the conversion to float happens on the device."""
+        CUDA); the conversion to float happens on the device. `regions` [B,S,S]: their region ids."""
+        extra = {"regions": regions} if regions is not None else {}
         logits, emb = self.model.dense_logits(self._input_batch(pixels), label_embeddings, self.autocast_dtype,
-                                              return_embeddings)
+                                              return_embeddings, **extra)
         if on_device:
             return logits, emb
         return logits.cpu(), (emb.cpu() if emb is not None else None)
@@ -246,7 +281,8 @@ class Segmenter:
         from segcli.embeddings.format import EmbeddingInfo, PixelEmbeddings
 
         if not self.model.provides_embeddings:
-            raise SegcliError("this model gives no pixel embeddings (an ONNX export): use a PyTorch model")
+            why = getattr(self.model, "limits", None) or "an ONNX export"
+            raise SegcliError(f"this model gives no pixel embeddings ({why}): use another model")
         items = images if isinstance(images, (list, tuple)) else [images]
         stride = self.model.output_stride
         out = []
@@ -293,17 +329,21 @@ class Segmenter:
         text = self.label_embeddings(label_set, prompt)
         items = images if isinstance(images, (list, tuple)) else [images]
         results: list[Prediction] = []
+        if return_embeddings and not self.model.provides_embeddings:
+            raise SegcliError(f"this model gives no pixel embeddings ({getattr(self.model, 'limits', None)})")
         if return_embeddings and self.protocol.sliding:
             raise SegcliError("pixel embeddings come from one canvas: use_protocol(window=0) first")
         for start in range(0, len(items), batch_size):
             pil = [_as_pil(x) for x in items[start:start + batch_size]]
             prepared = [self.prepare_pixels(im) for im in pil]
+            regions = self.region_maps(*zip(*prepared))
             if return_embeddings:
                 logits, emb = self.segment_canvases(np.stack([p for p, _ in prepared]), text, return_embeddings)
             else:
-                logits, emb = self.segment_images([p for p, _ in prepared], text, batch_size), None
+                logits, emb = self.segment_images([p for p, _ in prepared], text, batch_size, regions=regions), None
             for i, (im, (pixels, resized_hw)) in enumerate(zip(pil, prepared)):
-                logits_i, valid = self.finish_logits(logits[i], pixels, resized_hw, refiner)
+                logits_i, valid = self.finish_logits(logits[i], pixels, resized_hw, refiner,
+                                                     regions[i] if regions else None, groups)
                 results.append(Prediction(
                     label_map=restore_label_map(logits_i, valid, (im.height, im.width), groups=groups),
                     labels=label_set,

@@ -15,6 +15,10 @@ residual path and no feed-forward (`cfg.method`):
   CLIP's patch values upsampled (bilinear) to DINO's grid: pixel embeddings at stride 8.
   Published ADE-150 mIoU (ViT-B/16 + DINO ViT-B/8): 20.2 (third-party tables; the paper's own
   table lists it with ViT-H/14 CLIP).
+- corrclip (Zhang et al., ICCV 2025): DINO ViT-B/8's q+k correlations restricted to merged region
+  masks, plus a spatial and a semantic branch (segcli.modeling.corrclip), at DINO's stride 8; the
+  region masks come from a class-agnostic generator (segcli.modeling.regions) run on each photo.
+  Published ADE-150 mIoU (MetaCLIP ViT-B/16 + DINO ViT-B/8 + EoMT-L masks): 26.7.
 
 The resulting tokens go through the final LayerNorm and the visual projection, like the class token
 normally does, and land in the text embedding space.
@@ -29,6 +33,7 @@ from torch import nn
 
 from segcli.modeling.configs import (CLIP_DENSE_PROBABILITY_SCALES, CLIP_DENSE_PROTOCOLS, CLIP_DENSE_PROXIES,
                                      CLIPDenseConfig, Protocol)
+from segcli.modeling.corrclip import corrclip_tokens
 from segcli.modeling.dino import DinoViT
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
 from segcli.modeling.text_encoder import TextEncoder
@@ -59,8 +64,33 @@ class CLIPDense(PixelTextModel):
         if (cfg.method in CLIP_DENSE_PROXIES) != (cfg.proxy is not None):
             raise ValueError(f"clip-dense method {cfg.method!r} {'needs' if cfg.proxy is None else 'takes no'} a proxy model")
         self.proxy = DinoViT(cfg.proxy) if cfg.proxy is not None else None
+        self._generator: list[nn.Module] = []  # corrclip's region masks (segcli.modeling.regions), set by the loader
+        if self.needs_regions and cfg.layers < 5:
+            raise ValueError(f"corrclip's spatial branch needs a CLIP of 5 blocks or more, not {cfg.layers}")
+        if self.needs_regions:  # its pixels depend on each photo's region masks: no stored cells, no export
+            self.limits = "corrclip reads each photo's region masks (and votes in them)"
+            self.provides_embeddings = self.exportable = False
         self.output_stride = cfg.output_stride
         self._bias_cache: dict = {}
+
+    @property
+    def region_generator(self) -> nn.Module | None:
+        """The model that makes corrclip's region masks. Held outside the state dict (a checkpoint
+        stores CLIP and DINO only), yet moved and cast with the model."""
+        return self._generator[0] if self._generator else None
+
+    def set_region_generator(self, generator: nn.Module | None) -> None:
+        self._generator = [generator] if generator is not None else []  # a list: nn.Module would register it
+
+    def _apply(self, fn, recurse: bool = True):
+        for generator in self._generator:
+            generator._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    @property
+    def needs_regions(self) -> bool:
+        """`pixel_embeddings` takes each input's region ids (segcli.inference.regions makes them)."""
+        return self.cfg.method == "corrclip"
 
     @property
     def probability_scale(self) -> float:
@@ -87,8 +117,9 @@ class CLIPDense(PixelTextModel):
             patches = F.interpolate(patches, size=grid_hw, mode="bicubic", align_corners=False)
         return torch.cat([stored[:1], patches.flatten(2).squeeze(0).T])
 
-    def pixel_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [0,1] -> [B,C,H/s,W/s] (not normalised); s the patch size, DINO's for proxyclip."""
+    def pixel_embeddings(self, images: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """[B,3,H,W] in [0,1] -> [B,C,H/s,W/s] (not normalised); s the patch size, DINO's for proxyclip
+        and corrclip. corrclip also takes the region ids of the inputs' pixels [B,H,W]."""
         p = self.cfg.input_multiple
         if images.shape[-2] % p or images.shape[-1] % p:
             raise ValueError(f"input size {tuple(images.shape[-2:])} must be a multiple of {p}")
@@ -98,6 +129,12 @@ class CLIPDense(PixelTextModel):
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([v.class_embedding.to(x.dtype).expand(b, 1, -1), x], dim=1)
         x = v.ln_pre(x + self.position_embedding((h, w)).to(x.dtype))
+        if self.needs_regions:
+            if regions is None or regions.shape != (b, *images.shape[-2:]):
+                raise ValueError(f"corrclip needs region ids [B,H,W] for its {tuple(images.shape)} inputs")
+            features = self.proxy(images, query_key=True)  # [B,width',H/8,W/8]
+            x = corrclip_tokens(v, self._block, x, (h, w), features, regions) @ v.proj.to(x.dtype)
+            return x.transpose(1, 2).reshape(b, -1, *features.shape[-2:])
         for block in v.transformer.resblocks[:-1]:
             x = self._block(block, x)
         if self.proxy is not None:

@@ -43,6 +43,8 @@ CLIP_DENSE_METHODS = {
               "no residual, no feed-forward",
     "proxyclip": "ProxyCLIP (Lan et al., ECCV 2024): attention from DINO ViT-B/8's patch-feature similarity "
                  "(beta 1.2, gamma 3.0) over CLIP's values, at DINO's stride 8",
+    "corrclip": "CorrCLIP (Zhang et al., ICCV 2025): DINO ViT-B/8 correlations inside merged region masks "
+                "(EoMT), spatial and semantic branches, a per-region vote; at DINO's stride 8",
 }
 DEFAULT_CLIP_DENSE_METHOD = "naclip"  # the best published number of those implemented (ADE-150 19.1, with PAMR)
 # each method's inference protocol as its authors evaluate (their ADE20K configs): the short side,
@@ -51,12 +53,15 @@ CLIP_DENSE_PROTOCOLS = {
     "clearclip": Protocol(short_side=448, window=448, stride=224),
     "naclip": Protocol(short_side=336, window=224, stride=112),
     "proxyclip": Protocol(short_side=448, window=336, stride=112),  # its configs: Resize (2048, 448), slide 336/112
+    "corrclip": Protocol(short_side=448, window=336, stride=112),  # cfg_ade20k.py: Resize (2048, 448); 336/112
 }
 # the temperature each method's code gives cosine similarities before its softmax (--bg-threshold's
 # probabilities): NACLIP logit_scale=40, ClearCLIP 50 (their segmentors' defaults)
-CLIP_DENSE_PROBABILITY_SCALES = {"clearclip": 50.0, "naclip": 40.0, "proxyclip": 40.0}
+CLIP_DENSE_PROBABILITY_SCALES = {"clearclip": 50.0, "naclip": 40.0, "proxyclip": 40.0, "corrclip": 40.0}
 # the methods that read a second vision model (a "vision foundation model") beside CLIP
-CLIP_DENSE_PROXIES = {"proxyclip": "dino_vitb8"}
+CLIP_DENSE_PROXIES = {"proxyclip": "dino_vitb8", "corrclip": "dino_vitb8"}
+# the methods that read each photo's class-agnostic region masks, and their default generator
+CLIP_DENSE_REGIONS = {"corrclip": "eomt"}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """A DINO ViT (Caron et al., ICCV 2021) as the training-free methods read it: its last layer's patch features.
 
 ProxyCLIP takes `get_intermediate_layers(x)[0]` of DINO's own code, the last block's tokens after the
-final LayerNorm, without the class token, at 1/8 resolution for ViT-B/8. The network is timm's
+final LayerNorm, without the class token, at 1/8 resolution for ViT-B/8. CorrCLIP takes the last
+block's query plus key instead (its qkv projection's output, all heads), also without the class token. The network is timm's
 VisionTransformer (timm's `vit_base_patch8_224.dino` holds the released weights under DINO's own key
 names); the position embedding is resized as DINO's code does it (bicubic by a scale factor of
 (n + 0.1) / 28), so features match the authors' at every window size.
@@ -49,7 +50,9 @@ class DinoViT(nn.Module):
             raise ValueError(f"position embedding resized to {tuple(patches.shape[-2:])}, not {(h, w)}")
         return torch.cat([stored[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, query_key: bool = False) -> torch.Tensor:
+        """[B,3,H,W] in [0,1] -> [B,width,H/p,W/p]: the last layer's normalised tokens, or with
+        `query_key` the last block's q + k (before its attention)."""
         vit = self.vit
         # ImageNet's normalisation, made here (not a buffer: models are built on the meta device)
         mean = torch.tensor(self.cfg.pixel_mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
@@ -59,7 +62,11 @@ class DinoViT(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([vit.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
         x = x + self.position_embedding((h, w)).to(x.dtype)
-        for block in vit.blocks:
+        for block in vit.blocks[:-1] if query_key else vit.blocks:
             x = block(x)
-        x = vit.norm(x)[:, 1:]  # get_intermediate_layers(x, n=1)[0], class token dropped
+        if query_key:
+            q, k, _ = vit.blocks[-1].attn.qkv(vit.blocks[-1].norm1(x)).chunk(3, dim=-1)
+            x = (q + k)[:, 1:]
+        else:
+            x = vit.norm(x)[:, 1:]  # get_intermediate_layers(x, n=1)[0], class token dropped
         return x.transpose(1, 2).reshape(b, -1, h, w)

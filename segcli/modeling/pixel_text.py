@@ -25,6 +25,8 @@ class PixelTextModel(nn.Module):
     fixed_imgsz = None
     provides_embeddings = True
     exportable = True
+    needs_regions = False  # pixel_embeddings takes each input's region ids too (corrclip)
+    limits: str | None = None  # why embeddings or export are off, when they are
 
     @property
     def architecture(self) -> str:
@@ -88,13 +90,15 @@ class PixelTextModel(nn.Module):
         self.exportable = False  # quantised modules do not export to ONNX/.pt2
 
     def dense_logits(self, images: torch.Tensor, label_embeddings: torch.Tensor, autocast_dtype: torch.dtype | None = None,
-                     return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     return_embeddings: bool = False, regions: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B,3,H,W] in [0,1] -> (logits [B,K,H/s,W/s] fp32, pixel embeddings [B,C,H/s,W/s] or None).
+        `regions` [B,H,W]: the inputs' region ids, for a model that `needs_regions` (corrclip).
 
         Only the image branch runs under autocast; the scoring stays in fp32, one image at a time.
         """
         with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            emb = self.pixel_embeddings(images)
+            emb = self.pixel_embeddings(images) if regions is None else self.pixel_embeddings(images, regions)
         text = label_embeddings.to(images.device)
         logits = torch.stack([self.image_logits(one, text) for one in emb])
         return logits, (emb.float() if return_embeddings else None)

@@ -4,7 +4,9 @@ Model specs: `clip-dense` (= `clip-dense:ViT-B-16@openai`), `clip-dense:ARCH`, `
 with any plain ViT architecture and pretrained tag open_clip knows, or a path to an open_clip
 weights file (`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`). `clip-dense` reads
 them with the default method; a method's own name picks it: `naclip:ViT-B-16`,
-`clearclip:ViT-B-16@openai`, `naclip:/path/open_clip_model.safetensors`.
+`clearclip:ViT-B-16@openai`, `naclip:/path/open_clip_model.safetensors`. corrclip reads DINO ViT-B/8
+and a region-mask generator beside CLIP (`corrclip:ARCH[@TAG][+eomt|+mask2former]`, or
+`corrclip:CLIP_FILE,DINO_FILE,GENERATOR_FOLDER` for local files).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import torch
 
 from segcli.errors import SegcliError, mismatch_detail
 from segcli.modeling.clip_dense import CLIPDense, clip_dense_from_state_dict
-from segcli.modeling.configs import (CLIP_DENSE_METHODS, CLIP_DENSE_PROXIES, DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig,
-                                     DinoConfig, TextConfig)
+from segcli.modeling.configs import (CLIP_DENSE_METHODS, CLIP_DENSE_PROXIES, CLIP_DENSE_REGIONS,
+                                     DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig, DinoConfig, TextConfig)
 from segcli.models.weights import WEIGHT_SUFFIXES, read_state_dict
 
 CLIP_DENSE = "clip-dense"
 DEFAULT_ARCH, DEFAULT_TAG = "ViT-B-16", "openai"
+# a method whose published numbers use other CLIP weights defaults to those (CorrCLIP: MetaCLIP B/16)
+METHOD_WEIGHTS = {"corrclip": ("ViT-B-16-quickgelu", "metaclip_fullcc")}
 # Bookkeeping values some OpenAI-derived state dicts carry; they are not weights.
 _NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "logit_scale")
 
@@ -52,8 +56,19 @@ def parse_clip_dense_spec(spec: str) -> tuple[str, str]:
     """'clip-dense[:ARCH[@TAG]]' (or a method's name in place of clip-dense) -> (ARCH, TAG) with the
     defaults filled in."""
     split = split_method(spec)
-    arch, _, tag = (split[2] if split else "").partition("@")
-    return arch or DEFAULT_ARCH, tag or DEFAULT_TAG
+    rest, _ = split_generator(split[2] if split else "")
+    arch, _, tag = rest.partition("@")
+    default_arch, default_tag = METHOD_WEIGHTS.get(split[0] if split else "", (DEFAULT_ARCH, DEFAULT_TAG))
+    if arch and arch != default_arch:
+        default_tag = DEFAULT_TAG
+    return arch or default_arch, tag or default_tag
+
+
+def split_generator(rest: str) -> tuple[str, str | None]:
+    """'ViT-B-16@openai+mask2former' -> ('ViT-B-16@openai', 'mask2former'): corrclip's region-mask
+    generator (segcli.modeling.regions.GENERATORS), None when not named."""
+    head, plus, kind = rest.rpartition("+")
+    return (head, kind) if plus and "/" not in kind else (rest, None)
 
 
 def is_clip_state_dict(state: dict[str, torch.Tensor]) -> bool:
@@ -183,15 +198,43 @@ def load_clip_dense(spec: str, device: str | torch.device = "cpu") -> tuple[CLIP
     """A `clip-dense[:ARCH[@TAG]]` spec -> (model on `device`, the weights file it came from)."""
     import open_clip
 
-    method, prefix, _ = split_method(spec)
+    method, prefix, rest = split_method(spec)
     arch, tag = parse_clip_dense_spec(spec)
     path = download_clip_weights(arch, tag)
     pcfg = open_clip.get_pretrained_cfg(arch, tag)
     quick_gelu = bool(pcfg.get("quick_gelu") or (open_clip.get_model_config(arch) or {}).get("quick_gelu"))
     proxy = read_state_dict(download_proxy_weights(method)) if method in CLIP_DENSE_PROXIES else None
-    model = clip_dense_from_clip_state(read_state_dict(path), f"{prefix}:{arch}@{tag}", quick_gelu,
+    generator = split_generator(rest)[1]
+    name = f"{prefix}:{arch}@{tag}" + (f"+{generator}" if generator else "")
+    model = clip_dense_from_clip_state(read_state_dict(path), name, quick_gelu,
                                        pcfg.get("mean"), pcfg.get("std"), method=method, proxy_state=proxy)
+    if method in CLIP_DENSE_REGIONS:
+        model.set_region_generator(load_region_generator(generator or CLIP_DENSE_REGIONS[method]))
     return model.to(device), path
+
+
+def region_weights_source(kind: str) -> tuple[str, list[str]]:
+    """(hub repo, its files) of a region-mask generator named in segcli.modeling.regions.GENERATORS."""
+    from segcli.modeling.regions import FILES, GENERATORS
+
+    if kind not in GENERATORS:
+        raise SegcliError(f"unknown region-mask generator {kind!r}: use {' or '.join(GENERATORS)}, or a folder")
+    return GENERATORS[kind].repo, list(FILES)
+
+
+def load_region_generator(kind_or_folder: str) -> torch.nn.Module:
+    """A region-mask generator: a known one from the hub (each file downloaded once and cached), or
+    a transformers model folder."""
+    from segcli.modeling.regions import RegionGenerator
+    from segcli.models.hub import hub_file
+
+    if Path(kind_or_folder).expanduser().is_dir():
+        return RegionGenerator.from_folder(Path(kind_or_folder).expanduser())
+    repo, names = region_weights_source(kind_or_folder)
+    paths = [hub_file(repo, [name], f"the {kind_or_folder} region-mask model's {name}",
+                      f"connect once so it is cached, or download {repo} from https://huggingface.co/{repo} "
+                      f"and pass --model corrclip:CLIP_FILE,DINO_FILE,FOLDER") for name in names]
+    return RegionGenerator.from_folder(paths[0].parent, kind_or_folder)
 
 
 # the second models the methods read, on the hub: DINO's released ViT-B/8 under timm's name (DINO's keys)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from segcli.errors import SegcliError
 from segcli.modeling.configs import (ARCHITECTURES, CLIP_DENSE_METHODS, CLIP_DENSE_PROTOCOLS, CLIP_DENSE_PROXIES,
-                                     DEFAULT_CLIP_DENSE_METHOD)
+                                     CLIP_DENSE_REGIONS, DEFAULT_CLIP_DENSE_METHOD)
 from segcli.models.families import DEFAULT_MODEL, FAMILIES
 
 if TYPE_CHECKING:
@@ -88,6 +88,8 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
     method = split_method(spec)
     if method is not None:  # naclip:/path/open_clip_model.safetensors: local weights read with a method
         rest, metadata = method[2], {"method": method[0]}
+        if method[0] in CLIP_DENSE_REGIONS and rest.count(",") == 2:  # corrclip:CLIP_FILE,DINO_FILE,GENERATOR
+            rest, metadata["regions"] = rest.rsplit(",", 1)
         if method[0] in CLIP_DENSE_PROXIES and "," in rest:  # proxyclip:CLIP_FILE,DINO_FILE
             rest, proxy_file = rest.rsplit(",", 1)
             if not Path(proxy_file).expanduser().is_file():
@@ -148,6 +150,15 @@ def _hub_spec(spec: str) -> ModelSpec:
         metadata["proxy weights"] = (f"https://huggingface.co/{proxy_repo} "
                                      + (f"(cached: {proxy_cached})" if proxy_cached else "(downloaded on first use)"))
         downloads = downloads or proxy_cached is None
+    if method in CLIP_DENSE_REGIONS:  # corrclip: the region-mask generator's files
+        from segcli.models.clip_weights import region_weights_source, split_generator
+
+        kind = split_generator(split_method(spec)[2])[1] or CLIP_DENSE_REGIONS[method]
+        gen_repo, gen_names = region_weights_source(kind)
+        missing = [name for name in gen_names if cached_hub_file(gen_repo, [name]) is None]
+        metadata["region masks"] = (f"{kind}: https://huggingface.co/{gen_repo} "
+                                    + (f"({', '.join(missing)} downloaded on first use)" if missing else "(cached)"))
+        downloads = downloads or bool(missing)
     return ModelSpec(spec, "hub", CLIP_DENSE, arch, f"https://huggingface.co/{repo}",
                      downloads=downloads, path=cached, metadata=metadata)
 
@@ -190,7 +201,11 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
         from segcli.models.checkpoint import load_checkpoint
 
         model, info = load_checkpoint(spec.path, device)
-        return LoadedModel(model, spec, info.labels, fingerprint)
+        if getattr(model, "needs_regions", False):  # a corrclip checkpoint holds CLIP and DINO: masks from the hub
+            from segcli.models.clip_weights import load_region_generator
+
+            model.set_region_generator(load_region_generator(CLIP_DENSE_REGIONS[model.cfg.method]))
+        return LoadedModel(model.to(device), spec, info.labels, fingerprint)
     from segcli.models.weights import read_state_dict
 
     state = read_state_dict(spec.path)  # tensors only: never runs code from the file
@@ -206,6 +221,10 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
 
             proxy = read_state_dict(spec.metadata.get("proxy_file") or download_proxy_weights(method))
         model = clip_dense_from_clip_state(state, spec.path.name, method=method, proxy_state=proxy)
+        if method in CLIP_DENSE_REGIONS:
+            from segcli.models.clip_weights import load_region_generator
+
+            model.set_region_generator(load_region_generator(spec.metadata.get("regions") or CLIP_DENSE_REGIONS[method]))
         return LoadedModel(model.to(device), spec, None, f"{spec.metadata['method']}:{fingerprint}")
     for family in FAMILIES.values():
         found = family.try_foreign(state, spec.path.name)

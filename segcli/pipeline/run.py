@@ -109,8 +109,9 @@ class PredictRun:
         self.embed = None  # (dtype, stride) when the pixel embeddings are stored
         if "embeddings" in options.save:
             if not segmenter.model.provides_embeddings:
-                raise SegcliError("this model gives no pixel embeddings (an ONNX export): --save embeddings needs "
-                                  "a PyTorch model (a checkpoint, clip-dense, ...)")
+                why = getattr(segmenter.model, "limits", None) or "an ONNX export"
+                raise SegcliError(f"this model gives no pixel embeddings ({why}): --save embeddings needs another "
+                                  "model (a checkpoint, clip-dense, naclip, ...)")
             if segmenter.protocol.sliding:
                 raise SegcliError("--save embeddings stores the cells of one canvas: add --window 0 (this model "
                                   "slides windows by default)")
@@ -166,9 +167,12 @@ class PredictRun:
         if self.embed is not None:  # one canvas each (the protocol was checked in __init__)
             logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)
         else:
-            logits, emb = self.seg.segment_images(pixels, text, self.opt.batch_size), None
+            regions = self.seg.region_maps(pixels, [it.model_input.resized_hw for it in batch])
+            logits, emb = self.seg.segment_images(pixels, text, self.opt.batch_size, regions=regions), None
+        regions = regions if self.embed is None else None
         per_image, valids = zip(*(self.seg.finish_logits(logits_i, it.model_input.pixels, it.model_input.resized_hw,
-                                                         self.refiner) for logits_i, it in zip(logits, batch)))
+                                                         self.refiner, regions[i] if regions else None, self.groups)
+                                  for i, (logits_i, it) in enumerate(zip(logits, batch))))
         if self.device_post is not None:
             selected = [(None, logits_i) for logits_i in per_image]
         else:

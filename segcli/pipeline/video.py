@@ -208,14 +208,16 @@ class VideoRun:
 
         self._settle()
         prepared = [self.seg.prepare_pixels(image) for _, _, image in batch]  # the photos' protocol
-        logits = self.seg.segment_images([pixels for pixels, _ in prepared], self.text, len(batch))
+        regions = self.seg.region_maps(*zip(*prepared))  # corrclip: each frame's region masks
+        logits = self.seg.segment_images([pixels for pixels, _ in prepared], self.text, len(batch), regions=regions)
         plan, k = self.plan, len(self.plan.labels)
-        for (index, seconds, image), (pixels, resized_hw), frame_logits in zip(batch, prepared, logits):
+        for i, ((index, seconds, image), (pixels, resized_hw), frame_logits) in enumerate(zip(batch, prepared, logits)):
             if self.smooth:  # flicker: each frame's logits blended with the running average before it
                 if state["previous"] is not None:
                     frame_logits = torch.lerp(frame_logits, state["previous"], self.smooth)
                 state["previous"] = frame_logits
-            frame_logits, valid = self.seg.finish_logits(frame_logits, pixels, resized_hw, self.refiner)
+            frame_logits, valid = self.seg.finish_logits(frame_logits, pixels, resized_hw, self.refiner,
+                                                         regions[i] if regions else None, self.groups)
             counts = np.zeros(k, np.int64)
             mask = restore_label_map(frame_logits, valid, (image.height, image.width), histogram=counts, groups=self.groups)
             state["counts"] += counts

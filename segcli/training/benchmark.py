@@ -4,7 +4,7 @@ Each dataset is evaluated as the methods' authors do: the dataset's own class-na
 scored separately, a label keeps its best), the photo resized to the dataset's short side (NACLIP's
 configs: 336, Cityscapes 560) and slid over with the model's windows, and where class 0 is
 background (VOC21, Context60, COCO-Object) pixels whose best probability is under 0.1 taken as
-background; a method whose own configs differ (ProxyCLIP's) gets its own (METHOD_SETTINGS).
+background; a method whose own configs differ (ProxyCLIP's, CorrCLIP's) gets its own (METHOD_SETTINGS).
 Models that read one canvas (LSeg, exports) keep their own protocol; only the labels and the
 background rule apply to them. A dataset that is not under the data root is listed with the
 command that fetches it instead of failing the run.
@@ -31,6 +31,7 @@ METHOD_SETTINGS = {
     "proxyclip": {"ade20k": {"short_side": 448}, "cityscapes": {"short_side": 448, "window": 224, "stride": 112},
                   "voc21": {"bg_threshold": 0.2}, "context60": {"bg_threshold": 0.15}, "coco-object": {"bg_threshold": 0.25}},
 }
+METHOD_SETTINGS["corrclip"] = METHOD_SETTINGS["proxyclip"]  # CorrCLIPv1/configs/cfg_*.py: the same values
 
 
 def dataset_settings(method: str | None, name: str) -> dict:

@@ -71,6 +71,8 @@ def evaluate(seg: Segmenter, data: SegmentationData, split: str = "val", labels:
     refines = seg.refiner_for(refine) is not None and not ms_flip  # --ms-flip sums logits at model resolution
     if ms_flip and refine == "pamr":
         raise SegcliError("--refine pamr does not combine with --ms-flip")
+    if ms_flip and getattr(seg.model, "needs_regions", False):
+        raise SegcliError("--ms-flip sums logits over scales; corrclip votes in each photo's regions: evaluate it without")
     labels = labels or data.classes
     if len(labels) != len(data.classes):
         raise SegcliError(f"--labels gives {len(labels)} names but {data.name} has {len(data.classes)} classes "
