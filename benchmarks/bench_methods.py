@@ -1,10 +1,11 @@
 """What the training-free methods and options cost: images/s of `segcli predict` on this machine.
 
-    python benchmarks/bench_methods.py [--images 8] [--labels 5 150] [--methods clearclip naclip proxyclip]
+    python benchmarks/bench_methods.py [--images 8] [--labels 5 150] [--methods clearclip naclip proxyclip corrclip]
 
 A random-weights CLIP ViT-B/16 (open_clip's architecture, no download) saved as an open_clip weights
 file, read as `clearclip:FILE` and `naclip:FILE` (proxyclip: with a random-weights DINO ViT-B/8, timm's
-architecture, as a segcli checkpoint), 640x480 JPEGs, mask only; each row: one 448
+architecture, as a segcli checkpoint; corrclip: the same DINO as a file and a random-weights EoMT-L at
+640, transformers' COCO-panoptic architecture, as its region-mask generator), 640x480 JPEGs, mask only; each row: one 448
 canvas (--window 0) or the method's own sliding windows (clearclip: 448 windows every 224 over a
 448 short side; naclip: 224 every 112 over 336), with and without PAMR (--refine) and the
 80-template prompt ensemble (--prompt imagenet80, whose cost is the text tower's, once per run:
@@ -37,11 +38,28 @@ def timed_predict(*args: str) -> tuple[float, float]:
     return time.perf_counter() - t0, usage.ru_maxrss / 1024
 
 
+def corrclip_files(clip, tmp: Path) -> str:
+    """`corrclip:CLIP_FILE,DINO_FILE,EOMT_FOLDER` of random weights at the published sizes."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+    from transformers import EomtConfig, EomtForUniversalSegmentation, EomtImageProcessor
+
+    dino = timm.create_model("vit_base_patch8_224.dino", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, str(tmp / "dino.safetensors"))
+    torch.manual_seed(0)
+    # EoMT-L on COCO panoptic at 640 (tue-mps/coco_panoptic_eomt_large_640's sizes)
+    eomt = EomtForUniversalSegmentation(EomtConfig(num_labels=133, num_queries=200, image_size=640)).eval()
+    eomt.save_pretrained(tmp / "eomt", safe_serialization=True)
+    EomtImageProcessor(size={"shortest_edge": 640, "longest_edge": 640}, do_pad=True).save_pretrained(tmp / "eomt")
+    return f"corrclip:{tmp / 'open_clip_model.safetensors'},{tmp / 'dino.safetensors'},{tmp / 'eomt'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--labels", type=int, nargs="+", default=[5, 150])
-    ap.add_argument("--methods", nargs="+", default=["clearclip", "naclip", "proxyclip"])
+    ap.add_argument("--methods", nargs="+", default=["clearclip", "naclip", "proxyclip", "corrclip"])
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="segcli-bench-methods-"))
     try:
@@ -66,6 +84,8 @@ def main() -> None:
             proxy = clip_dense_from_clip_state(clip.state_dict(), "proxyclip:random", method="proxyclip",
                                                proxy_state=dino.state_dict())
             models["proxyclip"] = str(save_checkpoint(proxy, tmp / "proxyclip.safetensors"))
+        if "corrclip" in args.methods:
+            models["corrclip"] = corrclip_files(clip, tmp)
         small, big = sample_photos(tmp / "small", max(1, args.images // 4)), sample_photos(tmp / "big", args.images)
         names = list(named_label_set("ade20k").names)
         print(f"random-weights CLIP ViT-B/16, 640x480 JPEGs, mask only, {os.cpu_count()} CPU cores")
@@ -76,7 +96,8 @@ def main() -> None:
                 ("clearclip", "windows", "none", "imagenet80"),
                 ("naclip", "canvas", "none", photo), ("naclip", "windows", "none", photo),
                 ("naclip", "windows", "pamr", photo), ("naclip", "windows", "pamr", "imagenet80"),
-                ("proxyclip", "windows", "none", photo), ("proxyclip", "windows", "none", "imagenet80"))
+                ("proxyclip", "windows", "none", photo), ("proxyclip", "windows", "none", "imagenet80"),
+                ("corrclip", "windows", "none", photo), ("corrclip", "windows", "none", "imagenet80"))
         rows = tuple(r for r in rows if r[0] in args.methods)
         for k in args.labels:
             labels = ",".join(names[:k])
