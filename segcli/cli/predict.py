@@ -30,7 +30,7 @@ def predict(
     sources: Optional[List[str]] = typer.Argument(None, help="Image and video files, folders (recursive), globs, .txt lists of paths, or - (paths on stdin)."),
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set (ade20k). Default: the labels the checkpoint was trained on.'),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="clip-dense[:ARCH[@TAG]] (training-free CLIP, the default: clip-dense:ViT-B-16), a segcli checkpoint (.safetensors), an LSeg .ckpt, an open_clip weights file, or an architecture name (untrained, for smoke tests)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/predict/N."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder, or a URL in object storage (s3://bucket/masks: files uploaded whole as they are made). Default: a new runs/predict/N."),
     save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay,embeddings (NAME_embed.safetensors: the pixel embeddings, for segcli relabel and search)."),
     embed_dtype: str = typer.Option("auto", "--embed-dtype", help="Stored embeddings' dtype: auto (the 16-bit dtype the model computed in, else float16), float16, bfloat16, float32."),
     refine: str = typer.Option("auto", "--refine", help="Refine the logits with the photo's colours: pamr (PAMR, as NACLIP), none, or auto (pamr for naclip models)."),
@@ -74,6 +74,9 @@ def predict(
         return
     if not sources:
         raise SegcliError("no SOURCE given: pass image files, folders, globs, lists or - (see 'segcli predict --help')")
+    from segcli.files.remote import is_url
+
+    output = output if output is None or is_url(output) else Path(output)
     shard_spec = shard_of_this_process(shard, output)
     kinds = parse_outputs(save)
     label_set = parse_labels(labels) if labels is not None else None

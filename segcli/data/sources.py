@@ -27,12 +27,19 @@ class Source:
     rel: PurePosixPath  # output location inside DIR, without suffix: outputs are REL_mask.png ...
     error: str | None = None  # known bad before decoding (e.g. a listed file that does not exist)
     video: bool = False  # a video (by content, or by extension when unreadable): segcli.pipeline.video
+    origin: str | None = None  # the object's URL when `path` is a local copy of it (segcli.pipeline.remote)
+
+    @property
+    def recorded_path(self) -> str:
+        """What records say the input was read from: its URL, or its path."""
+        return self.origin or str(self.path)
 
 
 @dataclass
 class SourceList:
     sources: list[Source] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # non-image files found while walking folders
+    stager: object = None  # stages remote inputs on demand (segcli.pipeline.remote.RemoteInputs)
 
 
 def _placed(paths: list[Path]) -> list[PurePosixPath]:

@@ -251,7 +251,7 @@ def complete(source: Source, mask: np.ndarray, counts: np.ndarray, plan: HostPla
     paths = write(source, {**blobs, **made}, plan)
     record = {
         "input": source.display,
-        "path": str(source.path),
+        "path": source.recorded_path,
         "output": str(source.rel),
         "status": "ok",
         "width": int(mask.shape[1]),

@@ -3,11 +3,13 @@ under torchrun), run, and under torchrun the shards' summaries folded once every
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, TextIO
 
 from segcli.data.sources import SourceList, collect_sources, parse_shard, take_shard
 from segcli.errors import SegcliError
+from segcli.files.remote import is_url
 from segcli.inference.device import torchrun_ranks
 from segcli.inference.segmenter import Segmenter
 from segcli.pipeline.run import PredictOptions, PredictResult, PredictRun
@@ -22,22 +24,69 @@ def shard_of_this_process(shard: str | None, output: Path | None) -> tuple[int, 
     return parse_shard(shard) if shard else ranks
 
 
-def find_inputs(sources: list[str], output: Path | None, shard: tuple[int, int] | None,
+def find_inputs(sources: list[str], output: Path | str | None, shard: tuple[int, int] | None,
                 stdin: TextIO | None = None) -> SourceList:
-    """The images and videos SOURCE names (`-`: paths on `stdin`), outside `output`, this shard's part."""
-    stdin_lines = stdin.read().splitlines() if "-" in sources and stdin is not None else None
-    found = collect_sources(sources, stdin_lines=stdin_lines, exclude=output)
+    """The images and videos SOURCE names (`-`: paths on `stdin`; URLs: objects in a store, staged
+    as they are needed), outside `output`, this shard's part."""
+    urls = [s for s in sources if is_url(s)]
+    if urls and len(urls) != len(sources):
+        raise SegcliError("give SOURCE as URLs (s3://...) or as local paths, not both in one run")
+    if urls:
+        from segcli.pipeline.remote import RemoteInputs
+
+        stager = RemoteInputs(urls)
+        found = stager.collect()
+        found.stager = stager
+    else:
+        stdin_lines = stdin.read().splitlines() if "-" in sources and stdin is not None else None
+        found = collect_sources(sources, stdin_lines=stdin_lines, exclude=output if not is_url(output) else None)
     if not found.sources:
         raise SegcliError(f"no images or videos found in {' '.join(sources)}"
                           + (f" ({len(found.skipped)} non-image files skipped)" if found.skipped else ""))
-    return take_shard(found, *shard) if shard else found
+    if shard:
+        found = replace(take_shard(found, *shard), stager=found.stager)
+    return found
 
 
 def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
                 on_record: Callable[[dict], None] | None = None,
                 on_frames: Callable[[int], None] | None = None) -> PredictResult:
-    """One predict run; under torchrun, rank 0 then merges every rank's summary into DIR/summary.json."""
-    result = PredictRun(seg, options, found, on_record=on_record, on_frames=on_frames).run()
+    """One predict run; under torchrun, rank 0 then merges every rank's summary into DIR/summary.json.
+    An output URL (`options.output` a str) is filled through a local mirror (segcli.pipeline.remote)."""
+    remote = None
+    if isinstance(options.output, str):
+        from segcli.pipeline.remote import RemoteOutput
+
+        remote = RemoteOutput(options.output)
+        remote.pull_state()
+        options = replace(options, output=remote.local)
+    stager = found.stager
+
+    def recorded(record: dict) -> None:
+        if remote is not None:
+            remote.on_record(record)
+        if stager is not None:
+            stager.release(record.get("path", ""))
+        if on_record is not None:
+            on_record(record)
+
+    run = PredictRun(seg, options, found, on_record=recorded, on_frames=on_frames)
+    run.prepare = stager.prepare if stager is not None else None
+    if remote is not None:
+        run.folder.exists = remote.exists
+    try:
+        result = run.run()
+    finally:
+        if remote is not None:
+            remote.push_state()
+            remote.close()
+        if stager is not None:
+            stager.close()
+    if remote is not None:
+        if remote.failures:
+            raise SegcliError(f"{len(remote.failures)} file(s) could not be uploaded ({remote.failures[0]}); "
+                              "run the same command again to finish")
+        result = replace(result, output=remote.store.url)
     if torchrun_ranks():
         merge_torchrun_shards(result.output)
     return result

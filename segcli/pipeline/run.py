@@ -102,6 +102,7 @@ class PredictRun:
         if options.vid_stride < 1 or not 0.0 <= options.smooth < 1.0:
             raise SegcliError("--vid-stride takes 1 or more, --smooth a weight from 0 (off) to below 1")
         self.on_frames = on_frames
+        self.prepare: Callable[[Source], None] | None = None  # makes an input's file readable (remote inputs)
         self.seg = segmenter
         self.opt = options
         self.sources = sources
@@ -254,6 +255,13 @@ class PredictRun:
                 self._done(item.index, error_record(item.source, f"failed: {type(exc).__name__}: {one_line(str(exc))}",
                                                     getattr(exc, "native", None)))
 
+    def _prepare(self, item: Item) -> None:
+        if self.prepare is not None and not item.error:
+            try:
+                self.prepare(item.source)
+            except SegcliError as exc:
+                item.error = str(exc)
+
     def _decoded(self, item: Item, fut: Future) -> Item:
         try:
             item.model_input = self.pool.result(fut)
@@ -277,6 +285,10 @@ class PredictRun:
         run = VideoRun(self.seg, self.plan, text, self.opt.batch_size, self.opt.vid_stride, self.opt.smooth, self.on_frames,
                        refiner=self.refiner)
         for item in videos:
+            self._prepare(item)
+            if item.error:
+                self._done(item.index, error_record(item.source, item.error))
+                continue
             try:
                 self._done(item.index, run.process(item.source))
             except host.InputFailure as exc:
@@ -297,6 +309,7 @@ class PredictRun:
 
         def refill() -> None:
             while len(decoding) < window and (item := next(pending, None)) is not None:
+                self._prepare(item)
                 fut = None if item.error else pool.submit("decoding", host.decode, item.source.path)
                 decoding.append((item, fut))
 

@@ -46,6 +46,7 @@ class RunFolder:
         self.records_file = self.state / f"records{tag}.jsonl"
         self.summary_file = self.path / f"summary{tag}.json"
         self._records: AppendLog | None = None
+        self.exists = Path.exists  # whether an output is still there (an object store's listing for a URL)
         what = f"predict shard {shard[0]}/{shard[1]}" if shard else "predict"
         self.lock = FolderLock(self.state, f"lock{tag}.json", what, _conflicts_with(shard))
 
@@ -94,7 +95,7 @@ class RunFolder:
     def reusable(self, source: Source, done: dict[str, dict], outputs: dict[str, Path]) -> dict | None:
         """The finished record of `source` when all its files (`outputs`) are still there."""
         record = done.get(str(source.rel))
-        if record and record.get("path") == str(source.path) and all(p.exists() for p in outputs.values()):
+        if record and record.get("path") == source.recorded_path and all(self.exists(p) for p in outputs.values()):
             return record
         return None
 
@@ -139,7 +140,7 @@ def _conflicts_with(shard: tuple[int, int] | None):
 
 def error_record(source: Source, message: str, native: str | None = None) -> dict:
     """A failed input's record; `native`: what native code printed about it (its last 20 lines)."""
-    record = {"input": source.display, "path": str(source.path), "output": str(source.rel),
+    record = {"input": source.display, "path": source.recorded_path, "output": str(source.rel),
               "status": "error", "error": message}
     if native:  # native libraries' lines, then (after a crash) faulthandler's Python stack: its ends kept
         lines = native.split("\nExtension modules:")[0].splitlines()
