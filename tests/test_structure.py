@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "segcli"
 # top to bottom: a room imports only rooms of a lower rank (rooms of one rank never import each other)
 LAYERS = [
-    ["(face)", "api", "__main__"],
+    ["(face)", "api", "ray", "__main__"],
     ["cli"],
     ["serve"],
     ["pipeline", "training"],

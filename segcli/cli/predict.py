@@ -54,6 +54,7 @@ def predict(
     max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Refuse larger images (decompression bombs)."),
     json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per image on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors are still reported)."),
+    engine: str = typer.Option("local", "--engine", help="local: this machine's processes; ray: Ray Data over the cluster RAY_ADDRESS names (else a local Ray): decoding and writing in CPU tasks, the model in an actor pool, one GPU per actor where there are GPUs (pip install 'segcli[ray]')."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the sorted inputs (shards 0..N-1 into one --output, then --merge-summaries). Under torchrun: the rank."),
     merge_summaries: Optional[Path] = typer.Option(None, "--merge-summaries", help="Fold DIR/summary.shard-*.json of finished shards into DIR/summary.json and exit."),
 ) -> None:
@@ -93,7 +94,7 @@ def predict(
                              vid_stride=vid_stride, smooth=smooth, refine=refine)
     reporter = PredictProgress(total=len(found.sources), quiet=quiet, json_lines=json_lines)
     with reporter:
-        result = run_predict(seg, options, found, on_record=reporter.record, on_frames=reporter.frames)
+        result = run_predict(seg, options, found, on_record=reporter.record, on_frames=reporter.frames, engine=engine)
     if result.interrupted:
         raise fail(f"interrupted: {len(result.records)} of {len(found.sources)} done; run again to finish", 130)
     if not quiet:

@@ -48,12 +48,21 @@ def find_inputs(sources: list[str], output: Path | str | None, shard: tuple[int,
     return found
 
 
+ENGINES = ("local", "ray")
+
+
 def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
                 on_record: Callable[[dict], None] | None = None,
-                on_frames: Callable[[int], None] | None = None) -> PredictResult:
+                on_frames: Callable[[int], None] | None = None, engine: str = "local") -> PredictResult:
     """One predict run; under torchrun, rank 0 then merges every rank's summary into DIR/summary.json.
-    An output URL (`options.output` a str) is filled through a local mirror (segcli.pipeline.remote)."""
+    An output URL (`options.output` a str) is filled through a local mirror (segcli.pipeline.remote).
+    `engine` "ray": the photos go through Ray Data (segcli.pipeline.ray_engine)."""
+    if engine not in ENGINES:
+        raise SegcliError(f"--engine {engine!r}: use local or ray")
+    if engine == "ray" and torchrun_ranks():
+        raise SegcliError("--engine ray schedules the whole run itself: start it once, not under torchrun")
     remote = None
+    output_url = options.output if isinstance(options.output, str) else None
     if isinstance(options.output, str):
         from segcli.pipeline.remote import RemoteOutput
 
@@ -70,7 +79,13 @@ def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
         if on_record is not None:
             on_record(record)
 
-    run = PredictRun(seg, options, found, on_record=recorded, on_frames=on_frames)
+    if engine == "ray":
+        from segcli.pipeline.ray_engine import RayPredictRun
+
+        run = RayPredictRun(seg, options, found, on_record=recorded, on_frames=on_frames)
+        run.output_url = output_url
+    else:
+        run = PredictRun(seg, options, found, on_record=recorded, on_frames=on_frames)
     run.prepare = stager.prepare if stager is not None else None
     if remote is not None:
         run.folder.exists = remote.exists

@@ -24,21 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from segcli.data.labels import LabelSet
 from segcli.data.sources import Source, SourceList
-from segcli.embeddings.format import EmbeddingInfo, check_embed_stride, dtype_name, encode, pool, resolve_embed_dtype
+from segcli.embeddings.format import dtype_name
 from segcli.errors import SegcliError, one_line
 from segcli.files.atomic import is_disk_error, remove_stale_temp_files
 from segcli.inference.segmenter import Segmenter
 from segcli.pipeline import host, parcels
-from segcli.pipeline.host import ModelInput
+from segcli.pipeline.model_step import Item, ModelStep
 from segcli.pipeline.run_folder import RunFolder, error_record
 from segcli.pipeline.workers import WorkerCrashed, WorkerPool, default_workers, worker_context
-from segcli.postprocess.label_map import batch_candidate_logits, image_region
 from segcli.postprocess.outputs import DEFAULT_OUTPUTS
 
 # A write failure is one input's failure, except when it is the disk's (full, over quota, read-only,
@@ -81,17 +79,6 @@ class PredictResult:
     interrupted: bool = False
 
 
-@dataclass
-class Item:
-    """One input on its way through the stages."""
-
-    index: int
-    source: Source
-    model_input: ModelInput | None = None
-    error: str | None = None
-    native: str | None = None  # what a worker's native code printed on stderr about its failure
-
-
 class PredictRun:
     """One `segcli predict` run over a list of sources."""
 
@@ -107,19 +94,8 @@ class PredictRun:
         self.opt = options
         self.sources = sources
         self.on_record = on_record or (lambda record: None)
-        self.embed = None  # (dtype, stride) when the pixel embeddings are stored
-        if "embeddings" in options.save:
-            if not segmenter.model.provides_embeddings:
-                why = getattr(segmenter.model, "limits", None) or "an ONNX export"
-                raise SegcliError(f"this model gives no pixel embeddings ({why}): --save embeddings needs another "
-                                  "model (a checkpoint, clip-dense, naclip, ...)")
-            if segmenter.protocol.sliding:
-                raise SegcliError("--save embeddings stores the cells of one canvas: add --window 0 (this model "
-                                  "slides windows by default)")
-            self.embed = (resolve_embed_dtype(options.embed_dtype, segmenter.autocast_dtype),
-                          check_embed_stride(options.embed_stride, segmenter.model.output_stride))
-        self.refiner = segmenter.refiner_for(options.refine)
-        self.groups = segmenter.label_groups(options.labels)  # synonyms scored separately, or None
+        self.step = ModelStep(segmenter, options)  # the model's stage (also what a Ray actor runs)
+        self.embed, self.refiner, self.groups = self.step.embed, self.step.refiner, self.step.groups
         settings = {
             "model": segmenter.name,
             "model_fingerprint": segmenter.fingerprint,
@@ -157,46 +133,10 @@ class PredictRun:
         if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
             from segcli.pipeline.device_post import DevicePostprocess
 
-            self.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)
+            self.device_post = self.step.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)
 
     def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
-        """A batch of model inputs -> per image, the candidate labels' logits on the host, one cell
-        per `seg.logit_stride` pixels of the resized photo (1 once refined); all labels', on the
-        device, when post-processing happens there."""
-        t0 = time.perf_counter()
-        pixels = [it.model_input.pixels for it in batch]
-        if self.embed is not None:  # one canvas each (the protocol was checked in __init__)
-            logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)
-        else:
-            regions = self.seg.region_maps(pixels, [it.model_input.resized_hw for it in batch])
-            logits, emb = self.seg.segment_images(pixels, text, self.opt.batch_size, regions=regions), None
-        regions = regions if self.embed is None else None
-        per_image, valids = zip(*(self.seg.finish_logits(logits_i, it.model_input.pixels, it.model_input.resized_hw,
-                                                         self.refiner, regions[i] if regions else None, self.groups)
-                                  for i, (logits_i, it) in enumerate(zip(logits, batch))))
-        if self.device_post is not None:
-            selected = [(None, logits_i) for logits_i in per_image]
-        else:
-            selected = batch_candidate_logits(per_image, valids, self.groups)
-        share = (time.perf_counter() - t0) / len(batch)
-        jobs = []
-        for i, item in enumerate(batch):
-            got = item.model_input
-            candidates, cand = selected[i]
-            made = {"embeddings": self._embeddings_file(emb[i], item)} if emb is not None else None
-            jobs.append(host.FinishJob(item.source, candidates, cand, valids[i], got.full_hw, got.seconds + share,
-                                       got.stamp, made))
-            item.model_input = None
-        return jobs
-
-    def _embeddings_file(self, emb: torch.Tensor, item: Item) -> bytes:
-        """[C,S/s,S/s] of one canvas -> the NAME_embed.safetensors bytes of the photo's cells."""
-        dtype, stride = self.embed
-        got, model = item.model_input, self.seg.model
-        region = pool(image_region(emb, got.resized_hw, model.output_stride), stride // model.output_stride)
-        photo = {"path": os.path.abspath(item.source.path), "size": got.stamp[0], "mtime_ns": got.stamp[1]}
-        info = EmbeddingInfo.of(self.seg, region, stride, got.full_hw, got.resized_hw, photo)
-        return encode(region, info, dtype)
+        return self.step.infer(batch, text)
 
     def finish_on_device(self, job: host.FinishJob, writers: ThreadPoolExecutor) -> Future:
         """restore (+ the overlay) on the device, here; PNGs and writes on a host thread."""
@@ -332,11 +272,9 @@ class PredictRun:
                 if fut is not None:
                     fut.cancel()
 
-    def _run(self, done: dict[str, dict]) -> PredictResult:
-        context = worker_context()  # its fork server loads the host modules while the text tower runs
-        parcels.sweep()  # files left by runs that were killed outright
-        owner = parcels.new_owner()  # this run's files
-        text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
+    def todo(self, done: dict[str, dict]) -> tuple[list[Item], int]:
+        """(the inputs to do, how many finished ones are reused): a finished input whose files are
+        all still there is recorded again as it was."""
         todo: list[Item] = []
         reused = 0
         for index, source in enumerate(self.sources.sources):
@@ -347,6 +285,14 @@ class PredictRun:
                 self.on_record(previous)
             else:
                 todo.append(Item(index, source, error=source.error))
+        return todo, reused
+
+    def _run(self, done: dict[str, dict]) -> PredictResult:
+        context = worker_context()  # its fork server loads the host modules while the text tower runs
+        parcels.sweep()  # files left by runs that were killed outright
+        owner = parcels.new_owner()  # this run's files
+        text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)  # once per run
+        todo, reused = self.todo(done)
 
         # `workers` single-threaded processes do all host work per image (decode, then restore,
         # render and write): --workers N uses N cores besides the model's, with no GIL between them
@@ -399,6 +345,11 @@ class PredictRun:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
 
+        return self.finish_run(reused, interrupted)
+
+    def finish_run(self, reused: int, interrupted: bool) -> PredictResult:
+        """The summary (and labels.json) from the records; OutputWriteError when the run was stopped
+        by its output folder or the summary cannot be written."""
         ordered = [self.records[i] for i in sorted(self.records)]
         total = len(self.sources.sources)
         stopped = None if self.stop is None else f"cannot write to {self.output}: {self.stop.strerror or self.stop}"

@@ -1,0 +1,93 @@
+"""predict's model stage, apart from the run around it: a batch of decoded inputs -> the jobs the
+host workers finish (candidate labels' logits, or all of them for device post-processing). A local
+run (segcli.pipeline.run) and a Ray actor (segcli.pipeline.ray_engine) run the same code."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from segcli.data.sources import Source
+from segcli.embeddings.format import EmbeddingInfo, check_embed_stride, encode, pool, resolve_embed_dtype
+from segcli.errors import SegcliError
+from segcli.inference.segmenter import Segmenter
+from segcli.pipeline import host
+from segcli.pipeline.host import ModelInput
+from segcli.postprocess.label_map import batch_candidate_logits, image_region
+
+
+@dataclass
+class Item:
+    """One input on its way through the stages."""
+
+    index: int
+    source: Source
+    model_input: ModelInput | None = None
+    error: str | None = None
+    native: str | None = None  # what a worker's native code printed on stderr about its failure
+
+
+class ModelStep:
+    """The Segmenter as predict runs it: embeddings stored or not, refinement, synonym groups."""
+
+    def __init__(self, segmenter: Segmenter, options):
+        self.seg = segmenter
+        self.batch_size = options.batch_size
+        self.embed = None  # (dtype, stride) when the pixel embeddings are stored
+        if "embeddings" in options.save:
+            if not segmenter.model.provides_embeddings:
+                why = getattr(segmenter.model, "limits", None) or "an ONNX export"
+                raise SegcliError(f"this model gives no pixel embeddings ({why}): --save embeddings needs another "
+                                  "model (a checkpoint, clip-dense, naclip, ...)")
+            if segmenter.protocol.sliding:
+                raise SegcliError("--save embeddings stores the cells of one canvas: add --window 0 (this model "
+                                  "slides windows by default)")
+            self.embed = (resolve_embed_dtype(options.embed_dtype, segmenter.autocast_dtype),
+                          check_embed_stride(options.embed_stride, segmenter.model.output_stride))
+        self.refiner = segmenter.refiner_for(options.refine)
+        self.groups = segmenter.label_groups(options.labels)  # synonyms scored separately, or None
+        self.device_post = None  # set by the run when full-size work happens on the device
+
+    def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
+        """A batch of model inputs -> per image, the candidate labels' logits on the host, one cell
+        per `seg.logit_stride` pixels of the resized photo (1 once refined); all labels', on the
+        device, when post-processing happens there."""
+        t0 = time.perf_counter()
+        pixels = [it.model_input.pixels for it in batch]
+        if self.embed is not None:  # one canvas each (the protocol was checked in __init__)
+            logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)
+        else:
+            regions = self.seg.region_maps(pixels, [it.model_input.resized_hw for it in batch])
+            logits, emb = self.seg.segment_images(pixels, text, self.batch_size, regions=regions), None
+        regions = regions if self.embed is None else None
+        per_image, valids = zip(*(self.seg.finish_logits(logits_i, it.model_input.pixels, it.model_input.resized_hw,
+                                                         self.refiner, regions[i] if regions else None, self.groups)
+                                  for i, (logits_i, it) in enumerate(zip(logits, batch))))
+        if self.device_post is not None:
+            selected = [(None, logits_i) for logits_i in per_image]
+        else:
+            selected = batch_candidate_logits(per_image, valids, self.groups)
+        share = (time.perf_counter() - t0) / len(batch)
+        jobs = []
+        for i, item in enumerate(batch):
+            got = item.model_input
+            candidates, cand = selected[i]
+            made = {"embeddings": self._embeddings_file(emb[i], item)} if emb is not None else None
+            jobs.append(host.FinishJob(item.source, candidates, cand, valids[i], got.full_hw, got.seconds + share,
+                                       got.stamp, made))
+            item.model_input = None
+        return jobs
+
+    def _embeddings_file(self, emb: torch.Tensor, item: Item) -> bytes:
+        """[C,S/s,S/s] of one canvas -> the NAME_embed.safetensors bytes of the photo's cells."""
+        dtype, stride = self.embed
+        got, model = item.model_input, self.seg.model
+        region = pool(image_region(emb, got.resized_hw, model.output_stride), stride // model.output_stride)
+        photo = {"path": os.path.abspath(item.source.path), "size": got.stamp[0], "mtime_ns": got.stamp[1]}
+        info = EmbeddingInfo.of(self.seg, region, stride, got.full_hw, got.resized_hw, photo)
+        return encode(region, info, dtype)
+
