@@ -1,13 +1,14 @@
 """The model against the machine's limit: peak matmul FLOP/s, the model's achieved FLOP/s, the fraction.
 
     python benchmarks/bench_limit.py [--model lseg_vitb16_384] [--batch 8] [--imgsz 384] [--device cpu]
-                                     [--precisions fp32 bf16 int8] [--agreement-steps 400]
+                                     [--precisions fp32 bf16 int8 bf16+compile] [--agreement-steps 400]
 
 Peak: a 4096^3 matmul in each dtype (int8: torch._int_mm, int8 x int8 -> int32), best of 5. Model:
 the image branch (`pixel_embeddings`, what predict runs per batch) of the random-weights MODEL at
 IMGSZ, its FLOPs counted by torch.utils.flop_counter (multiply-adds x 2), timed over at least 2 s
 after a warm-up; achieved = FLOPs / time, shown as a fraction of the peak of the dtype its matmuls
-run in. int8 is predict's `--precision int8`: the image branch's linear layers quantised dynamically.
+run in. int8 is predict's `--precision int8`: the image branch's linear layers quantised dynamically;
+"+compile" adds predict's `--compile` (torch.compile, frozen weights on a CPU), its compile time shown.
 Agreement: `lseg_tiny` trained on synthetic scenes for N steps (a trained model, not random
 weights), its masks on 50 validation scenes under each precision against fp32's.
 """
@@ -56,7 +57,11 @@ def _image_branch(model_name: str, precision: str, batch: int, imgsz: int, devic
     """A callable running the image branch (`pixel_embeddings`, what predict runs per batch) under `precision`."""
     from segcli.api import Segmenter
 
+    precision, _, compiled = precision.partition("+")
     seg = Segmenter.from_pretrained(model_name, device=str(device), precision=precision, imgsz=imgsz, warn=False)
+    if compiled:
+        seg.use_protocol(window=0)
+        print(f"({precision}: compiled in {seg.use_compile(batch):.1f} s)", flush=True)
     images = torch.rand(batch, 3, imgsz, imgsz, device=device)
     dtype = seg.autocast_dtype
 
@@ -104,7 +109,10 @@ def agreement(precisions: list[str], steps: int, work: Path) -> dict[str, float]
     images = [data.load("val", s)[0] for s in data.samples("val")[:50]]
     maps = {}
     for precision in ["fp32", *precisions]:
-        seg = Segmenter.from_pretrained(str(run / "best.safetensors"), device="cpu", precision=precision, warn=False)
+        name, _, compiled = precision.partition("+")
+        seg = Segmenter.from_pretrained(str(run / "best.safetensors"), device="cpu", precision=name, warn=False)
+        if compiled:
+            seg.use_compile(8)
         maps[precision] = [p.label_map for p in seg.predict(images, batch_size=8)]
     total = sum(m.size for m in maps["fp32"])
     return {p: sum(int((a == b).sum()) for a, b in zip(maps[p], maps["fp32"])) / total for p in precisions}
@@ -116,7 +124,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--imgsz", type=int, default=384)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8", "bf16+compile", "fp32+compile"])
     ap.add_argument("--agreement-steps", type=int, default=400, help="0: skip the agreement check")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -126,7 +134,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     flops = network_flops(args.model, args.batch, args.imgsz, device)
     for precision in args.precisions:
-        top = peak(precision, device)
+        top = peak(precision.partition("+")[0], device)
         seconds = seconds_per_batch(args.model, precision, args.batch, args.imgsz, device)
         achieved = flops / seconds
         print(f"| {precision} | {top / 1e12:.2f} | {flops / args.batch / 1e9:.1f} | {args.batch / seconds:.2f} | "

@@ -54,6 +54,7 @@ def predict(
     max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Refuse larger images (decompression bombs)."),
     json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per image on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors are still reported)."),
+    compile_model: str = typer.Option("auto", "--compile", help="on: compile the image branch first (torch.compile; on a CPU with frozen, prepacked weights): 1.1-1.6x the model's speed on this project's CPU, for 20-30 s once per run; auto (default): on from 500 photos, and if compiling fails the run goes on uncompiled; off."),
     engine: str = typer.Option("local", "--engine", help="local: this machine's processes; ray: Ray Data over the cluster RAY_ADDRESS names (else a local Ray): decoding and writing in CPU tasks, the model in an actor pool, one GPU per actor where there are GPUs (pip install 'segcli[ray]')."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the sorted inputs (shards 0..N-1 into one --output, then --merge-summaries). Under torchrun: the rank."),
     merge_summaries: Optional[Path] = typer.Option(None, "--merge-summaries", help="Fold DIR/summary.shard-*.json of finished shards into DIR/summary.json and exit."),
@@ -88,6 +89,17 @@ def predict(
     if seg.untrained:
         warn(UNTRAINED_WARNING.format(name=model))
     label_set = seg.resolve_labels(label_set)
+    from segcli.pipeline.launch import should_compile
+
+    if should_compile(compile_model, seg, sum(not s.video for s in found.sources)):
+        try:
+            seconds = seg.use_compile(batch_size)
+            if not quiet:
+                print(f"compiled the model for batches of {batch_size} in {seconds:.1f} s", file=sys.stderr)
+        except SegcliError as exc:
+            if compile_model == "on":
+                raise
+            warn(f"{exc}; running it uncompiled")
     options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
                              batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels,
                              shard=shard_spec, postprocess=postprocess, embed_dtype=embed_dtype, embed_stride=embed_stride,

@@ -48,6 +48,18 @@ def find_inputs(sources: list[str], output: Path | str | None, shard: tuple[int,
     return found
 
 
+COMPILE_FROM = 500  # photos from which --compile auto compiles: its 20-30 s pay off (README, Performance)
+
+
+def should_compile(choice: str, seg: Segmenter, photos: int) -> bool:
+    """--compile on|off|auto: auto compiles PyTorch models (not int8, not corrclip) for 500 photos or more."""
+    if choice not in ("auto", "on", "off"):
+        raise SegcliError(f"--compile {choice!r}: use auto, on or off")
+    if choice == "auto":
+        return photos >= COMPILE_FROM and seg.model.exportable and not seg.int8
+    return choice == "on"
+
+
 ENGINES = ("local", "ray")
 
 
