@@ -228,6 +228,7 @@ def test_info_names_all_three_models_without_downloading():
     assert "vit_base_patch8_224.dino" in data["proxy weights"]
     assert data["region masks"].startswith("mask2former: https://huggingface.co/facebook/mask2former-swin-large-coco-panoptic")
     assert "downloaded on first use" in data["region masks"]
+    assert describe_model("corrclip+sam2")["region masks"].startswith("sam2: https://huggingface.co/facebook/sam2-hiera-large")
 
 
 def test_unreachable_generator_is_one_line(corr_files, tmp_path):
@@ -236,3 +237,36 @@ def test_unreachable_generator_is_one_line(corr_files, tmp_path):
                                    "-l", "cat,sky", "-o", str(tmp_path / "o"), "-q"])
     lines = run.stderr.strip().splitlines()
     assert run.exit_code == 2 and len(lines) == 1 and "eomt region-mask model" in lines[0]
+
+
+def tiny_sam2(folder: Path) -> Path:
+    """A random SAM 2 of 0.8 M parameters (Hiera's block layout, narrow), saved as the hub has it."""
+    torch.manual_seed(0)
+    backbone = transformers.Sam2HieraDetConfig(hidden_size=16, embed_dim_per_stage=[16, 32, 64, 128],
+                                               num_attention_heads_per_stage=[1, 1, 1, 1])
+    vision = transformers.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
+                                           fpn_hidden_size=32)
+    cfg = transformers.Sam2Config(vision_config=vision.to_dict(), prompt_encoder_config={"hidden_size": 32},
+                                  mask_decoder_config={"hidden_size": 32, "iou_head_hidden_dim": 32,
+                                                       "num_attention_heads": 2, "mlp_dim": 64})
+    transformers.Sam2Model(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    transformers.Sam2ImageProcessor().save_pretrained(folder)
+    return folder
+
+
+def test_sam2_masks_lie_smallest_first_and_drive_corrclip(corr_files, tmp_path):
+    from segcli.inference.segmenter import Segmenter
+    from segcli.modeling.regions import RegionGenerator
+
+    folder = tiny_sam2(tmp_path / "sam2")
+    generator = RegionGenerator.from_folder(folder)
+    assert generator.kind == "sam2" and generator.settings["points_per_crop"] == 8
+    generator.settings.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)  # random scores are low
+    photo = torch.from_numpy(np.array(Image.open(SAMPLES / "cat.jpg").convert("RGB").resize((120, 90))))
+    ids = generator(photo)
+    assert ids.shape == (90, 120) and ids.dtype == torch.int64 and int(ids.min()) >= 0
+    clip_file, dino_file, _ = corr_files.split(":", 1)[1].split(",")
+    seg = Segmenter.from_pretrained(f"corrclip:{clip_file},{dino_file},{folder}", device="cpu")
+    assert seg.model.region_generator.kind == "sam2"
+    [pred] = seg.predict([Image.open(SAMPLES / "cat.jpg").resize((120, 90))], labels="cat,sky")
+    assert pred.label_map.shape == (90, 120)

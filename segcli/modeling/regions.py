@@ -7,9 +7,14 @@ dependency: `pip install 'segcli[regions]'`), with the settings the CorrCLIP aut
 - eomt (default): EoMT-L trained on COCO panoptic at 640 (`tue-mps/coco_panoptic_eomt_large_640`),
   segments kept at score > 0.8 and overlap 0.8, COCO's 53 stuff classes fused into one segment each.
 - mask2former: Mask2Former Swin-L on COCO panoptic, transformers' default panoptic post-processing.
+- sam2: SAM 2 Hiera-L's automatic masks (transformers' mask-generation pipeline) from 8 x 8 points,
+  predicted IoU and stability at least 0.4 (the authors' SAM2AutomaticMaskGenerator settings), the
+  masks laid smallest first so a larger one covers a smaller one, as their code lays them. Unlike
+  their generator, the pipeline keeps SAM's three masks per point (multimask output) before its
+  filtering and non-maximum suppression.
 
-Ids: -1 (EoMT) or 0 (Mask2Former) where no segment lies, then one id per segment; corrclip reads
-the smallest id of a photo as "unsegmented", as the authors' code does.
+Ids: -1 (EoMT) or 0 (Mask2Former, SAM 2) where no segment lies, then one id per segment; corrclip
+reads the smallest id of a photo as "unsegmented", as the authors' code does.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ GENERATORS = {
     "eomt": RegionSource("tue-mps/coco_panoptic_eomt_large_640", "eomt",
                          {"threshold": 0.8, "overlap_mask_area_threshold": 0.8, "stuff_classes": COCO_STUFF_CLASSES}),
     "mask2former": RegionSource("facebook/mask2former-swin-large-coco-panoptic", "mask2former", {}),
+    "sam2": RegionSource("facebook/sam2-hiera-large", "sam2",
+                         {"points_per_crop": 8, "pred_iou_thresh": 0.4, "stability_score_thresh": 0.4}),
 }
 DEFAULT_GENERATOR = "eomt"
 FILES = ("config.json", "preprocessor_config.json", "model.safetensors")  # safetensors only: nothing unpickled
@@ -78,7 +85,8 @@ class RegionGenerator(nn.Module):
         bars = tf.utils.logging.is_progress_bar_enabled()
         tf.utils.logging.disable_progress_bar()  # a local load needs no progress bar in segcli's output
         try:
-            model = tf.AutoModelForUniversalSegmentation.from_pretrained(folder, use_safetensors=True)
+            auto = tf.AutoModelForMaskGeneration if kind == "sam2" else tf.AutoModelForUniversalSegmentation
+            model = auto.from_pretrained(folder, use_safetensors=True)
             processor = tf.AutoImageProcessor.from_pretrained(folder)
         finally:
             if bars:
@@ -91,6 +99,8 @@ class RegionGenerator(nn.Module):
             raise ValueError(f"region masks take one uint8 [H,W,3] image, not {tuple(image.shape)} {image.dtype}")
         height, width = image.shape[:2]
         device = next(self.model.parameters()).device
+        if self.kind == "sam2":
+            return self._automatic_masks(image, device)
         inputs = self.processor(images=[image.permute(2, 0, 1).cpu()], return_tensors="pt")
         # fp32 whatever the run's autocast: segments are thresholds on the scores, kept as the authors'
         with torch.autocast(device.type, enabled=False):
@@ -98,3 +108,20 @@ class RegionGenerator(nn.Module):
         result = self.processor.post_process_panoptic_segmentation(outputs, target_sizes=[(height, width)],
                                                                    **self.settings)[0]
         return result["segmentation"].to(device=image.device, dtype=torch.int64)
+
+    def _automatic_masks(self, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """SAM 2's automatic masks -> ids: 0 where none lies, else 1.. by ascending area, a later
+        (larger) mask laid over an earlier one (the authors' generate_mask)."""
+        from PIL import Image
+
+        tf = _transformers()
+        if getattr(self, "_pipe", None) is None:
+            self._pipe = tf.pipeline("mask-generation", model=self.model, image_processor=self.processor,
+                                     device=device)
+        self._pipe.device = device  # the model may have moved since
+        with torch.autocast(device.type, enabled=False):
+            masks = self._pipe(Image.fromarray(image.cpu().numpy()), points_per_batch=64, **self.settings)["masks"]
+        ids = torch.zeros(image.shape[:2], dtype=torch.int64)
+        for index, mask in enumerate(sorted(masks, key=lambda m: int(m.sum())), start=1):
+            ids[torch.as_tensor(mask, dtype=torch.bool)] = index
+        return ids.to(image.device)

@@ -37,6 +37,8 @@ def split_method(spec: str) -> tuple[str, str, str] | None:
     for prefix in (CLIP_DENSE, *CLIP_DENSE_METHODS):
         if spec == prefix or spec.startswith(prefix + ":"):
             return (DEFAULT_CLIP_DENSE_METHOD if prefix == CLIP_DENSE else prefix), prefix, spec[len(prefix) + 1:]
+        if prefix in CLIP_DENSE_REGIONS and spec.startswith(prefix + "+"):  # corrclip+sam2: the default weights
+            return prefix, prefix, spec[len(prefix):]
     return None
 
 

@@ -128,7 +128,8 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
     if spec in ARCHITECTURES:
         cfg = ARCHITECTURES[spec]
         return ModelSpec(spec, "architecture", cfg.family, spec, "random (seeded)", False, config=cfg)
-    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense|naclip|clearclip[:ARCH[@TAG]] nor an architecture "
+    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense|naclip|clearclip|proxyclip|corrclip[:ARCH[@TAG]] "
+                      "nor an architecture "
                       f"({', '.join(ARCHITECTURES)})")
 
 
