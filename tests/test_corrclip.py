@@ -270,3 +270,21 @@ def test_sam2_masks_lie_smallest_first_and_drive_corrclip(corr_files, tmp_path):
     assert seg.model.region_generator.kind == "sam2"
     [pred] = seg.predict([Image.open(SAMPLES / "cat.jpg").resize((120, 90))], labels="cat,sky")
     assert pred.label_map.shape == (90, 120)
+
+
+def test_the_server_gives_predicts_corrclip_mask(corr_files, tmp_path):
+    pytest.importorskip("fastapi", reason="segcli serve needs the serve extra")
+    from test_serve import Server
+
+    photo = tmp_path / "cat.jpg"
+    Image.open(SAMPLES / "cat.jpg").resize((150, 110)).save(photo)
+    out = tmp_path / "predict"
+    run = CliRunner().invoke(app, ["predict", str(photo), "-m", corr_files, "-l", "cat,sky,grass", "-o", str(out),
+                                   "--save", "mask", "-q"])
+    assert run.exit_code == 0, run.output
+    server = Server(corr_files)
+    try:
+        status, _, body = server.segment(photo.read_bytes(), "mask", labels="cat,sky,grass")
+    finally:
+        server.stop()
+    assert status == 200 and body == (out / "cat_mask.png").read_bytes()
