@@ -66,14 +66,21 @@ def photos(folder: Path) -> Path:
     return folder
 
 
+def uploaded_and_run_here(env: dict, local: Path, source: str, out_bucket: str, checkpoint: Path, here: Path):
+    """`local` uploaded to the bucket path `source` (its bucket made, and `out_bucket`), and a local
+    run of it into `here` to compare with; returns the store."""
+    store = fs(env)
+    store.mkdir(source.split("/")[0])
+    store.mkdir(out_bucket)
+    store.put(str(local) + "/", source + "/", recursive=True)
+    ran = segcli(env, "predict", str(local), "-m", str(checkpoint), "-l", TINY_LABELS, "-o", str(here), "-q")
+    assert ran.returncode == 0, ran.stderr
+    return store
+
+
 def test_bucket_to_bucket_is_a_local_run(s3, tmp_path, tiny_checkpoint):
     local = photos(tmp_path / "photos")
-    store = fs(s3)
-    store.mkdir("in-bucket")
-    store.mkdir("out-bucket")
-    store.put(str(local) + "/", "in-bucket/photos/", recursive=True)
-    ran = segcli(s3, "predict", str(local), "-m", str(tiny_checkpoint), "-l", TINY_LABELS, "-o", str(tmp_path / "here"), "-q")
-    assert ran.returncode == 0, ran.stderr
+    store = uploaded_and_run_here(s3, local, "in-bucket/photos", "out-bucket", tiny_checkpoint, tmp_path / "here")
     args = ("predict", "s3://in-bucket/photos", "-m", str(tiny_checkpoint), "-l", TINY_LABELS, "-o", "s3://out-bucket/masks")
     ran = segcli(s3, *args)
     assert ran.returncode == 0, ran.stderr
@@ -115,12 +122,7 @@ def test_a_run_killed_mid_upload_leaves_only_whole_objects(s3, tmp_path, tiny_ch
     local.mkdir()
     for i in range(16):  # distinct photos: each its own outputs
         Image.open(SAMPLES / ("cat.jpg", "rocket.jpg")[i % 2]).resize((200 + 8 * i, 150)).save(local / f"p{i:02d}.jpg")
-    store = fs(s3)
-    store.mkdir("kill-in")
-    store.mkdir("kill-out")
-    store.put(str(local) + "/", "kill-in/p/", recursive=True)
-    ran = segcli(s3, "predict", str(local), "-m", str(tiny_checkpoint), "-l", TINY_LABELS, "-o", str(tmp_path / "here"), "-q")
-    assert ran.returncode == 0, ran.stderr
+    store = uploaded_and_run_here(s3, local, "kill-in/p", "kill-out", tiny_checkpoint, tmp_path / "here")
     args = ["predict", "s3://kill-in/p", "-m", str(tiny_checkpoint), "-l", TINY_LABELS, "-o", "s3://kill-out/m", "-q",
             "--batch-size", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "segcli", *args], cwd=ROOT, env=s3, stdout=subprocess.DEVNULL,

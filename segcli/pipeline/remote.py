@@ -25,7 +25,6 @@ from segcli.errors import SegcliError
 from segcli.files.remote import Store, download, list_objects, open_store, read_heads, store_error, upload
 from segcli.files.runs import STATE_DIR
 
-STATE_FILES = ("run.json",)  # and every records*.jsonl
 SYNC_EVERY = 50  # records between uploads of the record files (a killed run loses at most these)
 
 
@@ -175,8 +174,8 @@ class RemoteOutput:
     def _send_copy(self, rel: str) -> None:
         """Upload a state file that stays here too (a copy is sent: the file may grow meanwhile)."""
         src = self.local / rel
-        with tempfile.NamedTemporaryFile(dir=src.parent, prefix=".up-", delete=False) as tmp:
-            shutil.copyfileobj(src.open("rb"), tmp)
+        with tempfile.NamedTemporaryFile(dir=src.parent, prefix=".up-", delete=False) as tmp, src.open("rb") as f:
+            shutil.copyfileobj(f, tmp)
         try:
             upload(self.store, Path(tmp.name), self.store.key(rel))
         except SegcliError as exc:
