@@ -1,6 +1,7 @@
 """predict's --compile against the eager model, in one process, timed in alternating rounds.
 
     python benchmarks/bench_compile.py [--model lseg_vitb16_384] [--precision bf16] [--rounds 4] [--batch 8]
+                                       [--device cpu]
 
 On a shared VM the machine's speed drifts by tens of percent between minutes, so two separate runs
 cannot tell a 1.3x gain from noise; here the eager and the compiled image branch (the same weights)
@@ -23,25 +24,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--imgsz", type=int, default=384)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     from segcli.api import Segmenter
 
-    seg = Segmenter.from_pretrained(args.model, device="cpu", precision=args.precision, imgsz=args.imgsz, warn=False)
+    seg = Segmenter.from_pretrained(args.model, device=args.device, precision=args.precision, imgsz=args.imgsz, warn=False)
     seg.use_protocol(window=0)
     model = seg.model
     eager = type(model).pixel_embeddings.__get__(model)
     print(f"{args.model}, batch {args.batch} at {args.imgsz}, {args.precision}, {torch.get_num_threads()} threads; "
           f"compiled in {seg.use_compile(args.batch):.1f} s")
     compiled = model.pixel_embeddings
-    images = torch.rand(args.batch, 3, args.imgsz, args.imgsz)
+    images = torch.rand(args.batch, 3, args.imgsz, args.imgsz, device=seg.device)
     dtype = seg.autocast_dtype
+    sync = torch.cuda.synchronize if seg.device.type == "cuda" else (lambda: None)
 
     def rate(fn, seconds: float = 4.0) -> float:
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds or n < 2:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.inference_mode(), torch.autocast(seg.device.type, dtype=dtype or torch.float32,
+                                                        enabled=dtype is not None):
                 fn(images)
             n += 1
+        sync()
         return args.batch * n / (time.perf_counter() - t0)
 
     rate(eager, 1.0), rate(compiled, 1.0)  # warm-up

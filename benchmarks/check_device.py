@@ -1,6 +1,6 @@
 """Does `--postprocess device` give the host path's results on this device? Prints the agreement.
 
-    python benchmarks/check_device.py [--device cuda] [--model lseg_vitb16_384]
+    python benchmarks/check_device.py [--device cuda] [--model lseg_vitb16_384] [--speed]
 
 Runs `segcli predict` on sample_images (and the same photos at 2x and 4x, so the label maps are
 restored to 1-16 megapixels) twice on the same device, once with the full-size work on the host and
@@ -9,6 +9,10 @@ tests/test_predict_cli.py holds them under 0.1%), whether colors are equal where
 the overlays' mean absolute difference (on CUDA the photo is decoded and the overlay encoded by
 nvJPEG, on the host by libjpeg). Exit 0 when masks and colors agree.
 Random weights: the question is whether both paths compute the same thing, not what they find.
+--speed then runs, on the same device, what issue "at the machine's limit" asks to measure in one go:
+the batch size predict picks there (and the rates behind it), bench_limit.py (peak matmul, the model's
+FLOP/s and fraction, fp16/bf16 eager and compiled: CUDA graphs), bench_compile.py (eager against
+compiled, alternating rounds) and corrclip's cost a photo (bench_methods.py); each prints its table.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="lseg_vitb16_384")
+    ap.add_argument("--speed", action="store_true", help="then the speed checks (see above)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="segcli-check-") as tmp:
         photos = Path(tmp) / "photos"
@@ -63,8 +68,28 @@ def main() -> None:
         print(f"{args.model} on {args.device}: {differ} of {total} mask pixels differ ({100 * differ / total:.5f}%); "
               f"colors equal where the masks are: {colors_equal}; overlays' mean |difference| at most {worst_overlay:.2f}")
         # overlays are not held to a bound: on CUDA both the decode (nvJPEG) and the encode differ from libjpeg's
-        sys.exit(0 if differ <= total * 1e-3 and colors_equal else 1)
+        agree = differ <= total * 1e-3 and colors_equal
+    if args.speed:
+        speed(args.device, args.model)
+    sys.exit(0 if agree else 1)
 
+
+def speed(device: str, model: str) -> None:
+    """The speed checks, each a script of its own printing its table (failures reported, not fatal)."""
+    from segcli.api import Segmenter
+
+    seg = Segmenter.from_pretrained(model, device=device, warn=False)
+    size, rates = seg.find_batch_size()
+    print(f"batch size predict picks on {device}: {size} (images/s by batch size: {rates})", flush=True)
+    bench = ROOT / "benchmarks"
+    runs = {"bench_limit.py": ["--model", model, "--device", device, "--batch", str(size), "--precisions", "fp16", "bf16",
+                               "fp16+compile", "bf16+compile", "--agreement-steps", "0"],
+            "bench_compile.py": ["--model", model, "--device", device, "--batch", str(size), "--precision", "fp16"],
+            "bench_methods.py": ["--images", "8", "--labels", "5", "--methods", "naclip", "corrclip"]}  # device: auto
+    for script, extra in runs.items():
+        proc = subprocess.run([sys.executable, str(bench / script), *extra], cwd=bench)
+        if proc.returncode:
+            print(f"{script} failed (exit {proc.returncode})", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from segcli.data.images import Canvas, fit_to_canvas, load_image, to_rgb
 from segcli.data.labels import LabelSet, parse_labels, prompt_templates
-from segcli.errors import SegcliError, check_input_size, one_line
+from segcli.errors import SegcliError, check_input_size
 from segcli.inference.device import resolve_device, resolve_precision
 from segcli.inference.windows import Protocol, average_windows, model_pixels, resolve_protocol, window_tiles
 from segcli.models.backend import DenseBackend
@@ -67,31 +67,16 @@ class Segmenter:
         self.compiled_batch = 0  # use_compile's batch size (inputs are padded to it), 0 when not compiled
 
     def use_compile(self, batch_size: int) -> float:
-        """Compile the image branch (torch.compile, inductor; on a CPU with weights frozen and
-        prepacked for oneDNN) for batches of `batch_size` model inputs, now, on a dummy batch; smaller
-        batches are padded to it, so it compiles once. Returns the seconds it took (inductor caches
-        its work on disk: a later run with the same shapes takes a fraction)."""
-        import time
+        """Compile the image branch for batches of `batch_size` now (segcli.inference.tuning); the seconds it took."""
+        from segcli.inference.tuning import compile_image_branch
 
-        if self.int8 or not isinstance(self.model, torch.nn.Module) or not self.model.exportable:
-            raise SegcliError("--compile needs a PyTorch model in fp32, bf16 or fp16 (not an export, int8 or corrclip)")
-        if self.device.type == "cpu":
-            import torch._inductor.config as inductor
+        return compile_image_branch(self, batch_size)
 
-            inductor.freezing = True  # constant weights folded and prepacked: +35% on this CPU's bf16 (README)
-        model = self.model
-        model.pixel_embeddings = torch.compile(type(model).pixel_embeddings.__get__(model), dynamic=False)
-        side = self.protocol.window or self.imgsz
-        self.compiled_batch = batch_size
-        t0 = time.perf_counter()
-        try:
-            self.segment_canvases(np.zeros((batch_size, side, side, 3), np.uint8), None if not model.open_vocabulary
-                                  else self.label_embeddings(LabelSet.of_words(["a", "b"])))
-        except Exception as exc:  # a compiler that fails here leaves the model as it was
-            del model.pixel_embeddings
-            self.compiled_batch = 0
-            raise SegcliError(f"cannot compile the model: {type(exc).__name__}: {one_line(str(exc), 160)}") from None
-        return time.perf_counter() - t0
+    def find_batch_size(self) -> tuple[int, dict]:
+        """The batch size this model runs best at here (segcli.inference.tuning); the rates measured."""
+        from segcli.inference.tuning import best_batch_size
+
+        return best_batch_size(self)
 
     @property
     def precision_name(self) -> str:
