@@ -77,7 +77,9 @@ def predict(
     if not sources:
         raise SegcliError("no SOURCE given: pass image files, folders, globs, lists or - (see 'segcli predict --help')")
     from segcli.files.remote import is_url
+    from segcli.pipeline.launch import check_choices
 
+    check_choices(engine, compile_model)
     output = output if output is None or is_url(output) else Path(output)
     shard_spec = shard_of_this_process(shard, output)
     kinds = parse_outputs(save)

@@ -48,19 +48,24 @@ def find_inputs(sources: list[str], output: Path | str | None, shard: tuple[int,
     return found
 
 
+ENGINES = ("local", "ray")
 COMPILE_FROM = 500  # photos from which --compile auto compiles: its 20-30 s pay off (README, Performance)
+
+
+def check_choices(engine: str, compile_choice: str) -> None:
+    """--engine and --compile, checked before anything is loaded."""
+    if engine not in ENGINES:
+        raise SegcliError(f"--engine {engine!r}: use local or ray")
+    if compile_choice not in ("auto", "on", "off"):
+        raise SegcliError(f"--compile {compile_choice!r}: use auto, on or off")
 
 
 def should_compile(choice: str, seg: Segmenter, photos: int) -> bool:
     """--compile on|off|auto: auto compiles PyTorch models (not int8, not corrclip) for 500 photos or more."""
-    if choice not in ("auto", "on", "off"):
-        raise SegcliError(f"--compile {choice!r}: use auto, on or off")
+    check_choices(ENGINES[0], choice)
     if choice == "auto":
         return photos >= COMPILE_FROM and seg.model.exportable and not seg.int8
     return choice == "on"
-
-
-ENGINES = ("local", "ray")
 
 
 def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
@@ -69,8 +74,7 @@ def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
     """One predict run; under torchrun, rank 0 then merges every rank's summary into DIR/summary.json.
     An output URL (`options.output` a str) is filled through a local mirror (segcli.pipeline.remote).
     `engine` "ray": the photos go through Ray Data (segcli.pipeline.ray_engine)."""
-    if engine not in ENGINES:
-        raise SegcliError(f"--engine {engine!r}: use local or ray")
+    check_choices(engine, "auto")
     if engine == "ray" and torchrun_ranks():
         raise SegcliError("--engine ray schedules the whole run itself: start it once, not under torchrun")
     remote = None
@@ -99,6 +103,7 @@ def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
     else:
         run = PredictRun(seg, options, found, on_record=recorded, on_frames=on_frames)
     run.prepare = stager.prepare if stager is not None else None
+    run.on_todo = stager.restrict if stager is not None else None
     if remote is not None:
         run.folder.exists = remote.exists
     try:

@@ -75,6 +75,11 @@ class RemoteInputs:
                 found.sources.append(source)
         return found
 
+    def restrict(self, sources: list[Source]) -> None:
+        """Only these are fetched (the run's inputs to do: not another shard's, not finished ones)."""
+        self._order = [s for s in sources if str(s.path) in self._where]
+        self._positions = {str(s.path): i for i, s in enumerate(self._order)}
+
     def prepare(self, source: Source) -> None:
         """Block until `source` is staged (raising a one-line SegcliError if it cannot be read), and
         start fetching the next ones."""

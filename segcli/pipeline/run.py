@@ -90,6 +90,7 @@ class PredictRun:
             raise SegcliError("--vid-stride takes 1 or more, --smooth a weight from 0 (off) to below 1")
         self.on_frames = on_frames
         self.prepare: Callable[[Source], None] | None = None  # makes an input's file readable (remote inputs)
+        self.on_todo: Callable[[list[Source]], None] | None = None  # told which inputs will be prepared
         self.seg = segmenter
         self.opt = options
         self.sources = sources
@@ -285,6 +286,8 @@ class PredictRun:
                 self.on_record(previous)
             else:
                 todo.append(Item(index, source, error=source.error))
+        if self.on_todo is not None:
+            self.on_todo([item.source for item in todo if not item.error])
         return todo, reused
 
     def _run(self, done: dict[str, dict]) -> PredictResult:
