@@ -88,6 +88,10 @@ class RegionGenerator(nn.Module):
             auto = tf.AutoModelForMaskGeneration if kind == "sam2" else tf.AutoModelForUniversalSegmentation
             model = auto.from_pretrained(folder, use_safetensors=True)
             processor = tf.AutoImageProcessor.from_pretrained(folder)
+        except ImportError as exc:  # a library the model's transformers code needs (scipy, ...)
+            missing = " ".join(str(exc).split())
+            raise SegcliError(f"the {kind} region-mask model cannot load: {missing[:160]} "
+                              "(pip install 'segcli[regions]')") from None
         finally:
             if bars:
                 tf.utils.logging.enable_progress_bar()
