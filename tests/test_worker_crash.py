@@ -84,3 +84,11 @@ def test_several_inputs_crashing_in_a_row_stop_the_run_as_before(tmp_path, tiny_
     run = _predict(tmp_path, folder, tiny_checkpoint, "-q")
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and "a worker process died" in lines[0], run.stderr
+
+
+def test_the_signal_is_read_from_faulthandler_when_the_status_is_lost():
+    from segcli.pipeline.workers import _fatal_signal
+
+    assert _fatal_signal("TIFFFillStrip: ...\nFatal Python error: Aborted\n\nCurrent thread 0x1") == "signal 6, SIGABRT"
+    assert _fatal_signal("Fatal Python error: Segmentation fault") == "signal 11, SIGSEGV"
+    assert _fatal_signal("some other message") is None

@@ -189,7 +189,24 @@ class WorkerPool:
                 native = self.stderr_file(self.owner, pid).read_text(errors="replace").strip()
             except OSError:
                 pass
+            # 255: the fork server could not pass the status on (a race at its pipe); the worker's
+            # faulthandler names the signal in its stderr
+            if how in ("it died", "exit status 255"):
+                how = _fatal_signal(native) or how
         return how, native
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# faulthandler's first line for each fatal signal (the worker enables it: segcli.pipeline.host)
+_FAULTHANDLER_SIGNALS = {"Aborted": signal.SIGABRT, "Segmentation fault": signal.SIGSEGV, "Bus error": signal.SIGBUS,
+                         "Floating point exception": signal.SIGFPE, "Illegal instruction": signal.SIGILL}
+
+
+def _fatal_signal(native: str) -> str | None:
+    """"signal 6, SIGABRT" from faulthandler's "Fatal Python error: Aborted" in a worker's stderr."""
+    for name, sig in _FAULTHANDLER_SIGNALS.items():
+        if f"Fatal Python error: {name}" in native:
+            return f"signal {int(sig)}, {sig.name}"
+    return None
