@@ -109,6 +109,13 @@ def test_one_line_errors(s3, tmp_path, tiny_checkpoint):
     missing = segcli(s3, "predict", "s3://no-such-bucket-here/photos", "-m", str(tiny_checkpoint), "-l", TINY_LABELS)
     lines = missing.stderr.strip().splitlines()
     assert missing.returncode == 2 and len(lines) == 1 and "no such bucket" in lines[0], missing.stderr
+    store = fs(s3)
+    store.mkdir("errors-in")
+    store.pipe("errors-in/p/cat.jpg", (SAMPLES / "cat.jpg").read_bytes())
+    nowhere = segcli(s3, "predict", "s3://errors-in/p", "-m", str(tiny_checkpoint), "-l", TINY_LABELS,
+                     "-o", "s3://no-such-output-bucket/m")
+    lines = nowhere.stderr.strip().splitlines()
+    assert nowhere.returncode == 2 and len(lines) == 1 and "s3://no-such-output-bucket/m: no such bucket" in lines[0]
     env = {k: v for k, v in s3.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
     env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(tmp_path / "none")
     env["AWS_EC2_METADATA_DISABLED"] = "true"

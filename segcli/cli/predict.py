@@ -54,7 +54,7 @@ def predict(
     max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Refuse larger images (decompression bombs)."),
     json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per image on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors are still reported)."),
-    compile_model: str = typer.Option("auto", "--compile", help="on: compile the image branch first (torch.compile; on a CPU with frozen, prepacked weights): 1.1-1.6x the model's speed on this project's CPU, for 20-30 s once per run; auto (default): on from 500 photos, and if compiling fails the run goes on uncompiled; off."),
+    compile_model: str = typer.Option("auto", "--compile", help="on: compile the image branch first (torch.compile; on a CPU with frozen, prepacked weights): 1.1-2x the model's speed on this project's CPU, for 20-30 s once per run; auto (default): on from 500 photos, and if compiling fails the run goes on uncompiled; off."),
     engine: str = typer.Option("local", "--engine", help="local: this machine's processes; ray: Ray Data over the cluster RAY_ADDRESS names (else a local Ray): decoding and writing in CPU tasks, the model in an actor pool, one GPU per actor where there are GPUs (pip install 'segcli[ray]')."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the sorted inputs (shards 0..N-1 into one --output, then --merge-summaries). Under torchrun: the rank."),
     merge_summaries: Optional[Path] = typer.Option(None, "--merge-summaries", help="Fold DIR/summary.shard-*.json of finished shards into DIR/summary.json and exit."),
@@ -77,9 +77,10 @@ def predict(
     if not sources:
         raise SegcliError("no SOURCE given: pass image files, folders, globs, lists or - (see 'segcli predict --help')")
     from segcli.files.remote import is_url
-    from segcli.pipeline.launch import check_choices
+    from segcli.pipeline.launch import check_compile, check_engine
 
-    check_choices(engine, compile_model)
+    check_engine(engine)  # before the model loads
+    check_compile(compile_model)
     output = output if output is None or is_url(output) else Path(output)
     shard_spec = shard_of_this_process(shard, output)
     kinds = parse_outputs(save)

@@ -66,8 +66,7 @@ def store_error(url: str, exc: BaseException) -> SegcliError:
         return SegcliError(f"{url}: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                            "AWS_PROFILE, or an instance role)")
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
-        what = "bucket or prefix" if "NoSuchBucket" in text or isinstance(exc, FileNotFoundError) else "object"
-        return SegcliError(f"{url}: no such {what}")
+        return SegcliError(f"{url}: no such bucket or prefix")
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text \
             or "SignatureDoesNotMatch" in text:
         return SegcliError(f"{url}: access denied (check the credentials and the bucket's policy)")

@@ -284,9 +284,6 @@ class Segmenter:
         count = len(pixels)
         if self.compiled_batch and count < self.compiled_batch:  # the compiled shape: pad, then drop the padding
             pixels = np.concatenate([pixels, np.zeros((self.compiled_batch - count, *pixels.shape[1:]), pixels.dtype)])
-            if regions is not None:
-                regions = torch.cat([regions, regions[:1].expand(self.compiled_batch - count, -1, -1)])
-                extra = {"regions": regions}
         logits, emb = self.model.dense_logits(self._input_batch(pixels), label_embeddings, self.autocast_dtype,
                                               return_embeddings, **extra)
         logits, emb = logits[:count], (emb[:count] if emb is not None else None)

@@ -67,6 +67,7 @@ class RegionGenerator(nn.Module):
         self.processor = processor
         self.settings = dict(settings)
         self.kind = kind
+        self._pipe = None  # sam2: transformers' mask-generation pipeline, made on first use
 
     @classmethod
     def from_folder(cls, folder: str | Path, kind: str | None = None) -> "RegionGenerator":
@@ -119,7 +120,7 @@ class RegionGenerator(nn.Module):
         from PIL import Image
 
         tf = _transformers()
-        if getattr(self, "_pipe", None) is None:
+        if self._pipe is None:
             self._pipe = tf.pipeline("mask-generation", model=self.model, image_processor=self.processor,
                                      device=device)
         self._pipe.device = device  # the model may have moved since

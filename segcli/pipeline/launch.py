@@ -49,20 +49,23 @@ def find_inputs(sources: list[str], output: Path | str | None, shard: tuple[int,
 
 
 ENGINES = ("local", "ray")
+COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_FROM = 500  # photos from which --compile auto compiles: its 20-30 s pay off (README, Performance)
 
 
-def check_choices(engine: str, compile_choice: str) -> None:
-    """--engine and --compile, checked before anything is loaded."""
+def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise SegcliError(f"--engine {engine!r}: use local or ray")
-    if compile_choice not in ("auto", "on", "off"):
-        raise SegcliError(f"--compile {compile_choice!r}: use auto, on or off")
+
+
+def check_compile(choice: str) -> None:
+    if choice not in COMPILE_CHOICES:
+        raise SegcliError(f"--compile {choice!r}: use auto, on or off")
 
 
 def should_compile(choice: str, seg: Segmenter, photos: int) -> bool:
     """--compile on|off|auto: auto compiles PyTorch models (not int8, not corrclip) for 500 photos or more."""
-    check_choices(ENGINES[0], choice)
+    check_compile(choice)
     if choice == "auto":
         return photos >= COMPILE_FROM and seg.model.exportable and not seg.int8
     return choice == "on"
@@ -74,7 +77,7 @@ def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
     """One predict run; under torchrun, rank 0 then merges every rank's summary into DIR/summary.json.
     An output URL (`options.output` a str) is filled through a local mirror (segcli.pipeline.remote).
     `engine` "ray": the photos go through Ray Data (segcli.pipeline.ray_engine)."""
-    check_choices(engine, "auto")
+    check_engine(engine)
     if engine == "ray" and torchrun_ranks():
         raise SegcliError("--engine ray schedules the whole run itself: start it once, not under torchrun")
     remote = None

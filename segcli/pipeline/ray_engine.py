@@ -151,7 +151,6 @@ def finish_row(row: dict, plan: host.HostPlan, output_url: str | None) -> dict:
 class RayPredictRun(PredictRun):
     """A PredictRun whose photos go through Ray Data instead of this machine's worker processes."""
 
-    actors: int | None = None  # model actors; default: one per GPU, else one
     output_url: str | None = None  # set by launch for an output in object storage
 
     def recipe(self) -> dict:
@@ -185,7 +184,7 @@ class RayPredictRun(PredictRun):
 
     def _photos(self, ray, photos: list[Item]) -> None:
         gpus = int(ray.cluster_resources().get("GPU", 0)) if self.seg.device.type == "cuda" else 0
-        actors = self.actors or max(1, gpus)
+        actors = max(1, gpus)  # one model actor per GPU; one on CPUs
         rows = [{"index": it.index, "source": pickle.dumps(it.source), "input": b"", "error": it.error or ""}
                 for it in photos]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))

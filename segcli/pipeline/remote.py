@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
@@ -37,7 +38,8 @@ class RemoteInputs:
 
     def __init__(self, urls: list[str], ahead: int = 16):
         self.stores = [open_store(url) for url in urls]
-        self.stage = Path(tempfile.mkdtemp(prefix="segcli-inputs-"))
+        # made by the first download (a run that fails before fetching anything leaves nothing behind)
+        self.stage = Path(tempfile.gettempdir()) / f"segcli-inputs-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.ahead = ahead
         self._pool = ThreadPoolExecutor(min(8, ahead), thread_name_prefix="segcli-fetch")
         self._futures: dict[int, Future] = {}
@@ -124,19 +126,11 @@ class RemoteOutput:
         for path in state.glob("records*.jsonl"):
             path.unlink()
         (state / "run.json").unlink(missing_ok=True)
-        for key, _ in self._list():
+        for key, _ in list_objects(self.store):  # [] for a new prefix; one line for a missing bucket
             rel = key[len(self.store.root):].lstrip("/")
             self.existing.add(rel)
             if rel.startswith(f"{STATE_DIR}/") and (rel.endswith(".jsonl") or rel == f"{STATE_DIR}/run.json"):
                 download(self.store, key, self.local / rel)
-
-    def _list(self) -> list[tuple[str, int]]:
-        try:
-            return list_objects(self.store)
-        except SegcliError as exc:
-            if "no such bucket" in str(exc) and "prefix" not in str(exc):
-                raise
-            return []  # an empty prefix in an existing bucket: nothing there yet
 
     def exists(self, path: Path) -> bool:
         """Is this local output path's object in the store (as listed at the start)?"""
