@@ -48,6 +48,7 @@ def predict(
     stride: Optional[int] = typer.Option(None, "--stride", help=STRIDE_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for decoding, label maps, rendering and writing (each uses one core). Default: 2 with the model on the CPU, all cores but one (at most 16) on a GPU."),
     postprocess: str = typer.Option("host", "--postprocess", help="Where the full-size work (label map, colors, overlay) runs: host (the worker processes; auto means the same), device (torch on the model's device)."),
+    decode: str = typer.Option("auto", "--decode", help="Where plain JPEGs are decoded and resized for the model: host (the worker processes), device (in batches on the model's device: nvJPEG on CUDA; other files, progressive and CMYK JPEGs stay on the host), auto (default): device on a GPU, host elsewhere."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, bf16 on CPUs with native bf16), fp32, bf16, fp16, or int8 (CPU: the image branch's linear layers in dynamic int8)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every image, replacing results made with other settings."),
@@ -77,10 +78,12 @@ def predict(
     if not sources:
         raise SegcliError("no SOURCE given: pass image files, folders, globs, lists or - (see 'segcli predict --help')")
     from segcli.files.remote import is_url
+    from segcli.pipeline.device_inputs import check_decode
     from segcli.pipeline.launch import check_compile, check_engine
 
-    check_engine(engine)  # before the model loads
+    check_engine(engine, decode)  # before the model loads
     check_compile(compile_model)
+    check_decode(decode)
     output = output if output is None or is_url(output) else Path(output)
     shard_spec = shard_of_this_process(shard, output)
     kinds = parse_outputs(save)
@@ -112,7 +115,7 @@ def predict(
     options = PredictOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha,
                              batch_size=batch_size, workers=workers, overwrite=overwrite, max_pixels=max_pixels,
                              shard=shard_spec, postprocess=postprocess, embed_dtype=embed_dtype, embed_stride=embed_stride,
-                             vid_stride=vid_stride, smooth=smooth, refine=refine)
+                             vid_stride=vid_stride, smooth=smooth, refine=refine, decode=decode)
     reporter = PredictProgress(total=len(found.sources), quiet=quiet, json_lines=json_lines)
     with reporter:
         result = run_predict(seg, options, found, on_record=reporter.record, on_frames=reporter.frames, engine=engine)
@@ -138,6 +141,7 @@ def relabel(
     synonyms: Optional[str] = typer.Option(None, "--synonyms", help=SYNONYMS_HELP),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for label maps, rendering and writing."),
+    decode: str = typer.Option("auto", "--decode", help="Where plain JPEGs are decoded and resized for the model: host (the worker processes), device (in batches on the model's device: nvJPEG on CUDA; other files, progressive and CMYK JPEGs stay on the host), auto (default): device on a GPU, host elsewhere."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every photo, replacing results made with other settings."),
     json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per photo on stdout."),
@@ -175,6 +179,7 @@ def search(
     top: Optional[int] = typer.Option(None, "--top", "-n", min=1, help="Only the N best photos per query."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that made the embeddings, when it moved."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template for the queries and labels."),
+    decode: str = typer.Option("auto", "--decode", help="Where plain JPEGs are decoded and resized for the model: host (the worker processes), device (in batches on the model's device: nvJPEG on CUDA; other files, progressive and CMYK JPEGs stay on the host), auto (default): device on a GPU, host elsewhere."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line: query, score, cells, path, embeddings."),
 ) -> None:

@@ -166,12 +166,16 @@ class Canvas:
     resized_hw: tuple[int, int]  # size of the image inside the canvas
 
 
+def long_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) with the long side at `size`, aspect kept."""
+    scale = size / max(w, h)
+    return max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+
+
 def resize_long_side(img: Image.Image, size: int) -> Image.Image:
     """`img` with its long side at `size` (aspect kept; Pillow's bilinear, antialiased when shrinking)."""
-    w, h = img.size
-    scale = size / max(w, h)
-    rw, rh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-    return img.resize((rw, rh), Image.BILINEAR) if (rw, rh) != (w, h) else img
+    rw, rh = long_side_size(*img.size, size)
+    return img.resize((rw, rh), Image.BILINEAR) if (rw, rh) != img.size else img
 
 
 def fit_to_canvas(img: Image.Image, size: int) -> Canvas:

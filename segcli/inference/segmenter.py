@@ -250,7 +250,8 @@ class Segmenter:
             raise SegcliError(f"{self.name} reads each image's region masks: pass regions=seg.region_maps(...)")
         if not protocol.sliding:
             stacked = torch.stack(list(regions)) if regions is not None else None
-            return list(self.segment_canvases(np.stack(pixels), label_embeddings, on_device=True, regions=stacked)[0])
+            return list(self.segment_canvases(self._stack(pixels), label_embeddings, on_device=True, regions=stacked)[0])
+        pixels = [host_pixels(p) for p in pixels]
         tiled = [window_tiles(p, protocol.window, protocol.stride) for p in pixels]
         owners = [(i, corner) for i, (corners, _) in enumerate(tiled) for corner in corners]
         tiles = np.concatenate([t for _, t in tiled])
@@ -283,7 +284,10 @@ class Segmenter:
         extra = {"regions": regions} if regions is not None else {}
         count = len(pixels)
         if self.compiled_batch and count < self.compiled_batch:  # the compiled shape: pad, then drop the padding
-            pixels = np.concatenate([pixels, np.zeros((self.compiled_batch - count, *pixels.shape[1:]), pixels.dtype)])
+            if isinstance(pixels, torch.Tensor):
+                pixels = torch.cat([pixels, pixels.new_zeros((self.compiled_batch - count, *pixels.shape[1:]))])
+            else:
+                pixels = np.concatenate([pixels, np.zeros((self.compiled_batch - count, *pixels.shape[1:]), pixels.dtype)])
         logits, emb = self.model.dense_logits(self._input_batch(pixels), label_embeddings, self.autocast_dtype,
                                               return_embeddings, **extra)
         logits, emb = logits[:count], (emb[:count] if emb is not None else None)
@@ -313,11 +317,20 @@ class Segmenter:
                 out.append(PixelEmbeddings(region, info, self))
         return out
 
-    def _input_batch(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 canvases [B,S,S,3] -> [B,3,S,S] float in [0,1] on the model's device."""
-        batch = torch.from_numpy(pixels)
+    def _stack(self, pixels: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
+        """Canvases [S,S,3] -> [B,S,S,3]: on the model's device when some are there already (decoded
+        there: segcli.inference.device_decode), else a host array."""
+        if not any(isinstance(p, torch.Tensor) for p in pixels):
+            return np.stack(pixels)
+        return torch.stack([torch.as_tensor(p).to(self.device) for p in pixels])
+
+    def _input_batch(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 canvases [B,S,S,3] (host array, or tensor on the device) -> [B,3,S,S] float in [0,1]
+        on the model's device."""
+        batch = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
         if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+            if not batch.is_cuda:
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
             # reorder the bytes, then convert: a strided float conversion costs several times more
             return batch.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         # one pass into a buffer kept between batches (per thread): a fresh one costs page faults
@@ -368,6 +381,11 @@ class Segmenter:
                     embeddings=image_region(emb[i], resized_hw, self.model.output_stride) if emb is not None else None,
                 ))
         return results
+
+
+def host_pixels(pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Model pixels as a host array (those decoded on the device copied back: a few hundred kB)."""
+    return pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else pixels
 
 
 def _as_pil(image) -> Image.Image:

@@ -115,6 +115,15 @@ def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np
     return pixels, pixels.shape[:2]
 
 
+def model_size(w: int, h: int, imgsz: int, protocol: Protocol) -> tuple[int, int]:
+    """(width, height) an image of w x h pixels is resized to by `model_pixels`."""
+    from segcli.data.images import long_side_size
+
+    if protocol.sliding and protocol.short_side:
+        return short_side_size(w, h, protocol.short_side)
+    return long_side_size(w, h, imgsz)
+
+
 def draft_size(w: int, h: int, imgsz: int, protocol: Protocol) -> int:
     """The long side a reduced (DCT) decode must keep for `model_pixels` at this protocol."""
     if protocol.sliding and protocol.short_side:

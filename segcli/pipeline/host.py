@@ -24,11 +24,12 @@ import cv2
 import numpy as np
 
 from segcli.data.images import ImageDecodeError, decode_full_bgr, decode_photo
+from segcli.data.jpeg_probe import JpegProbe, probe_jpeg
 from segcli.data.labels import LabelSet
 from segcli.data.sources import Source
 from segcli.errors import one_line
 from segcli.files.atomic import atomic_write_bytes
-from segcli.inference.windows import Protocol, draft_size, model_pixels
+from segcli.inference.windows import Protocol, draft_size, model_pixels, model_size
 from segcli.pipeline import parcels
 from segcli.postprocess.label_map import mask_dtype, restore_label_map
 from segcli.postprocess.outputs import OUTPUT_KINDS, VIDEO_OUTPUTS, RenderInput
@@ -87,6 +88,8 @@ class ModelInput:
     full_hw: tuple[int, int]
     seconds: float
     stamp: tuple[int, int] | None  # the file's (size, mtime) when read (None for bytes), to notice a change
+    jpeg: bytes | None = None  # device decoding: the file's bytes, for the model's process to decode (pixels None)
+    probe: JpegProbe | None = None  # ... and their header facts
 
 
 @dataclass
@@ -194,6 +197,25 @@ def decode(path: Path | bytes, plan: HostPlan | None = None) -> ModelInput:
         except Exception as exc:  # a decoder bug on a strange file must not stop the batch
             raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {one_line(str(exc))}") from None
     return ModelInput(pixels, resized_hw, decoded.full_hw, time.perf_counter() - t0, stamp)
+
+
+def read_for_device(path: Path, plan: HostPlan | None = None) -> ModelInput:
+    """Device decoding's first step (segcli.pipeline.device_inputs): a plain JPEG's bytes and header
+    facts, for the model's process to decode in a batch on its device; any other file (PNG,
+    progressive, CMYK, a damaged header...) decoded here, as `decode` does."""
+    plan = plan or _plan
+    t0 = time.perf_counter()
+    try:
+        stamp = file_stamp(path)
+        data = Path(path).read_bytes()
+    except OSError:
+        return decode(path, plan)  # its error, worded as the host path words it
+    probe = probe_jpeg(data, plan.max_pixels) if len(data) == stamp[0] else None  # else changed meanwhile
+    if probe is None:
+        return decode(path, plan)
+    h, w = probe.upright_hw
+    rw, rh = model_size(w, h, plan.imgsz, plan.protocol)
+    return ModelInput(None, (rh, rw), (h, w), time.perf_counter() - t0, stamp, jpeg=data, probe=probe)
 
 
 def file_stamp(path: Path) -> tuple[int, int]:

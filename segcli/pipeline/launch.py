@@ -53,9 +53,11 @@ COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_FROM = 500  # photos from which --compile auto compiles: its 20-30 s pay off (README, Performance)
 
 
-def check_engine(engine: str) -> None:
+def check_engine(engine: str, decode: str = "auto") -> None:
     if engine not in ENGINES:
         raise SegcliError(f"--engine {engine!r}: use local or ray")
+    if engine == "ray" and decode == "device":
+        raise SegcliError("--engine ray decodes in Ray's CPU tasks: --decode device is for --engine local")
 
 
 def check_compile(choice: str) -> None:
@@ -77,7 +79,7 @@ def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
     """One predict run; under torchrun, rank 0 then merges every rank's summary into DIR/summary.json.
     An output URL (`options.output` a str) is filled through a local mirror (segcli.pipeline.remote).
     `engine` "ray": the photos go through Ray Data (segcli.pipeline.ray_engine)."""
-    check_engine(engine)
+    check_engine(engine, options.decode)
     if engine == "ray" and torchrun_ranks():
         raise SegcliError("--engine ray schedules the whole run itself: start it once, not under torchrun")
     remote = None
@@ -101,6 +103,7 @@ def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
     if engine == "ray":
         from segcli.pipeline.ray_engine import RayPredictRun
 
+        options = replace(options, decode="host")  # decoded by Ray's tasks
         run = RayPredictRun(seg, options, found, on_record=recorded, on_frames=on_frames)
         run.output_url = output_url
     else:

@@ -14,7 +14,7 @@ import torch
 from segcli.data.sources import Source
 from segcli.embeddings.format import EmbeddingInfo, check_embed_stride, encode, pool, resolve_embed_dtype
 from segcli.errors import SegcliError
-from segcli.inference.segmenter import Segmenter
+from segcli.inference.segmenter import Segmenter, host_pixels
 from segcli.pipeline import host
 from segcli.pipeline.host import ModelInput
 from segcli.postprocess.label_map import batch_candidate_logits, image_region
@@ -57,6 +57,9 @@ class ModelStep:
         per `seg.logit_stride` pixels of the resized photo (1 once refined); all labels', on the
         device, when post-processing happens there."""
         t0 = time.perf_counter()
+        if self.embed is not None or self.refiner is not None or getattr(self.seg.model, "needs_regions", False):
+            for it in batch:  # read on the host too: decoded on the device, they are copied back
+                it.model_input.pixels = host_pixels(it.model_input.pixels)
         pixels = [it.model_input.pixels for it in batch]
         if self.embed is not None:  # one canvas each (the protocol was checked in __init__)
             logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)

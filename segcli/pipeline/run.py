@@ -34,6 +34,7 @@ from segcli.errors import SegcliError, one_line
 from segcli.files.atomic import is_disk_error, remove_stale_temp_files
 from segcli.inference.segmenter import Segmenter
 from segcli.pipeline import host, parcels
+from segcli.pipeline.device_inputs import DeviceInputs, decodes_on_device
 from segcli.pipeline.model_step import Item, ModelStep
 from segcli.pipeline.run_folder import RunFolder, error_record
 from segcli.pipeline.workers import WorkerCrashed, WorkerPool, default_workers, worker_context
@@ -62,6 +63,7 @@ class PredictOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard: tuple[int, int] | None = None  # (I, N): this run is shard I of N, writing into a shared DIR
     postprocess: str = "host"  # where full-size work happens: host (worker processes) or device; auto = host
+    decode: str = "auto"  # where plain JPEGs are decoded: host (workers), device (batches), auto: device on a GPU
     embed_dtype: str = "auto"  # the stored pixel embeddings' dtype (see segcli.embeddings.format)
     embed_stride: int | None = None  # their stride in input pixels (None: the model's output stride)
     refine: str = "auto"  # "pamr", "none", or auto: PAMR for the methods whose published numbers use it (naclip)
@@ -135,6 +137,9 @@ class PredictRun:
             from segcli.pipeline.device_post import DevicePostprocess
 
             self.device_post = self.step.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)
+        self.device_inputs = None  # set by the run when JPEGs are decoded on the device
+        if decodes_on_device(options.decode, segmenter):
+            self.device_inputs = DeviceInputs(segmenter, self._decode_on_host)
 
     def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
         return self.step.infer(batch, text)
@@ -210,6 +215,11 @@ class PredictRun:
             item.error, item.native = str(exc), getattr(exc, "native", None)
         return item
 
+    def _decode_on_host(self, item: Item) -> Item:
+        """A JPEG the device would not decode, decoded by a worker after all (waited for: rare)."""
+        item.model_input = None
+        return self._decoded(item, self.pool.submit("decoding", host.decode, item.source.path))
+
     def run(self) -> PredictResult:
         """Every source through the stages. Raises OutputWriteError (after writing what it can of
         the summary) when the output folder stops taking writes."""
@@ -247,11 +257,12 @@ class PredictRun:
         (restore, render, write, records) stay the same."""
         decoding: deque[tuple[Item, Future | None]] = deque()
         pending = iter(todo)
+        first_step = host.read_for_device if self.device_inputs else host.decode
 
         def refill() -> None:
             while len(decoding) < window and (item := next(pending, None)) is not None:
                 self._prepare(item)
-                fut = None if item.error else pool.submit("decoding", host.decode, item.source.path)
+                fut = None if item.error else pool.submit("decoding", first_step, item.source.path)
                 decoding.append((item, fut))
 
         try:
@@ -266,7 +277,12 @@ class PredictRun:
                 else:
                     batch.append(item)
                 if len(batch) == self.opt.batch_size or (not decoding and batch):
-                    yield from zip(batch, self.infer(batch, text))
+                    if self.device_inputs:
+                        ready = self.device_inputs.decode(batch)
+                        yield from ((item, None) for item in batch if item.error)
+                        batch = ready
+                    if batch:
+                        yield from zip(batch, self.infer(batch, text))
                     batch = []
         finally:
             for _, fut in decoding:
