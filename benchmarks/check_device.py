@@ -12,7 +12,9 @@ Random weights: the question is whether both paths compute the same thing, not w
 --speed then runs, on the same device, what issue "at the machine's limit" asks to measure in one go:
 the batch size predict picks there (and the rates behind it), bench_limit.py (peak matmul, the model's
 FLOP/s and fraction, fp16/bf16 eager and compiled: CUDA graphs), bench_compile.py (eager against
-compiled, alternating rounds) and corrclip's cost a photo (bench_methods.py); each prints its table.
+compiled, alternating rounds), bench_decode.py (nvJPEG batches against the host's decode, and predict
+with --decode host and device against the model alone) and corrclip's cost a photo (bench_methods.py);
+each prints its table.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def speed(device: str, model: str) -> None:
     runs = {"bench_limit.py": ["--model", model, "--device", device, "--batch", str(size), "--precisions", "fp16", "bf16",
                                "fp16+compile", "bf16+compile", "--agreement-steps", "0"],
             "bench_compile.py": ["--model", model, "--device", device, "--batch", str(size), "--precision", "fp16"],
+            "bench_decode.py": ["--device", device, "--images", "256", "--predict", "--model", model],
             "bench_methods.py": ["--images", "8", "--labels", "5", "--methods", "naclip", "corrclip"]}  # device: auto
     for script, extra in runs.items():
         proc = subprocess.run([sys.executable, str(bench / script), *extra], cwd=bench)
