@@ -1,12 +1,14 @@
 """predict's --compile against the eager model, in one process, timed in alternating rounds.
 
     python benchmarks/bench_compile.py [--model lseg_vitb16_384] [--precision bf16] [--rounds 4] [--batch 8]
-                                       [--device cpu]
+                                       [--device cpu] [--layout]
 
 On a shared VM the machine's speed drifts by tens of percent between minutes, so two separate runs
 cannot tell a 1.3x gain from noise; here the eager and the compiled image branch (the same weights)
 alternate, each timed for 4 s per round, and each round's ratio is printed. The compile time
-(Segmenter.use_compile: torch.compile, frozen weights on a CPU) is printed first.
+(Segmenter.use_compile: torch.compile, frozen weights on a CPU) is printed first. --layout compares
+instead the eager model with its convolutions channels-first against channels-last (what predict
+loads on a CPU: segcli.inference.device.channels_last_wins), and how far their outputs differ.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--imgsz", type=int, default=384)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layout", action="store_true", help="channels-first against channels-last, both eager")
     args = ap.parse_args()
     from segcli.api import Segmenter
 
@@ -32,9 +35,18 @@ def main() -> None:
     seg.use_protocol(window=0)
     model = seg.model
     eager = type(model).pixel_embeddings.__get__(model)
-    print(f"{args.model}, batch {args.batch} at {args.imgsz}, {args.precision}, {torch.get_num_threads()} threads; "
-          f"compiled in {seg.use_compile(args.batch):.1f} s")
-    compiled = model.pixel_embeddings
+    if args.layout:
+        import copy
+
+        first = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        eager, compiled = first.pixel_embeddings, last.pixel_embeddings
+        print(f"{args.model}, batch {args.batch} at {args.imgsz}, {args.precision}, {torch.get_num_threads()} threads; "
+              "'eager' below is channels-first, 'compiled' channels-last, both eager")
+    else:
+        print(f"{args.model}, batch {args.batch} at {args.imgsz}, {args.precision}, {torch.get_num_threads()} threads; "
+              f"compiled in {seg.use_compile(args.batch):.1f} s")
+        compiled = model.pixel_embeddings
     images = torch.rand(args.batch, 3, args.imgsz, args.imgsz, device=seg.device)
     dtype = seg.autocast_dtype
     sync = torch.cuda.synchronize if seg.device.type == "cuda" else (lambda: None)
@@ -50,6 +62,10 @@ def main() -> None:
         return args.batch * n / (time.perf_counter() - t0)
 
     rate(eager, 1.0), rate(compiled, 1.0)  # warm-up
+    if args.layout:
+        with torch.inference_mode(), torch.autocast(seg.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            a, b = eager(images).float(), compiled(images).float()
+        print(f"outputs' largest difference {(a - b).abs().max().item():.3g} (values up to {a.abs().max().item():.3g})")
     print("| round | eager img/s | compiled img/s | ratio |")
     print("| ---: | ---: | ---: | ---: |")
     for r in range(args.rounds):
