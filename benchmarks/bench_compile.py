@@ -7,8 +7,8 @@ On a shared VM the machine's speed drifts by tens of percent between minutes, so
 cannot tell a 1.3x gain from noise; here the eager and the compiled image branch (the same weights)
 alternate, each timed for 4 s per round, and each round's ratio is printed. The compile time
 (Segmenter.use_compile: torch.compile, frozen weights on a CPU) is printed first. --layout compares
-instead the eager model with its convolutions channels-first against channels-last (what predict
-loads on a CPU: segcli.inference.device.channels_last_wins), and how far their outputs differ.
+instead the eager model with its convolutions channels-first (predict's layout) against
+channels-last, and how far their outputs differ.
 """
 
 from __future__ import annotations

@@ -10,14 +10,12 @@ after a warm-up; achieved = FLOPs / time, shown as a fraction of the peak of the
 run in. int8 is predict's `--precision int8`: the image branch's linear layers quantised dynamically;
 "+compile" adds predict's `--compile` (torch.compile, frozen weights on a CPU), its compile time shown.
 Agreement: `lseg_tiny` trained on synthetic scenes for N steps (a trained model, not random
-weights), its masks on 50 validation scenes under each precision (as predict loads the model: on a
-CPU channels-last) against eager fp32's with the layout it was trained in (channels-first).
+weights), its masks on 50 validation scenes under each precision against fp32's.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -110,18 +108,14 @@ def agreement(precisions: list[str], steps: int, work: Path) -> dict[str, float]
     data = open_dataset("synthetic")
     images = [data.load("val", s)[0] for s in data.samples("val")[:50]]
     maps = {}
-    for precision in ["reference", "fp32", *precisions]:
+    for precision in ["fp32", *precisions]:
         name, _, compiled = precision.partition("+")
-        before = os.environ.get("SEGCLI_CHANNELS_LAST")
-        if precision == "reference":  # eager fp32, channels-first: the model as trained
-            name, os.environ["SEGCLI_CHANNELS_LAST"] = "fp32", "0"
         seg = Segmenter.from_pretrained(str(run / "best.safetensors"), device="cpu", precision=name, warn=False)
-        os.environ.pop("SEGCLI_CHANNELS_LAST", None) if before is None else os.environ.update(SEGCLI_CHANNELS_LAST=before)
         if compiled:
             seg.use_compile(8)
         maps[precision] = [p.label_map for p in seg.predict(images, batch_size=8)]
-    total = sum(m.size for m in maps["reference"])
-    return {p: sum(int((a == b).sum()) for a, b in zip(maps[p], maps["reference"])) / total for p in ["fp32", *precisions]}
+    total = sum(m.size for m in maps["fp32"])
+    return {p: sum(int((a == b).sum()) for a, b in zip(maps[p], maps["fp32"])) / total for p in precisions}
 
 
 def main() -> None:
@@ -146,11 +140,11 @@ def main() -> None:
         print(f"| {precision} | {top / 1e12:.2f} | {flops / args.batch / 1e9:.1f} | {args.batch / seconds:.2f} | "
               f"{achieved / 1e12:.3f} | {achieved / top:.2f} |", flush=True)
     if args.agreement_steps:
-        others = [p for p in args.precisions if p != "fp32"]  # fp32 itself is compared too
+        others = [p for p in args.precisions if p != "fp32"]
         with tempfile.TemporaryDirectory(prefix="segcli-bench-limit-") as tmp:
             shares = agreement(others, args.agreement_steps, Path(tmp))
         for p, share in shares.items():
-            print(f"masks under {p} equal to channels-first fp32's: {share:.4%} of pixels (lseg_tiny, {args.agreement_steps} steps "
+            print(f"masks under {p} equal to fp32's: {share:.4%} of pixels (lseg_tiny, {args.agreement_steps} steps "
                   "on synthetic scenes, 50 validation scenes)")
 
 

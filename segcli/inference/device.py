@@ -47,16 +47,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def channels_last_wins(device: torch.device) -> bool:
-    """Whether the image branch's convolutions run channels-last here: on a CPU, where oneDNN's
-    convolutions were 1.04-1.21x faster eager in fp32 and bf16 (README, Performance). GPUs keep
-    their layout (not measured). SEGCLI_CHANNELS_LAST=0 (or 1) decides instead."""
-    forced = os.environ.get("SEGCLI_CHANNELS_LAST")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return device.type == "cpu"
-
-
 def _cpu_has_bf16() -> bool:
     """Native bf16 (AVX512-BF16 or AMX). SEGCLI_CPU_BF16=0 (or 1) overrides what /proc/cpuinfo says:
     the test suite's fp32 pass on a bf16 machine, as on a CPU without it."""

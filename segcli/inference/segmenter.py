@@ -17,7 +17,7 @@ from PIL import Image
 from segcli.data.images import Canvas, fit_to_canvas, load_image, to_rgb
 from segcli.data.labels import LabelSet, parse_labels, prompt_templates
 from segcli.errors import SegcliError, check_input_size
-from segcli.inference.device import channels_last_wins, resolve_device, resolve_precision
+from segcli.inference.device import resolve_device, resolve_precision
 from segcli.inference.windows import Protocol, average_windows, model_pixels, resolve_protocol, window_tiles
 from segcli.models.backend import DenseBackend
 from segcli.models.factory import UNTRAINED_WARNING, load_model
@@ -143,8 +143,6 @@ class Segmenter:
         loaded = load_model(model, dev)
         if loaded.spec.untrained and warn:
             warnings.warn(UNTRAINED_WARNING.format(name=model), stacklevel=2)
-        if isinstance(loaded.backend, torch.nn.Module) and channels_last_wins(dev):  # a model of its own only
-            loaded.backend.to(memory_format=torch.channels_last)  # 4-D weights: the convolutions
         return cls(loaded.backend, device=dev, precision=precision, imgsz=imgsz, labels=loaded.labels,
                    name=str(model), fingerprint=loaded.fingerprint, untrained=loaded.spec.untrained)
 
