@@ -23,14 +23,11 @@ from pathlib import Path, PurePosixPath
 from segcli.data.images import has_image_signature
 from segcli.data.sources import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Source, SourceList, looks_like_video
 from segcli.errors import SegcliError
+from segcli.files.cache import cache_root
 from segcli.files.remote import Store, download, list_objects, open_store, read_heads, store_error, upload
 from segcli.files.runs import STATE_DIR
 
 SYNC_EVERY = 50  # records between uploads of the record files (a killed run loses at most these)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segcli" / "remote"
 
 
 class RemoteInputs:
@@ -111,7 +108,7 @@ class RemoteOutput:
 
     def __init__(self, url: str):
         self.store = open_store(url)
-        self.local = cache_root() / hashlib.sha256(self.store.url.encode()).hexdigest()[:20]
+        self.local = cache_root() / "remote" / hashlib.sha256(self.store.url.encode()).hexdigest()[:20]
         self.local.mkdir(parents=True, exist_ok=True)
         self.existing: set[str] = set()
         self.failures: list[str] = []
