@@ -222,3 +222,46 @@ def test_decode_choices(tiny_checkpoint):
         decodes_on_device("gpu", seg)
     with pytest.raises(SegcliError, match="--decode device is for --engine local"):
         check_engine("ray", "device")
+
+
+def test_device_pixels_feed_refinement_embeddings_and_windows(tmp_path, tiny_checkpoint):
+    """Outputs that read the model's pixels on the host (PAMR, stored embeddings, sliding windows)
+    take the device's pixels copied back: the same files as from the host's decode, nearly."""
+    from segcli.data.labels import parse_labels
+    from segcli.data.sources import collect_sources
+    from segcli.embeddings.format import read_tensor
+    from segcli.inference.segmenter import Segmenter
+    from segcli.pipeline.run import PredictOptions, PredictRun
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("cat", "rocket"):
+        (photos / f"{name}.jpg").write_bytes((SAMPLES / f"{name}.jpg").read_bytes())
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
+    for save, refine, window in ((("mask", "embeddings"), "pamr", 0), (("mask",), "none", 64)):
+        seg.use_protocol(window=window)
+        out = {}
+        for where in ("host", "device"):
+            options = PredictOptions(labels=parse_labels("a,b,c"), output=tmp_path / f"{where}{window}", decode=where,
+                                     save=save, refine=refine, workers=1)
+            run = PredictRun(seg, options, collect_sources([str(photos)]))
+            assert run.run().failed == 0
+            assert where == "host" or run.device_inputs.decoded == 2
+            out[where] = tmp_path / f"{where}{window}"
+        for name in ("cat", "rocket"):
+            masks = [np.array(Image.open(out[w] / f"{name}_mask.png")) for w in ("host", "device")]
+            assert masks[0].shape == masks[1].shape and (masks[0] == masks[1]).mean() > 0.9
+            if "embeddings" in save:
+                emb = [read_tensor(out[w] / f"{name}_embed.safetensors").float() for w in ("host", "device")]
+                assert emb[0].shape == emb[1].shape and torch.nn.functional.cosine_similarity(*emb, dim=0).mean() > 0.95
+
+
+def test_cli_refuses_an_unknown_decode(tmp_path):
+    from typer.testing import CliRunner
+
+    from segcli.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(SAMPLES / "cat.jpg"), "-l", "a,b", "-m", "lseg_tiny",
+                                      "-o", str(tmp_path / "o"), "--decode", "gpu"])
+    assert result.exit_code == 2 and "--decode 'gpu': use auto, host or device" in result.output
+    assert not (tmp_path / "o").exists()
