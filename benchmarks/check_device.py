@@ -1,4 +1,4 @@
-"""Does `--postprocess device` give the host path's results on this device? Prints the agreement.
+"""Do `--postprocess device` and `--decode device` give the host path's results on this device?
 
     python benchmarks/check_device.py [--device cuda] [--model lseg_vitb16_384] [--speed]
 
@@ -9,6 +9,8 @@ tests/test_predict_cli.py holds them under 0.1%), whether colors are equal where
 the overlays' mean absolute difference (on CUDA the photo is decoded and the overlay encoded by
 nvJPEG, on the host by libjpeg). Exit 0 when masks and colors agree.
 Random weights: the question is whether both paths compute the same thing, not what they find.
+A third run decodes the JPEGs on the device (--decode device); its masks' agreement with the host
+decode's is printed, not held to a bound (a full-size decode instead of a reduced one).
 --speed then runs, on the same device, what issue "at the machine's limit" asks to measure in one go:
 the batch size predict picks there (and the rates behind it), bench_limit.py (peak matmul, the model's
 FLOP/s and fraction, fp16/bf16 eager and compiled: CUDA graphs), bench_compile.py (eager against
@@ -46,13 +48,16 @@ def main() -> None:
             for scale in (1, 2, 4):
                 img.resize((img.width * scale, img.height * scale)).save(photos / f"{path.stem}_x{scale}.jpg", quality=90)
         outs = {}
-        for where in ("host", "device"):
+        runs = {"host": ["--postprocess", "host", "--decode", "host"],
+                "device": ["--postprocess", "device", "--decode", "host"],
+                "decoded": ["--postprocess", "host", "--decode", "device"]}
+        for where, flags in runs.items():
             outs[where] = Path(tmp) / where
             cmd = [sys.executable, "-m", "segcli", "predict", str(photos), "-l", LABELS, "-m", args.model,
-                   "--device", args.device, "--postprocess", where, "-o", str(outs[where]), "-q"]
+                   "--device", args.device, *flags, "-o", str(outs[where]), "-q"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
-                sys.exit(f"--postprocess {where} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                sys.exit(f"{' '.join(flags)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         differ = total = 0
         worst_overlay = 0.0
         colors_equal = True
@@ -71,6 +76,12 @@ def main() -> None:
               f"colors equal where the masks are: {colors_equal}; overlays' mean |difference| at most {worst_overlay:.2f}")
         # overlays are not held to a bound: on CUDA both the decode (nvJPEG) and the encode differ from libjpeg's
         agree = differ <= total * 1e-3 and colors_equal
+        # --decode device: the model's input from a full-size decode on the device instead of the host's
+        # reduced one; reported, not held to a bound (random weights: ties flip on small input changes)
+        same = [(np.array(Image.open(f)) == np.array(Image.open(outs["decoded"] / f.name))).mean()
+                for f in sorted(outs["host"].glob("*_mask.png"))]
+        print(f"--decode device against --decode host: {100 * float(np.mean(same)):.3f}% of mask pixels equal "
+              f"(worst photo {100 * min(same):.3f}%)")
     if args.speed:
         speed(args.device, args.model)
     sys.exit(0 if agree else 1)
