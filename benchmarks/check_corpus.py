@@ -1,12 +1,14 @@
 """A hostile corpus through predict, twice: every input ok or failed with its own line, no traceback.
 
-    python benchmarks/check_corpus.py [--count 300] [--model lseg_tiny] [--workdir DIR]
+    python benchmarks/check_corpus.py [--count 300] [--model lseg_tiny] [--workdir DIR] [--decode auto]
 
 Makes COUNT files from the sample photos in every format Pillow writes (JPEG with EXIF orientations
 1-8, TIFF with orientations 1-8 and its compressions, PNG, WebP, GIF, BMP, 16-bit, CMYK, palette),
 then damages a share of them the ways real folders and fuzzers do (truncated, bytes flipped, headers
 only, empty, random bytes under an image name, decompression bombs), runs `segcli predict` over the
 folder twice and prints what happened: exit codes, ok/failed counts, lines on stderr, tracebacks.
+--decode device sends the JPEGs whose headers allow it through the device decoder (on a CPU,
+torchvision's libjpeg in the model's process): the same counts are expected as with --decode host.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--model", default="lseg_tiny")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--decode", default="auto", help="predict's --decode")
     args = parser.parse_args()
     rng = random.Random(0)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="segcli-corpus-"))
@@ -96,7 +99,7 @@ def main() -> None:
     print(f"{made + 1} files in {folder}; damaged: {kinds}, plus one 144 MP bomb")
     for attempt in (1, 2):
         run = subprocess.run([sys.executable, "-m", "segcli", "predict", str(folder), "-l", "cat,grass,sky,person",
-                              "-m", args.model, "-o", str(work / "out"), "-q"], capture_output=True, text=True)
+                              "-m", args.model, "--decode", args.decode, "-o", str(work / "out"), "-q"], capture_output=True, text=True)
         summary = json.loads((work / "out" / "summary.json").read_text())
         lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
         print(f"run {attempt}: exit {run.returncode}, {summary['counts']}, {len(lines)} error lines, "

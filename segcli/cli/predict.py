@@ -141,7 +141,6 @@ def relabel(
     synonyms: Optional[str] = typer.Option(None, "--synonyms", help=SYNONYMS_HELP),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes for label maps, rendering and writing."),
-    decode: str = typer.Option("auto", "--decode", help="Where plain JPEGs are decoded and resized for the model: host (the worker processes), device (in batches on the model's device: nvJPEG on CUDA; other files, progressive and CMYK JPEGs stay on the host), auto (default): device on a GPU, host elsewhere."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every photo, replacing results made with other settings."),
     json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per photo on stdout."),
@@ -179,7 +178,6 @@ def search(
     top: Optional[int] = typer.Option(None, "--top", "-n", min=1, help="Only the N best photos per query."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that made the embeddings, when it moved."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template for the queries and labels."),
-    decode: str = typer.Option("auto", "--decode", help="Where plain JPEGs are decoded and resized for the model: host (the worker processes), device (in batches on the model's device: nvJPEG on CUDA; other files, progressive and CMYK JPEGs stay on the host), auto (default): device on a GPU, host elsewhere."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line: query, score, cells, path, embeddings."),
 ) -> None:

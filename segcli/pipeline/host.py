@@ -210,9 +210,13 @@ def read_for_device(path: Path, plan: HostPlan | None = None) -> ModelInput:
         data = Path(path).read_bytes()
     except OSError:
         return decode(path, plan)  # its error, worded as the host path words it
-    probe = probe_jpeg(data, plan.max_pixels) if len(data) == stamp[0] else None  # else changed meanwhile
-    if probe is None:
+    if len(data) != stamp[0]:  # changed while read: decoded afresh, with a new stamp
         return decode(path, plan)
+    probe = probe_jpeg(data, plan.max_pixels)
+    if probe is None:  # not for the device: decoded here from the bytes read
+        got = decode(data, plan)
+        got.stamp = stamp
+        return got
     h, w = probe.upright_hw
     rw, rh = model_size(w, h, plan.imgsz, plan.protocol)
     return ModelInput(None, (rh, rw), (h, w), time.perf_counter() - t0, stamp, jpeg=data, probe=probe)
