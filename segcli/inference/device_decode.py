@@ -29,7 +29,9 @@ def torchvision_decode(encoded: list[torch.Tensor], device: torch.device) -> lis
     """torchvision's batched JPEG decoder: nvJPEG on CUDA, libjpeg-turbo on a CPU."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():  # deprecated in favour of torchcodec, which has no batched nvJPEG call
+    # deprecated in favour of TorchCodec's decode_jpeg, which turns photos by EXIF itself (on a CPU at
+    # least; `orient` would turn them twice): not switched before it has run on a GPU (README, Limits)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
