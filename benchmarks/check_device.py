@@ -1,6 +1,7 @@
 """Do `--postprocess device` and `--decode device` give the host path's results on this device?
 
-    python benchmarks/check_device.py [--device cuda] [--model lseg_vitb16_384] [--speed]
+    python benchmarks/check_device.py [--device cuda] [--model lseg_vitb16_384] [--speed [PART ...]]
+                                      [--no-agreement]
 
 Runs `segcli predict` on sample_images (and the same photos at 2x and 4x, so the label maps are
 restored to 1-16 megapixels) twice on the same device, once with the full-size work on the host and
@@ -16,7 +17,8 @@ the batch size predict picks there (and the rates behind it), bench_limit.py (pe
 FLOP/s and fraction, fp16/bf16 eager and compiled: CUDA graphs), bench_compile.py (eager against
 compiled, alternating rounds), bench_decode.py (nvJPEG batches against the host's decode, and predict
 with --decode host and device against the model alone) and corrclip's cost a photo (bench_methods.py);
-each prints its table.
+each prints its table. `--speed decode compile` runs only those parts (a device lease is short);
+--no-agreement skips the three predict runs.
 """
 
 from __future__ import annotations
@@ -32,14 +34,27 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = "cat,grass,sky,person,tree,road,building,water"
+SPEED_PARTS = ("limit", "compile", "decode", "methods")  # benchmarks/bench_PART.py
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="lseg_vitb16_384")
-    ap.add_argument("--speed", action="store_true", help="then the speed checks (see above)")
+    ap.add_argument("--speed", nargs="*", choices=SPEED_PARTS, metavar="PART",
+                    help=f"then the speed checks (see above): all, or some of {', '.join(SPEED_PARTS)}")
+    ap.add_argument("--no-agreement", action="store_true", help="skip the agreement runs (only --speed)")
     args = ap.parse_args()
+    agree = True
+    if not args.no_agreement:
+        agree = agreement(args.device, args.model)
+    if args.speed is not None:
+        speed(args.device, args.model, args.speed or list(SPEED_PARTS))
+    sys.exit(0 if agree else 1)
+
+
+def agreement(device: str, model: str) -> bool:
+    """The three predict runs and their comparison (see above); True when masks and colors agree."""
     with tempfile.TemporaryDirectory(prefix="segcli-check-") as tmp:
         photos = Path(tmp) / "photos"
         photos.mkdir()
@@ -53,8 +68,8 @@ def main() -> None:
                 "decoded": ["--postprocess", "host", "--decode", "device"]}
         for where, flags in runs.items():
             outs[where] = Path(tmp) / where
-            cmd = [sys.executable, "-m", "segcli", "predict", str(photos), "-l", LABELS, "-m", args.model,
-                   "--device", args.device, *flags, "-o", str(outs[where]), "-q"]
+            cmd = [sys.executable, "-m", "segcli", "predict", str(photos), "-l", LABELS, "-m", model,
+                   "--device", device, *flags, "-o", str(outs[where]), "-q"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{' '.join(flags)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -63,16 +78,16 @@ def main() -> None:
         colors_equal = True
         for mask_file in sorted(outs["host"].glob("*_mask.png")):
             stem = mask_file.name[:-len("_mask.png")]
-            host, device = (np.array(Image.open(outs[w] / mask_file.name)) for w in ("host", "device"))
-            same = host == device
+            on_host, on_device = (np.array(Image.open(outs[w] / mask_file.name)) for w in ("host", "device"))
+            same = on_host == on_device
             differ += int((~same).sum())
             total += same.size
             colors = [np.array(Image.open(outs[w] / f"{stem}_color.png").convert("RGB")) for w in ("host", "device")]
             colors_equal &= bool(np.array_equal(colors[0][same], colors[1][same]))
             overlays = [np.array(Image.open(outs[w] / f"{stem}_overlay.jpg")).astype(np.int16) for w in ("host", "device")]
             worst_overlay = max(worst_overlay, float(np.abs(overlays[0] - overlays[1]).mean()))
-            print(f"{stem:>14} {host.shape[1]}x{host.shape[0]}: {100 * (~same).mean():.4f}% of mask pixels differ")
-        print(f"{args.model} on {args.device}: {differ} of {total} mask pixels differ ({100 * differ / total:.5f}%); "
+            print(f"{stem:>14} {on_host.shape[1]}x{on_host.shape[0]}: {100 * (~same).mean():.4f}% of mask pixels differ")
+        print(f"{model} on {device}: {differ} of {total} mask pixels differ ({100 * differ / total:.5f}%); "
               f"colors equal where the masks are: {colors_equal}; overlays' mean |difference| at most {worst_overlay:.2f}")
         # overlays are not held to a bound: on CUDA both the decode (nvJPEG) and the encode differ from libjpeg's
         agree = differ <= total * 1e-3 and colors_equal
@@ -82,12 +97,10 @@ def main() -> None:
                 for f in sorted(outs["host"].glob("*_mask.png"))]
         print(f"--decode device against --decode host: {100 * float(np.mean(same)):.3f}% of mask pixels equal "
               f"(worst photo {100 * min(same):.3f}%)")
-    if args.speed:
-        speed(args.device, args.model)
-    sys.exit(0 if agree else 1)
+    return agree
 
 
-def speed(device: str, model: str) -> None:
+def speed(device: str, model: str, parts: list[str]) -> None:
     """The speed checks, each a script of its own printing its table (failures reported, not fatal)."""
     from segcli.api import Segmenter
 
@@ -101,6 +114,8 @@ def speed(device: str, model: str) -> None:
             "bench_decode.py": ["--device", device, "--images", "256", "--predict", "--model", model],
             "bench_methods.py": ["--images", "8", "--labels", "5", "--methods", "naclip", "corrclip"]}  # device: auto
     for script, extra in runs.items():
+        if script.removeprefix("bench_").removesuffix(".py") not in parts:
+            continue
         proc = subprocess.run([sys.executable, str(bench / script), *extra], cwd=bench)
         if proc.returncode:
             print(f"{script} failed (exit {proc.returncode})", flush=True)
