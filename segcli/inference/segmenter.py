@@ -8,7 +8,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -77,6 +77,18 @@ class Segmenter:
         from segcli.inference.tuning import best_batch_size
 
         return best_batch_size(self)
+
+    @property
+    def needs_regions(self) -> bool:
+        """The model reads each image's region masks (corrclip): `region_maps` makes them."""
+        return getattr(self.model, "needs_regions", False)
+
+    def check_embeddings(self) -> None:
+        """One line when this model gives no pixel embeddings (an export; corrclip)."""
+        if not self.model.provides_embeddings:
+            why = getattr(self.model, "limits", None) or "an ONNX export"
+            raise SegcliError(f"this model gives no pixel embeddings ({why}): use another model (a checkpoint, "
+                              "clip-dense, naclip, ...)")
 
     @property
     def precision_name(self) -> str:
@@ -217,7 +229,7 @@ class Segmenter:
                     ) -> list[torch.Tensor] | None:
         """Per image, its pixels' region ids [H,W] int64 on the model's device, for a model that
         reads them (corrclip: segcli.modeling.regions makes them); None for every other model."""
-        if not getattr(self.model, "needs_regions", False):
+        if not self.needs_regions:
             return None
         generator = getattr(self.model, "region_generator", None)
         if generator is None:
@@ -246,7 +258,7 @@ class Segmenter:
         each upsampled to its pixels and averaged where they overlap, [K,h,w] (segcli.inference.windows).
         `regions`: `region_maps` of these images, cut as they are, for a model that reads them."""
         protocol = protocol or self.protocol
-        if regions is None and getattr(self.model, "needs_regions", False):
+        if regions is None and self.needs_regions:
             raise SegcliError(f"{self.name} reads each image's region masks: pass regions=seg.region_maps(...)")
         if not protocol.sliding:
             stacked = torch.stack(list(regions)) if regions is not None else None
@@ -269,6 +281,29 @@ class Segmenter:
                 window_logits[i].append(one)
         return [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window)
                 for w, (corners, _), p in zip(window_logits, tiled, pixels)]
+
+    @torch.inference_mode()
+    def segment_finished(self, pixels: Sequence[np.ndarray | torch.Tensor], resized_hws: Sequence[tuple[int, int]],
+                         label_embeddings: torch.Tensor | None, batch_size: int = 8,
+                         refiner: torch.nn.Module | None = None, groups: np.ndarray | None = None,
+                         return_embeddings: bool = False, between: Callable | None = None
+                         ) -> tuple[list[tuple[torch.Tensor, tuple[float, float]]], torch.Tensor | None]:
+        """Model pixels (`prepare_pixels`) -> (per image `finish_logits`' (logits, extent), and with
+        `return_embeddings` the canvases' embeddings [B,C,S/s,S/s]): `segment_images` with the region
+        masks of a model that reads them, then `finish_logits`. `between(i, logits)` may change an
+        image's logits before they are finished (videos' smoothing). What predict, the API, videos
+        and the server run."""
+        if return_embeddings:  # one canvas each, no regions (such models store no embeddings)
+            logits, emb = self.segment_canvases(self._stack(pixels), label_embeddings, True, on_device=True)
+            regions = None
+        else:
+            regions = self.region_maps(pixels, resized_hws)
+            logits, emb = self.segment_images(pixels, label_embeddings, batch_size, regions=regions), None
+        finished = []
+        for i, (logits_i, pixels_i, hw) in enumerate(zip(logits, pixels, resized_hws)):
+            logits_i = between(i, logits_i) if between is not None else logits_i
+            finished.append(self.finish_logits(logits_i, pixels_i, hw, refiner, regions[i] if regions else None, groups))
+        return finished, emb
 
     def image_region(self, per_pixel: torch.Tensor, canvas: Canvas) -> torch.Tensor:
         """[X,S/s,S/s] -> [X,h,w]: the part of the model-resolution map that covers the image."""
@@ -301,9 +336,7 @@ class Segmenter:
         `.query(labels)` gives the label map `predict` would, running only the text tower."""
         from segcli.embeddings.format import EmbeddingInfo, PixelEmbeddings
 
-        if not self.model.provides_embeddings:
-            why = getattr(self.model, "limits", None) or "an ONNX export"
-            raise SegcliError(f"this model gives no pixel embeddings ({why}): use another model")
+        self.check_embeddings()
         items = images if isinstance(images, (list, tuple)) else [images]
         stride = self.model.output_stride
         out = []
@@ -359,26 +392,20 @@ class Segmenter:
         text = self.label_embeddings(label_set, prompt)
         items = images if isinstance(images, (list, tuple)) else [images]
         results: list[Prediction] = []
-        if return_embeddings and not self.model.provides_embeddings:
-            raise SegcliError(f"this model gives no pixel embeddings ({getattr(self.model, 'limits', None)})")
-        if return_embeddings and self.protocol.sliding:
-            raise SegcliError("pixel embeddings come from one canvas: use_protocol(window=0) first")
+        if return_embeddings:
+            self.check_embeddings()
+            if self.protocol.sliding:
+                raise SegcliError("pixel embeddings come from one canvas: use_protocol(window=0) first")
         for start in range(0, len(items), batch_size):
             pil = [_as_pil(x) for x in items[start:start + batch_size]]
             prepared = [self.prepare_pixels(im) for im in pil]
-            regions = self.region_maps(*zip(*prepared))
-            if return_embeddings:
-                logits, emb = self.segment_canvases(np.stack([p for p, _ in prepared]), text, return_embeddings)
-            else:
-                logits, emb = self.segment_images([p for p, _ in prepared], text, batch_size, regions=regions), None
-            for i, (im, (pixels, resized_hw)) in enumerate(zip(pil, prepared)):
-                logits_i, valid = self.finish_logits(logits[i], pixels, resized_hw, refiner,
-                                                     regions[i] if regions else None, groups)
+            finished, emb = self.segment_finished(*zip(*prepared), text, batch_size, refiner, groups, return_embeddings)
+            for i, (im, (pixels, resized_hw), (logits_i, valid)) in enumerate(zip(pil, prepared, finished)):
                 results.append(Prediction(
                     label_map=restore_label_map(logits_i, valid, (im.height, im.width), groups=groups),
                     labels=label_set,
                     logits=logits_i[:, :math.ceil(valid[0]), :math.ceil(valid[1])].cpu() if return_logits else None,
-                    embeddings=image_region(emb[i], resized_hw, self.model.output_stride) if emb is not None else None,
+                    embeddings=image_region(emb[i].cpu(), resized_hw, self.model.output_stride) if emb is not None else None,
                 ))
         return results
 

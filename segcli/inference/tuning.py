@@ -21,8 +21,8 @@ from segcli.files.cache import cache_root
 def compile_image_branch(seg, batch_size: int) -> float:
     """Compile the image branch (torch.compile, inductor; on a CPU with weights frozen and
     prepacked for oneDNN, on a GPU with CUDA graphs) for batches of `batch_size` model inputs,
-    now, on a blank batch; smaller batches are padded to it, so it compiles once. Returns the
-    seconds it took (inductor caches its work on disk: a later run with the same shapes takes less)."""
+    now, on a blank batch; smaller batches are padded to it, so it compiles once per run. Returns the
+    seconds it took."""
 
     if seg.int8 or not isinstance(seg.model, torch.nn.Module) or not seg.model.exportable:
         raise SegcliError("--compile needs a PyTorch model in fp32, bf16 or fp16 (not an export, int8 or corrclip)")

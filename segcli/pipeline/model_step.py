@@ -8,7 +8,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from segcli.data.sources import Source
@@ -39,10 +38,7 @@ class ModelStep:
         self.batch_size = options.batch_size
         self.embed = None  # (dtype, stride) when the pixel embeddings are stored
         if "embeddings" in options.save:
-            if not segmenter.model.provides_embeddings:
-                why = getattr(segmenter.model, "limits", None) or "an ONNX export"
-                raise SegcliError(f"this model gives no pixel embeddings ({why}): --save embeddings needs another "
-                                  "model (a checkpoint, clip-dense, naclip, ...)")
+            segmenter.check_embeddings()
             if segmenter.protocol.sliding:
                 raise SegcliError("--save embeddings stores the cells of one canvas: add --window 0 (this model "
                                   "slides windows by default)")
@@ -57,19 +53,13 @@ class ModelStep:
         per `seg.logit_stride` pixels of the resized photo (1 once refined); all labels', on the
         device, when post-processing happens there."""
         t0 = time.perf_counter()
-        if self.embed is not None or self.refiner is not None or getattr(self.seg.model, "needs_regions", False):
+        if self.refiner is not None or self.seg.needs_regions:
             for it in batch:  # read on the host too: decoded on the device, they are copied back
                 it.model_input.pixels = host_pixels(it.model_input.pixels)
-        pixels = [it.model_input.pixels for it in batch]
-        if self.embed is not None:  # one canvas each (the protocol was checked in __init__)
-            logits, emb = self.seg.segment_canvases(np.stack(pixels), text, return_embeddings=True, on_device=True)
-        else:
-            regions = self.seg.region_maps(pixels, [it.model_input.resized_hw for it in batch])
-            logits, emb = self.seg.segment_images(pixels, text, self.batch_size, regions=regions), None
-        regions = regions if self.embed is None else None
-        per_image, valids = zip(*(self.seg.finish_logits(logits_i, it.model_input.pixels, it.model_input.resized_hw,
-                                                         self.refiner, regions[i] if regions else None, self.groups)
-                                  for i, (logits_i, it) in enumerate(zip(logits, batch))))
+        finished, emb = self.seg.segment_finished([it.model_input.pixels for it in batch],
+                                                  [it.model_input.resized_hw for it in batch], text, self.batch_size,
+                                                  self.refiner, self.groups, return_embeddings=self.embed is not None)
+        per_image, valids = zip(*finished)
         if self.device_post is not None:
             selected = [(None, logits_i) for logits_i in per_image]
         else:

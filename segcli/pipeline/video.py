@@ -207,17 +207,18 @@ class VideoRun:
         import torch
 
         self._settle()
+        def smoothed(i: int, frame_logits: torch.Tensor) -> torch.Tensor:
+            """Flicker: each frame's logits blended with the running average before it."""
+            if state["previous"] is not None:
+                frame_logits = torch.lerp(frame_logits, state["previous"], self.smooth)
+            state["previous"] = frame_logits
+            return frame_logits
+
         prepared = [self.seg.prepare_pixels(image) for _, _, image in batch]  # the photos' protocol
-        regions = self.seg.region_maps(*zip(*prepared))  # corrclip: each frame's region masks
-        logits = self.seg.segment_images([pixels for pixels, _ in prepared], self.text, len(batch), regions=regions)
+        finished, _ = self.seg.segment_finished(*zip(*prepared), self.text, len(batch), self.refiner, self.groups,
+                                                between=smoothed if self.smooth else None)
         plan, k = self.plan, len(self.plan.labels)
-        for i, ((index, seconds, image), (pixels, resized_hw), frame_logits) in enumerate(zip(batch, prepared, logits)):
-            if self.smooth:  # flicker: each frame's logits blended with the running average before it
-                if state["previous"] is not None:
-                    frame_logits = torch.lerp(frame_logits, state["previous"], self.smooth)
-                state["previous"] = frame_logits
-            frame_logits, valid = self.seg.finish_logits(frame_logits, pixels, resized_hw, self.refiner,
-                                                         regions[i] if regions else None, self.groups)
+        for (index, seconds, image), (frame_logits, valid) in zip(batch, finished):
             counts = np.zeros(k, np.int64)
             mask = restore_label_map(frame_logits, valid, (image.height, image.width), histogram=counts, groups=self.groups)
             state["counts"] += counts

@@ -121,13 +121,10 @@ class Batcher:
     def _run(self, group: list[_Job]) -> None:
         try:
             text = self.seg.label_embeddings(group[0].labels, group[0].prompt)
-            regions = self.seg.region_maps([job.pixels for job in group], [job.resized_hw for job in group])
-            logits = self.seg.segment_images([job.pixels for job in group], text, self.batch_size,  # predict's protocol
-                                             regions=regions)
-            groups = self.seg.label_groups(group[0].labels)
-            for i, (job, logits_i) in enumerate(zip(group, logits)):
-                logits_i, job.valid_hw = self.seg.finish_logits(logits_i, job.pixels, job.resized_hw, self.refiner,
-                                                                regions[i] if regions else None, groups)
+            finished, _ = self.seg.segment_finished([job.pixels for job in group], [job.resized_hw for job in group],
+                                                    text, self.batch_size, self.refiner,  # predict's protocol
+                                                    self.seg.label_groups(group[0].labels))
+            for job, (logits_i, job.valid_hw) in zip(group, finished):
                 job.logits = logits_i.cpu()
         except BaseException as exc:  # one bad batch must not end the model thread
             for job in group:

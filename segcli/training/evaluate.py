@@ -71,7 +71,7 @@ def evaluate(seg: Segmenter, data: SegmentationData, split: str = "val", labels:
     refines = seg.refiner_for(refine) is not None and not ms_flip  # --ms-flip sums logits at model resolution
     if ms_flip and refine == "pamr":
         raise SegcliError("--refine pamr does not combine with --ms-flip")
-    if ms_flip and getattr(seg.model, "needs_regions", False):
+    if ms_flip and seg.needs_regions:
         raise SegcliError("--ms-flip sums logits over scales; corrclip votes in each photo's regions: evaluate it without")
     labels = labels or data.classes
     if len(labels) != len(data.classes):
