@@ -5,7 +5,7 @@ with any plain ViT architecture and pretrained tag open_clip knows, or a path to
 weights file (`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`). `clip-dense` reads
 them with the default method; a method's own name picks it: `naclip:ViT-B-16`,
 `clearclip:ViT-B-16@openai`, `naclip:/path/open_clip_model.safetensors`. corrclip reads DINO ViT-B/8
-and a region-mask generator beside CLIP (`corrclip:ARCH[@TAG][+eomt|+mask2former]`, or
+and a region-mask generator beside CLIP (`corrclip:ARCH[@TAG][+eomt|+mask2former|+sam2]`, or
 `corrclip:CLIP_FILE,DINO_FILE,GENERATOR_FOLDER` for local files).
 """
 
