@@ -6,7 +6,7 @@
 On a shared VM the machine's speed drifts by tens of percent between minutes, so two separate runs
 cannot tell a 1.3x gain from noise; here the eager and the compiled image branch (the same weights)
 alternate, each timed for 4 s per round, and each round's ratio is printed. The compile time
-(Segmenter.use_compile: torch.compile, frozen weights on a CPU) is printed first. --layout compares
+(Segmenter.compile: torch.compile, frozen weights on a CPU) is printed first. --layout compares
 instead the eager model with its convolutions channels-first (predict's layout) against
 channels-last, and how far their outputs differ.
 """
@@ -30,9 +30,10 @@ def main() -> None:
     ap.add_argument("--layout", action="store_true", help="channels-first against channels-last, both eager")
     args = ap.parse_args()
     from segcli.api import Segmenter
+    from segcli.inference.settings import InferenceSettings
 
     seg = Segmenter.from_pretrained(args.model, device=args.device, precision=args.precision, imgsz=args.imgsz, warn=False)
-    seg.use_protocol(window=0)
+    seg.configure(InferenceSettings(window=0))
     model = seg.model
     eager = type(model).pixel_embeddings.__get__(model)
     if args.layout:
@@ -45,7 +46,7 @@ def main() -> None:
               "'eager' below is channels-first, 'compiled' channels-last, both eager")
     else:
         print(f"{args.model}, batch {args.batch} at {args.imgsz}, {args.precision}, {torch.get_num_threads()} threads; "
-              f"compiled in {seg.use_compile(args.batch):.1f} s")
+              f"compiled in {seg.compile(args.batch):.1f} s")
         compiled = model.pixel_embeddings
     images = torch.rand(args.batch, 3, args.imgsz, args.imgsz, device=seg.device)
     dtype = seg.autocast_dtype

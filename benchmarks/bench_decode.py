@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from common import sample_photos  # benchmarks/ is on sys.path when run as a script
 
-from segcli.data.images import DEFAULT_MAX_PIXELS
-from segcli.data.jpeg_probe import probe_jpeg
+from segcli.inputs.images import DEFAULT_MAX_PIXELS
+from segcli.inputs.jpeg_probe import probe_jpeg
 from segcli.inference.device_decode import DeviceDecoder
-from segcli.inference.windows import Protocol
+from segcli.inputs.geometry import Protocol
 from segcli.pipeline import host
 
 SIZES = {"0.3MP": (640, 480), "2MP": (1728, 1152)}
@@ -64,30 +64,30 @@ def decode_rates(folder: Path, device: torch.device, batch: int, imgsz: int) -> 
 
 def model_rate(seg, batch: int) -> float:
     """Images/s of the model's forward pass alone on blank canvases (text encoded once)."""
-    from segcli.data.labels import LabelSet
+    from segcli.vocabulary.labels import LabelSet
 
     text = seg.label_embeddings(LabelSet.of_words(["cat", "grass", "sky", "person", "tree", "road", "car", "water"]))
     canvases = np.zeros((batch, seg.imgsz, seg.imgsz, 3), np.uint8)
     for _ in range(3):
-        seg.segment_canvases(canvases, text, on_device=True)
+        seg.runner.segment_canvases(canvases, text, on_device=True)
     sync(seg.device)
     rounds, t0 = 10, time.perf_counter()
     for _ in range(rounds):
-        seg.segment_canvases(canvases, text, on_device=True)
+        seg.runner.segment_canvases(canvases, text, on_device=True)
     sync(seg.device)
     return rounds * batch / (time.perf_counter() - t0)
 
 
 def predict_rate(seg, folder: Path, out: Path, decode: str, batch: int) -> float:
     """Photos/s of predict's engine (every output) on `folder`, after a warm-up run."""
-    from segcli.data.labels import parse_labels
-    from segcli.data.sources import collect_sources
-    from segcli.pipeline.run import PredictOptions, PredictRun
+    from segcli.vocabulary.labels import parse_labels
+    from segcli.inputs.sources import collect_sources
+    from segcli.pipeline.run import RunOptions, PredictRun
 
     labels = parse_labels("cat,grass,sky,person,tree,road,car,water")
     seconds = []
     for attempt in range(2):
-        options = PredictOptions(labels=labels, output=out / f"{decode}{attempt}", decode=decode, batch_size=batch)
+        options = RunOptions(labels=labels, output=out / f"{decode}{attempt}", decode=decode, batch_size=batch)
         run = PredictRun(seg, options, collect_sources([str(folder)]))
         t0 = time.perf_counter()
         result = run.run()

@@ -56,12 +56,13 @@ def _sync(device: torch.device) -> None:
 def _image_branch(model_name: str, precision: str, batch: int, imgsz: int, device: torch.device):
     """A callable running the image branch (`pixel_embeddings`, what predict runs per batch) under `precision`."""
     from segcli.api import Segmenter
+    from segcli.inference.settings import InferenceSettings
 
     precision, _, compiled = precision.partition("+")
     seg = Segmenter.from_pretrained(model_name, device=str(device), precision=precision, imgsz=imgsz, warn=False)
     if compiled:
-        seg.use_protocol(window=0)
-        print(f"({precision}: compiled in {seg.use_compile(batch):.1f} s)", flush=True)
+        seg.configure(InferenceSettings(window=0))
+        print(f"({precision}: compiled in {seg.compile(batch):.1f} s)", flush=True)
     images = torch.rand(batch, 3, imgsz, imgsz, device=device)
     dtype = seg.autocast_dtype
 
@@ -100,7 +101,7 @@ def seconds_per_batch(model_name: str, precision: str, batch: int, imgsz: int, d
 def agreement(precisions: list[str], steps: int, work: Path) -> dict[str, float]:
     """Share of mask pixels equal to fp32's, per precision, for lseg_tiny trained `steps` steps."""
     from segcli.api import Segmenter
-    from segcli.data.segmentation import open_dataset
+    from segcli.datasets.segmentation import open_dataset
 
     run = work / "train"
     subprocess.run([sys.executable, "-m", "segcli", "train", "--data", "synthetic", "--model", "lseg_tiny", "--crop", "128",
@@ -112,7 +113,7 @@ def agreement(precisions: list[str], steps: int, work: Path) -> dict[str, float]
         name, _, compiled = precision.partition("+")
         seg = Segmenter.from_pretrained(str(run / "best.safetensors"), device="cpu", precision=name, warn=False)
         if compiled:
-            seg.use_compile(8)
+            seg.compile(8)
         maps[precision] = [p.label_map for p in seg.predict(images, batch_size=8)]
     total = sum(m.size for m in maps["fp32"])
     return {p: sum(int((a == b).sum()) for a, b in zip(maps[p], maps["fp32"])) / total for p in precisions}

@@ -67,7 +67,7 @@ def main() -> None:
         import torch
         from safetensors.torch import save_file
 
-        from segcli.data.labels import named_label_set
+        from segcli.vocabulary.labels import named_label_set
 
         torch.manual_seed(0)
         clip = open_clip.create_model("ViT-B-16", pretrained=None)

@@ -50,7 +50,7 @@ def make_folder(folder: Path, n: int, scales=(0.75, 1.0, 1.5, 2.0)) -> Path:
 
 
 def label_names(k: int) -> list[str]:
-    from segcli.data.labels import named_label_set
+    from segcli.vocabulary.labels import named_label_set
 
     ade = list(named_label_set("ade20k").names)
     return ade[:k] if k <= len(ade) else [f"label {i}" for i in range(k)]
@@ -75,17 +75,17 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 
 def part_ceiling(args) -> dict:
     from segcli.api import Segmenter
-    from segcli.data.labels import LabelSet
+    from segcli.vocabulary.labels import LabelSet
 
     seg = Segmenter.from_pretrained(args.model, device=args.device, imgsz=args.imgsz, warn=False)
     text = seg.label_embeddings(LabelSet.from_synonyms([[n] for n in label_names(args.k)]))
     pixels = np.random.randint(0, 255, (args.batch_size, seg.imgsz, seg.imgsz, 3), dtype=np.uint8)
     for _ in range(2):  # warm-up: oneDNN (cuDNN) picks its kernels on the first calls
-        seg.segment_canvases(pixels, text)
+        seg.runner.segment_canvases(pixels, text)
     iters, t0 = 0, time.perf_counter()
     # at least 5 batches and 2 s: on a GPU 5 batches take ~0.1 s, too short to time
     while iters < 5 or time.perf_counter() - t0 < 2.0:
-        seg.segment_canvases(pixels, text)  # returns the logits on the host: the device has finished
+        seg.runner.segment_canvases(pixels, text)  # returns the logits on the host: the device has finished
         iters += 1
     return {"images_per_s": args.batch_size * iters / (time.perf_counter() - t0)}
 
@@ -97,16 +97,16 @@ def part_predict(args) -> dict:
     out exactly; two folder sizes through the CLI left out too little on a GPU, where model start-up
     varied by more than a run of 1,000 photos takes."""
     from segcli.api import Segmenter
-    from segcli.data.labels import LabelSet
-    from segcli.data.sources import collect_sources
-    from segcli.pipeline.run import PredictOptions, PredictRun
+    from segcli.vocabulary.labels import LabelSet
+    from segcli.inputs.sources import collect_sources
+    from segcli.pipeline.run import RunOptions, PredictRun
 
     seg = Segmenter.from_pretrained(args.model, device=args.device, imgsz=args.imgsz, warn=False)
     labels = seg.resolve_labels(LabelSet.from_synonyms([[n] for n in label_names(args.k)]))
     files = sorted(Path(args.folder).glob("*.jpg"))
 
     def run(paths: list[Path], out: Path) -> None:
-        opts = PredictOptions(labels=labels, output=out, save=tuple(args.save.split(",")), batch_size=args.batch_size,
+        opts = RunOptions(labels=labels, output=out, save=tuple(args.save.split(",")), batch_size=args.batch_size,
                               postprocess=args.postprocess)
         result = PredictRun(seg, opts, collect_sources([str(p) for p in paths])).run()
         assert result.failed == 0 and len(result.records) == len(paths)
@@ -121,7 +121,7 @@ def part_naive(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from segcli.data.labels import LabelSet
+    from segcli.vocabulary.labels import LabelSet
     from segcli.modeling.pixel_text import embed_labels
     from segcli.models.factory import load_model
     from segcli.postprocess.render import palette_array
@@ -158,7 +158,7 @@ def part_clipseg(args) -> dict:
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
-    from segcli.data.labels import LabelSet
+    from segcli.vocabulary.labels import LabelSet
     from segcli.postprocess.render import palette_array
 
     torch.manual_seed(0)
@@ -191,14 +191,21 @@ def part_clipseg(args) -> dict:
 
 
 class ColorProbe:
-    """(e)'s stand-in model (a segcli.models.backend.DenseBackend): logits = cosine of the mean colour of
+    """(e)'s stand-in model (a segcli.modeling.backend.DenseBackend): logits = cosine of the mean colour of
     8x8 cells with K fixed colours, brought to LSeg's output stride 2 bilinearly (LSeg's stride-2 map
     is likewise upsampled from coarser ViT tokens). Costs ~2 ms per image on one core; its label
     maps have real boundaries, so restoring them to full size costs what it costs with a real model."""
 
     architecture, open_vocabulary, baked_labels, fixed_imgsz = "color-probe", True, None, None
     default_imgsz, input_multiple, output_stride, default_prompt = 384, 32, 2, None
-    provides_embeddings, exportable = False, False
+    region_generator = None
+
+    @property
+    def capabilities(self):
+        from segcli.modeling.backend import Capabilities
+
+        return Capabilities(family="color-probe", provides_embeddings=False, exportable=False,
+                            limits="a benchmark's stand-in model")
 
     def __init__(self):
         import torch
@@ -229,15 +236,15 @@ def part_host(args) -> dict:
     import torch
 
     from segcli.api import Segmenter
-    from segcli.data.labels import LabelSet
-    from segcli.data.sources import collect_sources
-    from segcli.pipeline.run import PredictOptions, PredictRun
+    from segcli.vocabulary.labels import LabelSet
+    from segcli.inputs.sources import collect_sources
+    from segcli.pipeline.run import RunOptions, PredictRun
 
     torch.set_num_threads(1)  # the stand-in is tiny: a second thread only adds hand-offs (a GPU host runs it there)
     seg = Segmenter(ColorProbe(), device="cpu", precision="fp32", imgsz=384, name="color-probe")
     labels = LabelSet.from_synonyms([[n] for n in label_names(args.k)])
     save = tuple(args.save.split(","))
-    opts = PredictOptions(labels=labels, output=Path(args.out), save=save, batch_size=args.batch_size, workers=args.workers)
+    opts = RunOptions(labels=labels, output=Path(args.out), save=save, batch_size=args.batch_size, workers=args.workers)
     sources = collect_sources([args.folder])
     class TimedRun(PredictRun):
         """predict's run, adding up the main process's CPU time in the model stage (the stand-in,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segcli.training.metrics import ConfusionMatrix
+from segcli.evaluation.metrics import ConfusionMatrix
 
 
 def segcli(*args: str) -> str:

@@ -10,7 +10,7 @@ from conftest import SAMPLES, NetworkAccess
 from PIL import Image
 
 from segcli import Segmenter
-from segcli.data.images import to_rgb
+from segcli.inputs.images import to_rgb
 from segcli.errors import SegcliError
 
 

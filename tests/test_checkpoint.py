@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from segcli.api import Segmenter
 from segcli.cli import app
-from segcli.data.labels import parse_labels
+from segcli.vocabulary.labels import parse_labels
 from segcli.errors import SegcliError
 from segcli.modeling import build_model
 from segcli.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint

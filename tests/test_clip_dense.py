@@ -165,7 +165,7 @@ def test_imagenet80_ensemble_is_clips_zero_shot_classifier():
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
 
     clip = tiny_clip()
     model = clip_dense_from_clip_state(clip.state_dict(), "tiny")
@@ -294,7 +294,7 @@ def test_clip_dense_saves_as_a_segcli_checkpoint_and_loads_back(clip_files, smal
     from typer.testing import CliRunner
 
     from segcli.cli import app
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 
     model = clip_dense_from_clip_state(dict(tiny_clip().state_dict()), "tiny-clip")

@@ -19,7 +19,7 @@ def test_compiled_masks_are_eagers(tiny_checkpoint):
     images = [Image.open(SAMPLES / n).convert("RGB").resize((120, 90)) for n in ("cat.jpg", "rocket.jpg", "coffee.jpg")]
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
     eager = [p.label_map for p in seg.predict(images, labels=TINY_LABELS, batch_size=2)]
-    assert seg.use_compile(2) > 0 and seg.compiled_batch == 2
+    assert seg.compile(2) > 0 and seg.compiled_batch == 2
     compiled = [p.label_map for p in seg.predict(images, labels=TINY_LABELS, batch_size=2)]  # 2, then 1 padded to 2
     same = sum(int((a == b).sum()) for a, b in zip(eager, compiled)) / sum(a.size for a in eager)
     assert same >= 0.999 and all(a.shape == b.shape for a, b in zip(eager, compiled))
@@ -28,7 +28,7 @@ def test_compiled_masks_are_eagers(tiny_checkpoint):
 def test_what_compiles_and_what_is_refused(tiny_checkpoint, tmp_path):
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="int8")
     with pytest.raises(SegcliError, match="--compile needs"):
-        seg.use_compile(2)
+        seg.compile(2)
     assert not should_compile("auto", seg, 10_000)  # int8: left as it is
     plain = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu")
     assert should_compile("auto", plain, COMPILE_FROM) and not should_compile("auto", plain, COMPILE_FROM - 1)

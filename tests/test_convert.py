@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.data.labels import parse_labels
+from segcli.vocabulary.labels import parse_labels
 from segcli.errors import SegcliError
 from segcli.modeling.text_encoder import TextEncoder
 from segcli.models.checkpoint import load_checkpoint

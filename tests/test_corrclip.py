@@ -109,7 +109,7 @@ def test_corrclip_is_its_equations():
     and masked through open_clip's own blocks."""
     clip, dino = tiny_models()
     model = clip_dense_from_clip_state(clip.state_dict(), "tiny", method="corrclip", proxy_state=dino.state_dict())
-    assert model.output_stride == 8 and model.needs_regions and not model.provides_embeddings
+    assert model.output_stride == 8 and model.capabilities.needs_regions and not model.capabilities.provides_embeddings
     images = torch.rand(2, 3, 64, 96)
     regions = torch.full((2, 64, 96), -1, dtype=torch.long)
     regions[0, :40, :50], regions[0, 30:, 60:], regions[1, 10:60, 20:90] = 0, 1, 4
@@ -175,7 +175,7 @@ def test_the_vote_takes_each_regions_majority():
 def test_predict_eval_video_and_the_refusals(corr_files, tmp_path):
     from test_video import make_video
 
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.inference.segmenter import Segmenter
 
     photos = tmp_path / "photos"
@@ -196,11 +196,11 @@ def test_predict_eval_video_and_the_refusals(corr_files, tmp_path):
     [pred] = seg.predict([Image.open(photos / "cat.jpg")], labels="cat,sky,grass")
     assert np.array_equal(pred.label_map, mask)
     seg.model.region_generator.settings.update(overlap_mask_area_threshold=0.0)  # random masks overlap a lot
-    pixels, hw = seg.prepare_pixels(Image.open(photos / "cat.jpg").convert("RGB"))
-    [regions] = seg.region_maps([pixels], [hw])
+    pixels, hw = seg.runner.prepare_pixels(Image.open(photos / "cat.jpg").convert("RGB"))
+    [regions] = seg.runner.region_maps([pixels], [hw])
     assert len(torch.unique(regions)) > 2
-    [logits] = seg.segment_images([pixels], seg.label_embeddings(parse_labels("cat,sky,grass")), regions=[regions])
-    voted = seg.finish_logits(logits, pixels, hw, None, regions)[0].argmax(0)
+    [logits] = seg.runner.segment_images([pixels], seg.label_embeddings(parse_labels("cat,sky,grass")), regions=[regions])
+    voted = seg.runner.finish_logits(logits, pixels, hw, None, regions)[0].argmax(0)
     for r in torch.unique(regions)[1:]:
         assert len(torch.unique(voted[regions == r])) == 1
     frames = sorted((out / "pan_masks").iterdir())  # the video: one mask per frame, at its size
@@ -209,8 +209,8 @@ def test_predict_eval_video_and_the_refusals(corr_files, tmp_path):
                                       "-o", str(tmp_path / "s"), "--window", "0", "--save", "mask,embeddings"])
     lines = stored.stderr.strip().splitlines()
     assert stored.exit_code == 2 and len(lines) == 1 and "region masks" in lines[0]
-    from segcli.data.segmentation import limited, open_dataset
-    from segcli.training.evaluate import evaluate
+    from segcli.datasets.segmentation import limited, open_dataset
+    from segcli.evaluation.evaluate import evaluate
 
     data = limited(open_dataset("synthetic"), "val", 2)
     metrics = evaluate(seg, data, labels=data.classes, batch_size=2)

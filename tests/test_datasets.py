@@ -17,9 +17,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from segcli.inference.settings import InferenceSettings
 from segcli.cli import app
-from segcli.data import catalog, prepare
-from segcli.data.segmentation import open_dataset
+from segcli.datasets import catalog, prepare
+from segcli.datasets.segmentation import open_dataset
 from segcli.errors import SegcliError
 
 RNG = np.random.default_rng(0)
@@ -121,7 +122,7 @@ def ade_served(monkeypatch):
     archive = dataclasses.replace(catalog.DOWNLOADS["ade20k"].archives[0], url=f"{server.url}/ADEChallengeData2016.zip",
                                   checksum="sha1:" + hashlib.sha1(data).hexdigest(), size=len(data))
     monkeypatch.setitem(catalog.DOWNLOADS, "ade20k", dataclasses.replace(catalog.DOWNLOADS["ade20k"], archives=(archive,)))
-    monkeypatch.setattr("segcli.data.download.time.sleep", lambda s: None)  # no backoff waits in tests
+    monkeypatch.setattr("segcli.datasets.download.time.sleep", lambda s: None)  # no backoff waits in tests
     yield server, data
     server.close()
 
@@ -295,7 +296,7 @@ def test_missing_datasets_name_the_command(tmp_path):
 
 
 def test_dataset_label_sets_are_the_peers_class_files():
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
 
     voc = parse_labels("voc21")
     assert len(voc) == 21 and voc.names[0] == "background" and "sky" in voc.synonyms[0] and voc.names[20] == "television monitor"
@@ -308,7 +309,7 @@ def test_the_benchmark_table_is_each_datasets_own_evaluation(three_datasets, tin
     """eval --benchmark training-free on the tiny datasets: present ones get the numbers a direct
     confusion-matrix computation gives with the same settings; missing ones name their command."""
     from segcli.api import Segmenter
-    from segcli.data.labels import named_label_set
+    from segcli.vocabulary.labels import named_label_set
 
     root = three_datasets[0]
     out = tmp_path / "table.json"
@@ -323,8 +324,7 @@ def test_the_benchmark_table_is_each_datasets_own_evaluation(three_datasets, tin
     for name in ("voc21", "voc20", "coco-stuff", "coco-object", "cityscapes"):
         data = open_dataset(name, root)
         labels = named_label_set(catalog.BENCHMARKS[name].labels)
-        seg.use_synonyms("max")
-        seg.use_bg_threshold(0.1 if catalog.BENCHMARKS[name].background else None)
+        seg.configure(InferenceSettings(synonyms="max", bg_threshold=0.1 if catalog.BENCHMARKS[name].background else None))
         k = len(labels)
         counts = np.zeros((k, k), np.int64)
         for sample in data.samples("val"):
@@ -363,7 +363,7 @@ def test_context_is_adopted_from_a_converted_folder(tmp_path):
 
 
 def test_each_method_gets_its_own_per_dataset_settings():
-    from segcli.training.benchmark import dataset_settings
+    from segcli.evaluation.benchmark import dataset_settings
 
     assert dataset_settings("naclip", "cityscapes") == {"short_side": 560, "window": None, "stride": None, "bg_threshold": None}
     assert dataset_settings("naclip", "voc21")["bg_threshold"] == 0.1 and dataset_settings(None, "ade20k")["short_side"] == 336

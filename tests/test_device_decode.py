@@ -14,11 +14,12 @@ import torch
 from conftest import SAMPLES, make_nasty_folder
 from PIL import Image, ImageOps
 
-from segcli.data.images import DEFAULT_MAX_PIXELS
-from segcli.data.jpeg_probe import JpegProbe, probe_jpeg
+from segcli.inference.settings import InferenceSettings
+from segcli.inputs.images import DEFAULT_MAX_PIXELS
+from segcli.inputs.jpeg_probe import JpegProbe, probe_jpeg
 from segcli.inference import device_decode
 from segcli.inference.device_decode import DeviceDecoder, torchvision_decode
-from segcli.inference.windows import Protocol, model_pixels
+from segcli.inputs.geometry import Protocol, model_pixels
 from segcli.pipeline import host
 
 CAT = Image.open(SAMPLES / "cat.jpg").convert("RGB")
@@ -162,10 +163,11 @@ def test_predict_decode_device_matches_host(tmp_path, tiny_checkpoint, monkeypat
     """Every input of a messy folder: the same records (statuses, sizes, errors) with the JPEGs
     decoded on the device as on the host, and nearly the same model inputs; the device decoded
     the plain JPEGs, one call per batch."""
-    from segcli.data.labels import parse_labels
-    from segcli.data.sources import collect_sources
-    from segcli.inference.segmenter import Segmenter, host_pixels
-    from segcli.pipeline.run import PredictOptions, PredictRun
+    from segcli.vocabulary.labels import parse_labels
+    from segcli.inputs.sources import collect_sources
+    from segcli.inference.runner import host_pixels
+    from segcli.inference.segmenter import Segmenter
+    from segcli.pipeline.run import RunOptions, PredictRun
 
     photos = tmp_path / "photos"
     kinds = make_nasty_folder(photos)
@@ -186,7 +188,7 @@ def test_predict_decode_device_matches_host(tmp_path, tiny_checkpoint, monkeypat
     monkeypatch.setattr(PredictRun, "infer", recorded_infer)
     runs = {}
     for where in ("host", "device"):
-        options = PredictOptions(labels=parse_labels("a,b,c,d"), output=tmp_path / where, decode=where,
+        options = RunOptions(labels=parse_labels("a,b,c,d"), output=tmp_path / where, decode=where,
                                  batch_size=4, workers=2, save=("mask",))
         run = PredictRun(seg, options, collect_sources([str(photos)]))
         runs[where] = (run, {r["input"]: r for r in run.run().records})
@@ -213,7 +215,7 @@ def test_decode_choices(tiny_checkpoint):
     from segcli.errors import SegcliError
     from segcli.inference.segmenter import Segmenter
     from segcli.pipeline.device_inputs import decodes_on_device
-    from segcli.pipeline.launch import check_engine
+    from segcli.pipeline.options import PredictOptions
 
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
     assert not decodes_on_device("auto", seg)  # a CPU: the workers decode
@@ -221,17 +223,19 @@ def test_decode_choices(tiny_checkpoint):
     with pytest.raises(SegcliError, match="--decode 'gpu': use auto, host or device"):
         decodes_on_device("gpu", seg)
     with pytest.raises(SegcliError, match="--decode device is for --engine local"):
-        check_engine("ray", "device")
+        PredictOptions(engine="ray", decode="device").validate()
+    with pytest.raises(SegcliError, match="--decode 'gpu': use auto, host or device"):
+        PredictOptions(decode="gpu").validate()
 
 
 def test_device_pixels_feed_refinement_embeddings_and_windows(tmp_path, tiny_checkpoint):
     """Outputs that read the model's pixels on the host (PAMR, stored embeddings, sliding windows)
     take the device's pixels copied back: the same files as from the host's decode, nearly."""
-    from segcli.data.labels import parse_labels
-    from segcli.data.sources import collect_sources
+    from segcli.vocabulary.labels import parse_labels
+    from segcli.inputs.sources import collect_sources
     from segcli.embeddings.format import read_tensor
     from segcli.inference.segmenter import Segmenter
-    from segcli.pipeline.run import PredictOptions, PredictRun
+    from segcli.pipeline.run import RunOptions, PredictRun
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -239,10 +243,10 @@ def test_device_pixels_feed_refinement_embeddings_and_windows(tmp_path, tiny_che
         (photos / f"{name}.jpg").write_bytes((SAMPLES / f"{name}.jpg").read_bytes())
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
     for save, refine, window in ((("mask", "embeddings"), "pamr", 0), (("mask",), "none", 64)):
-        seg.use_protocol(window=window)
+        seg.configure(InferenceSettings(window=window))
         out = {}
         for where in ("host", "device"):
-            options = PredictOptions(labels=parse_labels("a,b,c"), output=tmp_path / f"{where}{window}", decode=where,
+            options = RunOptions(labels=parse_labels("a,b,c"), output=tmp_path / f"{where}{window}", decode=where,
                                      save=save, refine=refine, workers=1)
             run = PredictRun(seg, options, collect_sources([str(photos)]))
             assert run.run().failed == 0

@@ -101,10 +101,11 @@ def test_the_stored_file(photos, tmp_path, tiny_checkpoint):
     from segcli.api import Segmenter
 
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu")
-    from segcli.data.images import decode_photo, fit_to_canvas
+    from segcli.inputs.images import decode_photo
+    from segcli.inputs.geometry import fit_to_canvas
 
     canvas = fit_to_canvas(decode_photo(photos / "cat.jpg", draft_long_side=seg.imgsz).image, seg.imgsz)
-    _, full = seg.segment_canvases(canvas.pixels[None], seg.label_embeddings(seg.resolve_labels(TINY_LABELS)),
+    _, full = seg.runner.segment_canvases(canvas.pixels[None], seg.label_embeddings(seg.resolve_labels(TINY_LABELS)),
                                    return_embeddings=True)
     # the photo's cells as the model computed them: bit for bit in predict's own batch; recomputed
     # alone, oneDNN may round differently (its kernels depend on the batch and the ISA), by rounding
@@ -147,7 +148,7 @@ def test_pooled_embeddings_are_an_average_pooling(photos, tmp_path, tiny_checkpo
 
 
 def test_relabel_refuses_another_models_embeddings(photos, tmp_path, tiny_checkpoint):
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.modeling import build_model
     from segcli.models.checkpoint import save_checkpoint
 

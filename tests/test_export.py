@@ -55,14 +55,14 @@ def test_onnxruntime_matches_pytorch_with_dynamic_batch_and_labels(exports, tiny
     import onnxruntime as ort
 
     from segcli.api import Segmenter
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
 
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32")
-    canvases = np.stack([seg.prepare(Image.open(p).convert("RGB")).pixels for p in sorted(SAMPLES.glob("*.jpg"))])
+    canvases = np.stack([seg.runner.prepare(Image.open(p).convert("RGB")).pixels for p in sorted(SAMPLES.glob("*.jpg"))])
     images = canvases.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     for labels in (TINY_LABELS, "tree,car,road,building,water,mountain,dog"):
         text = seg.label_embeddings(parse_labels(labels))
-        reference, _ = seg.segment_canvases(canvases, text)
+        reference, _ = seg.runner.segment_canvases(canvases, text)
         session = ort.InferenceSession(str(exports["open"]), providers=["CPUExecutionProvider"])
         (logits,) = session.run(["logits"], {"images": images, "label_embeddings": text.numpy()})
         assert logits.shape == (4, len(text), 64, 64)
@@ -70,7 +70,7 @@ def test_onnxruntime_matches_pytorch_with_dynamic_batch_and_labels(exports, tiny
         np.testing.assert_allclose(logits, reference.numpy(), atol=1e-3)
     session = ort.InferenceSession(str(exports["baked"]), providers=["CPUExecutionProvider"])
     logits, label_map = session.run(["logits", "label_map"], {"images": images[:3]})
-    reference, _ = seg.segment_canvases(canvases[:3], seg.label_embeddings(parse_labels(TINY_LABELS)))
+    reference, _ = seg.runner.segment_canvases(canvases[:3], seg.label_embeddings(parse_labels(TINY_LABELS)))
     assert logits.shape == (3, 4, 64, 64) and (label_map == logits.argmax(1)).all()
     assert (label_map == reference.numpy().argmax(1)).mean() >= 0.999
 
@@ -98,7 +98,7 @@ def test_baked_export_refuses_other_labels_and_sizes(exports, samples, tmp_path)
 
 def test_embed_labels_for_serving_without_pytorch(exports, tiny_checkpoint, tmp_path):
     from segcli.api import Segmenter
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
 
     out = tmp_path / "labels.npy"
     result = cli("embed-labels", "--model", str(exports["open"]), "--labels", "sofa;couch,floor,wall", "-o", str(out))
@@ -134,7 +134,7 @@ def test_failed_verification_writes_nothing(tiny_checkpoint, tmp_path, monkeypat
     import segcli.models.export as export
 
     monkeypatch.setattr(export, "_run_onnx", lambda path, images, text: -np.ones((3, 4, 64, 64), np.float32))
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.models.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(tiny_checkpoint)

@@ -271,9 +271,9 @@ def test_two_real_runs_at_once_one_is_refused(tmp_path, tiny_checkpoint):
 
 def test_inputs_deleted_truncated_or_gone_after_listing(photos, tmp_path, tiny_checkpoint):
     from segcli.api import Segmenter
-    from segcli.data.labels import parse_labels
-    from segcli.data.sources import collect_sources
-    from segcli.pipeline.run import PredictOptions, PredictRun
+    from segcli.vocabulary.labels import parse_labels
+    from segcli.inputs.sources import collect_sources
+    from segcli.pipeline.run import RunOptions, PredictRun
 
     extra = photos / "gone"
     extra.mkdir()
@@ -283,7 +283,7 @@ def test_inputs_deleted_truncated_or_gone_after_listing(photos, tmp_path, tiny_c
     (photos / "cat.jpg").write_bytes((photos / "cat.jpg").read_bytes()[:300])
     shutil.rmtree(extra)
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu")
-    result = PredictRun(seg, PredictOptions(parse_labels(TINY_LABELS), output=tmp_path / "out", workers=1), found).run()
+    result = PredictRun(seg, RunOptions(parse_labels(TINY_LABELS), output=tmp_path / "out", workers=1), found).run()
     errors = {r["output"]: r.get("error") for r in result.records}
     assert errors["sub/rocket"] is None
     assert errors["coffee"] == errors["gone/a"] == "file not found (deleted since the inputs were listed)"
@@ -292,12 +292,12 @@ def test_inputs_deleted_truncated_or_gone_after_listing(photos, tmp_path, tiny_c
 
 
 def test_a_photo_replaced_between_decoding_and_blending_fails_as_one_input(photos, tmp_path):
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
 
     out = tmp_path / "out"
     out.mkdir()
     plan = host.HostPlan(parse_labels(TINY_LABELS), ("mask", "overlay"), 0.5, 64, 10**8, out, out.resolve())
-    from segcli.data.sources import collect_sources
+    from segcli.inputs.sources import collect_sources
 
     source = next(s for s in collect_sources([str(photos)]).sources if s.rel.name == "cat")
     got = host.decode(source.path, plan)

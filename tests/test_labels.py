@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from segcli.data.labels import default_palette, parse_labels
+from segcli.vocabulary.labels import default_palette, parse_labels
 from segcli.errors import SegcliError
 
 

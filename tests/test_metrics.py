@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segcli.training.metrics import ConfusionMatrix
+from segcli.evaluation.metrics import ConfusionMatrix
 
 
 def test_metrics_match_direct_computation_over_the_whole_split():

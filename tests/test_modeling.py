@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segcli.data.labels import parse_labels
+from segcli.vocabulary.labels import parse_labels
 from segcli.modeling import LSeg, build_model
 from segcli.modeling.configs import ARCHITECTURES, get_config
 from segcli.models.lseg_format import UNUSED_LSEG_KEYS, lseg_to_segcli_key

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.data.images import decode_full_bgr, decode_photo
+from segcli.inputs.images import decode_full_bgr, decode_photo
 
 STORED = (88, 59)  # (w, h) as stored: orientations 5-8 make it 59 wide and 88 high
 

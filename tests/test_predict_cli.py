@@ -380,7 +380,7 @@ def test_default_workers_use_the_cores_the_model_does_not(monkeypatch):
 def test_unknown_postprocess_is_refused_before_the_output_folder_is_made(tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     result = run([str(SAMPLES / "cat.jpg"), "-l", "a,b", "-m", str(tiny_checkpoint), "-o", str(out), "--postprocess", "gpu"])
-    assert result.exit_code == 2 and result.stderr.strip() == "error: --postprocess 'gpu': use host or device"
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --postprocess 'gpu': use host, auto or device"
     assert not out.exists()
 
 

@@ -12,12 +12,13 @@ from PIL import Image
 from test_clip_dense import tiny_clip
 from typer.testing import CliRunner
 
+from segcli.inference.settings import InferenceSettings
 from segcli.api import Segmenter
 from segcli.cli import app
-from segcli.data.labels import parse_labels
+from segcli.vocabulary.labels import parse_labels
 from segcli.errors import SegcliError
-from segcli.inference.windows import Protocol, draft_size, model_pixels, resolve_protocol, short_side_size, windows
-from segcli.modeling.configs import CLIP_DENSE_PROTOCOLS, CLIP_DENSE_PROXIES
+from segcli.inputs.geometry import Protocol, draft_size, model_pixels, resolve_protocol, short_side_size, windows
+from segcli.modeling.configs import CLIP_DENSE_METHODS
 from segcli.models.clip_weights import clip_dense_from_clip_state
 
 
@@ -35,11 +36,11 @@ def test_one_window_that_covers_the_image_is_the_whole_image_result(seg):
     """A 64-pixel image in one 64-pixel window: its logits upsampled to its pixels, nothing more."""
     text = seg.label_embeddings(parse_labels("cat,sky,road"))
     pixels = random_pixels(64, 64)
-    [windowed] = seg.segment_images([pixels], text, protocol=Protocol(None, 64, 32))
-    whole, _ = seg.segment_canvases(pixels[None], text)
+    [windowed] = seg.runner.segment_images([pixels], text, protocol=Protocol(None, 64, 32))
+    whole, _ = seg.runner.segment_canvases(pixels[None], text)
     assert windowed.shape == (3, 64, 64)
     assert torch.equal(windowed, F.interpolate(whole, size=(64, 64), mode="bilinear", align_corners=False)[0])
-    [smaller] = seg.segment_images([pixels[:40, :56]], text, protocol=Protocol(None, 64, 32))
+    [smaller] = seg.runner.segment_images([pixels[:40, :56]], text, protocol=Protocol(None, 64, 32))
     assert smaller.shape == (3, 40, 56)  # padded to the window, cut back to the image
 
 
@@ -55,7 +56,7 @@ def test_overlapping_windows_are_the_per_pixel_mean_of_the_window_logits(seg):
         (y, x) for y in (0, 112) for x in (0, 112, 224, 280)]
     per_window = {}
     for top, left in corners:
-        logits, _ = seg.segment_canvases(np.ascontiguousarray(pixels[top:top + 64, left:left + 64])[None], text)
+        logits, _ = seg.runner.segment_canvases(np.ascontiguousarray(pixels[top:top + 64, left:left + 64])[None], text)
         per_window[top, left] = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)[0].numpy()
     expected = np.zeros((4, 80, 120))
     for y in range(80):  # directly, pixel by pixel
@@ -63,9 +64,9 @@ def test_overlapping_windows_are_the_per_pixel_mean_of_the_window_logits(seg):
             covering = [v[:, y - t, x - l] for (t, l), v in per_window.items() if t <= y < t + 64 and l <= x < l + 64]
             expected[:, y, x] = np.mean(covering, axis=0)
     for batch_size in (1, 4, 8):
-        [got] = seg.segment_images([pixels], text, batch_size=batch_size, protocol=Protocol(None, 64, 32))
+        [got] = seg.runner.segment_images([pixels], text, batch_size=batch_size, protocol=Protocol(None, 64, 32))
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
-    two = seg.segment_images([pixels, random_pixels(30, 20)], text, batch_size=4, protocol=Protocol(None, 64, 32))
+    two = seg.runner.segment_images([pixels, random_pixels(30, 20)], text, batch_size=4, protocol=Protocol(None, 64, 32))
     np.testing.assert_allclose(two[0].numpy(), expected, rtol=1e-5, atol=1e-5)  # windows of two images share batches
     assert two[1].shape == (4, 30, 20)
 
@@ -85,7 +86,7 @@ def test_short_side_resize_follows_mmsegs_keep_ratio_rescale():
 
 
 def test_protocol_options_over_the_models_default():
-    naclip = CLIP_DENSE_PROTOCOLS["naclip"]
+    naclip = CLIP_DENSE_METHODS["naclip"].protocol
     assert resolve_protocol(naclip, None, None, None, 16) == naclip == Protocol(336, 224, 112)
     assert resolve_protocol(naclip, 448, None, None, 16) == Protocol(448, 224, 112)
     assert resolve_protocol(naclip, None, 448, None, 16) == Protocol(336, 448, 224)  # a new window: half of it
@@ -112,8 +113,9 @@ def test_predict_and_eval_run_the_methods_protocol(tmp_path):
     photos.mkdir()
     Image.fromarray(random_pixels(60, 90, seed=2)).save(photos / "a.png")
     Image.fromarray(random_pixels(120, 50, seed=3)).save(photos / "b.png")
-    for method, protocol in CLIP_DENSE_PROTOCOLS.items():
-        if method in CLIP_DENSE_PROXIES:  # reads a second model beside CLIP's file: tests/test_proxyclip.py
+    for method, row in CLIP_DENSE_METHODS.items():
+        protocol = row.protocol
+        if row.proxy:  # reads a second model beside CLIP's file: tests/test_proxyclip.py
             continue
         out = tmp_path / method
         result = CliRunner().invoke(app, ["predict", str(photos), "-l", "cat,sky,road", "-m", f"{method}:{weights}",
@@ -155,11 +157,11 @@ def test_synonym_max_is_the_label_of_the_best_synonym(seg, tmp_path):
     [each] = seg.predict([photo], labels=flat)
     assert np.array_equal(best.label_map, fold[each.label_map])
     assert len(np.unique(each.label_map)) > 2  # the random model spreads its votes: the fold is tested
-    seg.use_synonyms("mean")
+    seg.configure(InferenceSettings(synonyms="mean"))
     try:
         assert seg.label_groups(grouped) is None and seg.label_embeddings(grouped).shape[0] == 3
     finally:
-        seg.use_synonyms("max")
+        seg.configure(InferenceSettings())
 
 
 def test_synonym_max_through_predict_host_and_device_paths(tmp_path):
@@ -184,19 +186,19 @@ def test_synonym_max_through_predict_host_and_device_paths(tmp_path):
 
 def test_background_threshold_gives_label_0_where_no_label_is_sure(seg):
     text = seg.label_embeddings(parse_labels("background,cat,sky,road"))
-    [logits] = seg.segment_images([random_pixels(64, 64, seed=6)], text, protocol=Protocol())
-    probs = (logits * seg.model.probability_scale).softmax(0).amax(0)
-    assert seg.model.probability_scale == 40.0 / 100.0  # cosine x NACLIP's 40, not CLIP's 100
+    [logits] = seg.runner.segment_images([random_pixels(64, 64, seed=6)], text, protocol=Protocol())
+    probs = (logits * seg.model.capabilities.probability_scale).softmax(0).amax(0)
+    assert seg.model.capabilities.probability_scale == 40.0 / 100.0  # cosine x NACLIP's 40, not CLIP's 100
     threshold = float(probs.median())  # half the cells are unsure
-    seg.use_bg_threshold(threshold)
+    seg.configure(InferenceSettings(bg_threshold=threshold))
     try:
-        out = seg.threshold_background(logits)
+        out = seg.runner.threshold_background(logits)
     finally:
-        seg.use_bg_threshold(None)
+        seg.configure(InferenceSettings())
     unsure = probs < threshold
     assert 0 < int(unsure.sum()) < unsure.numel()
     assert (out.argmax(0)[unsure] == 0).all()
     assert torch.equal(out.argmax(0)[~unsure], logits.argmax(0)[~unsure])  # the sure cells keep their label
     assert torch.equal(out[1:], logits[1:])
     with pytest.raises(SegcliError, match="between 0 and 1"):
-        seg.use_bg_threshold(1.5)
+        seg.configure(InferenceSettings(bg_threshold=1.5))

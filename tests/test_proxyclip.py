@@ -75,7 +75,7 @@ def test_proxy_block_is_its_equations():
 
 
 def test_a_proxyclip_checkpoint_runs_predict_eval_and_stored_embeddings(tmp_path):
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.models.checkpoint import read_checkpoint_info, save_checkpoint
 
     clip, dino = tiny_models()

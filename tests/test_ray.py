@@ -71,18 +71,18 @@ def _model_actor_pids() -> list[int]:
 
 
 def test_a_killed_model_actor_is_restarted_and_the_files_are_the_same(tmp_path, tiny_checkpoint):
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.inference.segmenter import Segmenter
     from segcli.pipeline.launch import find_inputs, run_predict
-    from segcli.pipeline.run import PredictOptions
+    from segcli.pipeline.run import RunOptions
 
     photos = many_photos(tmp_path / "photos", 10)
     (photos / "broken.jpg").unlink()
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", warn=False)
     found = find_inputs([str(photos)], None, None)
 
-    def options(out: Path) -> PredictOptions:
-        return PredictOptions(labels=parse_labels(TINY_LABELS), output=out, batch_size=1)
+    def options(out: Path) -> RunOptions:
+        return RunOptions(labels=parse_labels(TINY_LABELS), output=out, batch_size=1)
 
     run_predict(seg, options(tmp_path / "local"), found)
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)

@@ -10,7 +10,7 @@ import pytest
 from conftest import SAMPLES
 from PIL import Image, ImageOps
 
-from segcli.data.images import decode_full_bgr, decode_photo
+from segcli.inputs.images import decode_full_bgr, decode_photo
 from segcli.postprocess.render import (
     blend_table,
     color_lut,

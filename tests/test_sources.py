@@ -5,7 +5,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from segcli.data.sources import collect_sources
+from segcli.inputs.sources import collect_sources
 from segcli.errors import SegcliError
 
 
@@ -66,7 +66,7 @@ def test_missing_source_is_a_usage_error(tmp_path):
 
 
 def test_shards_cover_every_input_exactly_once(tmp_path):
-    from segcli.data.sources import parse_shard, take_shard
+    from segcli.inputs.sources import parse_shard, take_shard
 
     for i in range(23):
         sub = tmp_path / f"d{i % 3}"

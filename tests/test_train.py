@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.data.synthetic import SYNTHETIC_CLASSES, write_synthetic_dataset
-from segcli.training.metrics import ConfusionMatrix
+from segcli.datasets.synthetic import SYNTHETIC_CLASSES, write_synthetic_dataset
+from segcli.evaluation.metrics import ConfusionMatrix
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "lseg_tiny", "--crop", "96", "--lr", "1e-3", "--workers", "0", "--batch-size", "8"]
@@ -246,7 +246,7 @@ def test_search_ranks_photos_that_hold_the_class_first(trained, scenes, tmp_path
     """Stored embeddings of the validation scenes: per object class, the best photo holds it, and
     over the classes a photo that holds the class outranks one that does not (mean AUC over pairs;
     the tiny model confuses some boxes, so not every pair)."""
-    from segcli.data.synthetic import OBJECTS
+    from segcli.datasets.synthetic import OBJECTS
 
     out = tmp_path / "stored"
     result = cli("predict", str(scenes / "val/images"), "--model", str(trained / "best.safetensors"), "-o", str(out),
@@ -276,7 +276,7 @@ def test_search_ranks_photos_that_hold_the_class_first(trained, scenes, tmp_path
     assert sum(aucs) / len(aucs) >= 0.65, aucs
     # each score is the share of stored cells where the query beats every other label, recomputed here
     from segcli.api import Segmenter
-    from segcli.data.labels import LabelSet
+    from segcli.vocabulary.labels import LabelSet
 
     seg = Segmenter.from_pretrained(str(trained / "best.safetensors"), device="cpu")
     text = seg.label_embeddings(LabelSet.from_synonyms([[c] for c in SYNTHETIC_CLASSES])).numpy().astype(np.float64)

@@ -124,7 +124,7 @@ def lively_checkpoint(tmp_path_factory) -> Path:
     shared tiny checkpoint's randomised statistics give one label everywhere on these frames)."""
     import torch
 
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.modeling import build_model
     from segcli.models.checkpoint import save_checkpoint
 

@@ -3,8 +3,11 @@ wording of the options several commands take."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import sys
+import typing
 from typing import TYPE_CHECKING
 
 import typer
@@ -17,17 +20,6 @@ if TYPE_CHECKING:  # the CLI imports torch only inside the commands that need it
 
 EXIT_CODES = """Exit status: 0 all inputs done; 1 some inputs failed (see stderr and summary.json);
 2 usage or environment error; 130 interrupted."""
-
-# options that predict, relabel and eval share: one wording each
-SYNONYMS_HELP = ('How a label\'s synonyms ("road;street") are scored: max (each on its own, the label keeps its best: '
-                 "the training-free methods' rule, clip-dense's default) or mean (one averaged embedding: LSeg's default).")
-BG_THRESHOLD_HELP = ("Pixels whose best label has a probability below this (softmax over the labels, as the training-free "
-                     "methods' prob_thd, e.g. 0.1) take the first label: put the background class first.")
-SHORT_SIDE_HELP = ("With windows: resize photos so the short side is N (long side at most 2048), as the training-free "
-                   "methods' authors do. Default: the model's (clip-dense: 448 clearclip, 336 naclip).")
-WINDOW_HELP = ("Slide windows of N pixels over the resized photo and average their logits (0: one padded canvas of "
-               "--imgsz). Default: the model's (clip-dense: 448 clearclip, 224 naclip; LSeg: 0).")
-STRIDE_HELP = "Window step in pixels. Default: the model's, else half the window."
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -61,7 +53,22 @@ def warn(message: str) -> None:
 
 def read_images_as(seg: Segmenter, short_side: int | None, window: int | None, stride: int | None,
                     synonyms: str | None, bg_threshold: float | None) -> None:
-    """predict's and eval's protocol, synonym and background options onto the Segmenter (one-line errors)."""
-    seg.use_protocol(short_side, window, stride)
-    seg.use_synonyms(synonyms)
-    seg.use_bg_threshold(bg_threshold)
+    """eval's protocol, synonym and background options onto the Segmenter (one-line errors)."""
+    from segcli.inference.settings import InferenceSettings
+
+    seg.configure(InferenceSettings(short_side, window, stride, synonyms, bg_threshold))
+
+
+def options_signature(cls, extra: list[inspect.Parameter]) -> tuple[inspect.Signature, dict]:
+    """A Typer signature with one option per field of the dataclass `cls` (flags, help and bounds
+    from each field's metadata, segcli.options), then `extra`, so the CLI and the options class
+    never drift apart. Choices are checked by the class itself (its `validate`), for the API too."""
+    params, annotations = [], {p.name: p.annotation for p in extra}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        kind = hints[f.name]
+        option = typer.Option(f.default, *meta["flags"], help=meta["help"], min=meta.get("min"), max=meta.get("max"))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        annotations[f.name] = kind
+    return inspect.Signature(params + list(extra)), annotations

@@ -25,7 +25,7 @@ def data_synth(
     seed: int = typer.Option(0, "--seed", help="The same seed gives the same scenes."),
 ) -> None:
     """Write procedurally drawn scenes with masks: OUT/{train,val}/{images,masks}/*.png, OUT/classes.txt."""
-    from segcli.data.synthetic import write_synthetic_dataset
+    from segcli.datasets.synthetic import write_synthetic_dataset
 
     out = write_synthetic_dataset(output, train_count, val_count, seed)
     print(f"wrote {train_count} + {val_count} scenes -> {out} (use --data folder:{out})", file=sys.stderr)
@@ -40,7 +40,7 @@ def data_list(
     """What can be fetched: size, licence, whether it needs a login, whether it is here, its benchmarks."""
     from rich.table import Table
 
-    from segcli.data.prepare import default_root, listing
+    from segcli.datasets.prepare import default_root, listing
 
     root = default_root(root)
     rows = listing(root)
@@ -69,7 +69,7 @@ def data_get(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Download (resumable), verify, unpack and lay out a dataset, so train and eval find it."""
-    from segcli.data.prepare import default_root, get
+    from segcli.datasets.prepare import default_root, get
     from segcli.errors import SegcliError
 
     if split not in ("all", "train", "val"):

@@ -65,7 +65,7 @@ def convert(
     from segcli.models.convert import convert_weights
 
     out, model, labels = convert_weights(source, output)
-    print(f"converted {source} -> {out} (family {model.family}, architecture {model.architecture}, "
+    print(f"converted {source} -> {out} (family {model.capabilities.family}, architecture {model.architecture}, "
           f"labels {labels.source if labels else 'none'})", file=sys.stderr)
 
 
@@ -100,7 +100,7 @@ def embed_labels_command(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template (default: the model's)."),
 ) -> None:
     """Write label embeddings for an open-vocabulary export: serve new labels without PyTorch."""
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.inference.segmenter import Segmenter
     from segcli.models.export import write_label_embeddings
 

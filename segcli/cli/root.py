@@ -40,7 +40,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 
 
 # in the order --help lists them
-app.command()(predict.predict)
+app.command("predict")(predict.predict_command)
 app.command()(predict.relabel)
 app.command()(predict.search)
 app.command()(serve.serve)

@@ -37,7 +37,7 @@ def serve(
         from segcli.serve.service import ServeOptions
     except ImportError as exc:
         raise SegcliError(f"segcli serve needs the serve extra: pip install 'segcli[serve]' ({exc.name} is missing)") from None
-    from segcli.data.labels import parse_labels
+    from segcli.vocabulary.labels import parse_labels
     from segcli.inference.segmenter import Segmenter
     from segcli.models.factory import UNTRAINED_WARNING
 

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from segcli.cli.common import (
-    BG_THRESHOLD_HELP,
-    SHORT_SIDE_HELP,
-    STRIDE_HELP,
-    SYNONYMS_HELP,
-    WINDOW_HELP,
-    fail,
-    read_images_as,
-    user_errors,
-)
+from segcli.cli.common import fail, options_signature, read_images_as, user_errors
 from segcli.cli.progress import TrainProgress
 from segcli.errors import SegcliError
+from segcli.pipeline.options import BG_THRESHOLD_HELP, SHORT_SIDE_HELP, STRIDE_HELP, SYNONYMS_HELP, WINDOW_HELP
 from segcli.training.options import TrainOptions
 
 
@@ -50,20 +40,6 @@ def train(resume: Optional[Path] = None, quiet: bool = False, **options) -> None
               f"at step {best.get('step')} -> {result.output}", file=sys.stderr)
 
 
-def _options_signature(cls, extra: list[inspect.Parameter]) -> tuple[inspect.Signature, dict]:
-    """A Typer signature with one option per field of the dataclass `cls` (flags, help and min from
-    each field's metadata), so the CLI and the options class never drift apart."""
-    params, annotations = [], {p.name: p.annotation for p in extra}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        kind = hints[f.name]
-        option = typer.Option(f.default, *meta["flags"], help=meta["help"], min=meta.get("min"))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
-        annotations[f.name] = kind
-    return inspect.Signature(params + list(extra)), annotations
-
-
 def _train_signature() -> None:
     extra = [
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
@@ -71,7 +47,7 @@ def _train_signature() -> None:
         inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
             False, "--quiet", "-q", help="No progress output.")),
     ]
-    train.__signature__, train.__annotations__ = _options_signature(TrainOptions, extra)
+    train.__signature__, train.__annotations__ = options_signature(TrainOptions, extra)
 
 
 _train_signature()
@@ -106,11 +82,11 @@ def eval_command(
 ) -> None:
     """Pixel accuracy, mIoU and per-class IoU over a whole split (one confusion matrix); or, with
     --benchmark, the papers' table over the eight benchmarks."""
-    from segcli.data.labels import parse_labels
-    from segcli.data.segmentation import limited, open_dataset
+    from segcli.vocabulary.labels import parse_labels
+    from segcli.datasets.segmentation import limited, open_dataset
     from segcli.files.atomic import atomic_write_json
     from segcli.inference.segmenter import Segmenter
-    from segcli.training.evaluate import evaluate
+    from segcli.evaluation.evaluate import evaluate
 
     if benchmark is not None:
         return _benchmark(models, benchmark, data_root, device, precision, limit, batch_size, output, json_out)
@@ -146,8 +122,8 @@ def eval_command(
 
 
 def _download_if_missing(data: str, data_root: Path | None) -> None:
-    from segcli.data.catalog import BENCHMARKS
-    from segcli.data.prepare import default_root, get
+    from segcli.datasets.catalog import BENCHMARKS
+    from segcli.datasets.prepare import default_root, get
 
     if data in BENCHMARKS:
         folder, what = get(BENCHMARKS[data].download, default_root(data_root))
@@ -158,9 +134,9 @@ def _benchmark(models: list[str], suite: str, data_root: Path | None, device: st
                batch_size: int, output: Path | None, json_out: bool) -> None:
     from rich.table import Table
 
-    from segcli.data.prepare import default_root
+    from segcli.datasets.prepare import default_root
     from segcli.files.atomic import atomic_write_json
-    from segcli.training.benchmark import run_benchmark
+    from segcli.evaluation.benchmark import run_benchmark
 
     def progress(model: str, name: str, metrics: dict) -> None:
         print(f"{model} on {name}: mIoU {metrics['mIoU']:.4f} ({metrics['images']} images)", file=sys.stderr, flush=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from segcli.data.labels import LabelSet
+from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError
 from segcli.postprocess.label_map import restore_label_map
 from segcli.version import __version__
@@ -66,7 +66,7 @@ class EmbeddingInfo:
            photo: dict | None = None) -> "EmbeddingInfo":
         """What `seg` (a Segmenter) made: `region` [C,h,w] at `stride` for a photo of `full_hw`."""
         model = seg.model
-        return cls(model=seg.name, model_fingerprint=seg.fingerprint, family=getattr(model, "family", model.architecture),
+        return cls(model=seg.name, model_fingerprint=seg.fingerprint, family=model.capabilities.family,
                    channels=int(region.shape[0]), stride=stride, imgsz=seg.imgsz, full_hw=tuple(full_hw),
                    resized_hw=tuple(resized_hw), normalised=stride != model.output_stride,
                    compute_dtype=dtype_name(seg.autocast_dtype or torch.float32), photo=photo)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcli.data.labels import LabelSet
+from segcli.vocabulary.labels import LabelSet
 from segcli.embeddings.stored import check_models, stored_embeddings
 from segcli.errors import SegcliError
 

@@ -3,7 +3,7 @@
 On a GPU host the model outruns the host's cores at decoding (README, Performance): nvJPEG through
 torchvision's `decode_jpeg(list, device="cuda")` decodes a batch in one call, and the resize to the
 model's input (bilinear, antialiased like Pillow's) runs on the same device. Only JPEGs whose headers
-`segcli.data.jpeg_probe` accepts come here; a file the device decoder still refuses, or decodes to
+`segcli.inputs.jpeg_probe` accepts come here; a file the device decoder still refuses, or decodes to
 another size than its header says, is handed back (None) for the host to decode, so every input
 gets the host path's errors and nothing is lost. The decoder is a parameter: tests run this same
 code on a CPU with torchvision's libjpeg decoder or with stubs that fail on purpose.
@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from segcli.data.jpeg_probe import JpegProbe
-from segcli.inference.windows import Protocol, model_size
+from segcli.inputs.jpeg_probe import JpegProbe
+from segcli.inputs.geometry import Protocol, model_size
 
 # [encoded JPEG bytes as 1-D uint8 CPU tensors], device -> [3,H,W] uint8 images on the device
 DecodeFn = Callable[[list[torch.Tensor], torch.device], Sequence[torch.Tensor]]

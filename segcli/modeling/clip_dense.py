@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
-from segcli.modeling.configs import (CLIP_DENSE_PROBABILITY_SCALES, CLIP_DENSE_PROTOCOLS, CLIP_DENSE_PROXIES,
-                                     CLIPDenseConfig, Protocol)
+from segcli.modeling.backend import Capabilities
+from segcli.modeling.configs import CLIP_DENSE_METHODS, CLIPDenseConfig
 from segcli.modeling.corrclip import corrclip_tokens
 from segcli.modeling.dino import DinoViT
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
@@ -48,7 +48,6 @@ class CLIPDense(PixelTextModel):
     """
 
     default_prompt = "imagenet80"  # CLIP's 80 ImageNet templates averaged, as ClearCLIP, SCLIP and NACLIP
-    default_synonyms = "max"  # each synonym scored on its own, the label keeps its best (ClearCLIP, SCLIP, NACLIP)
 
     def __init__(self, cfg: CLIPDenseConfig):
         super().__init__(cfg)
@@ -59,17 +58,15 @@ class CLIPDense(PixelTextModel):
         )
         self.visual.requires_grad_(False)  # training-free: nothing here is ever trained
         self.text_encoder = TextEncoder(cfg.text)
-        if cfg.method not in CLIP_DENSE_PROTOCOLS:
+        if cfg.method not in CLIP_DENSE_METHODS:
             raise ValueError(f"unknown clip-dense method {cfg.method!r}")
-        if (cfg.method in CLIP_DENSE_PROXIES) != (cfg.proxy is not None):
+        if (CLIP_DENSE_METHODS[cfg.method].proxy is not None) != (cfg.proxy is not None):
             raise ValueError(f"clip-dense method {cfg.method!r} {'needs' if cfg.proxy is None else 'takes no'} a proxy model")
         self.proxy = DinoViT(cfg.proxy) if cfg.proxy is not None else None
         self._generator: list[nn.Module] = []  # corrclip's region masks (segcli.modeling.regions), set by the loader
-        if self.needs_regions and cfg.layers < 5:
+        self._reads_regions = CLIP_DENSE_METHODS[cfg.method].regions is not None
+        if self._reads_regions and cfg.layers < 5:
             raise ValueError(f"corrclip's spatial branch needs a CLIP of 5 blocks or more, not {cfg.layers}")
-        if self.needs_regions:  # its pixels depend on each photo's region masks: no stored cells, no export
-            self.limits = "corrclip reads each photo's region masks (and votes in them)"
-            self.provides_embeddings = self.exportable = False
         self.output_stride = cfg.output_stride
         self._bias_cache: dict = {}
 
@@ -87,20 +84,19 @@ class CLIPDense(PixelTextModel):
             generator._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
-    @property
-    def needs_regions(self) -> bool:
-        """`pixel_embeddings` takes each input's region ids (segcli.inference.regions makes them)."""
-        return self.cfg.method == "corrclip"
-
-    @property
-    def probability_scale(self) -> float:
-        """Logits x this = cosine x the method's own softmax temperature (for --bg-threshold)."""
-        return CLIP_DENSE_PROBABILITY_SCALES[self.cfg.method] / self.logit_scale
-
-    @property
-    def default_protocol(self) -> Protocol:
-        """The method's authors' protocol: short-side resize, sliding windows (segcli.inference.windows)."""
-        return CLIP_DENSE_PROTOCOLS[self.cfg.method]
+    def family_capabilities(self) -> Capabilities:
+        """The method's row (CLIP_DENSE_METHODS) as the backend contract says it: its authors'
+        protocol (short-side resize, sliding windows), synonyms scored each on its own (the label
+        keeps its best: ClearCLIP, SCLIP, NACLIP), its softmax temperature over this model's logit
+        scale (--bg-threshold), its refinement; a method that reads each photo's region masks
+        (corrclip: `pixel_embeddings` takes their ids) stores no cells and does not export."""
+        row = CLIP_DENSE_METHODS[self.cfg.method]
+        regions = self._reads_regions
+        return Capabilities(family=self.cfg.family, method=row.name, int8=True, needs_regions=regions,
+                            provides_embeddings=not regions, exportable=not regions,
+                            limits="corrclip reads each photo's region masks (and votes in them)" if regions else None,
+                            probability_scale=row.probability_scale / self.logit_scale, default_synonyms="max",
+                            default_protocol=row.protocol, default_refine=row.refine)
 
     def position_embedding(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """[1 + h*w, width]: the stored embedding with its patch part resized (bicubic) to `grid_hw`;
@@ -129,7 +125,7 @@ class CLIPDense(PixelTextModel):
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([v.class_embedding.to(x.dtype).expand(b, 1, -1), x], dim=1)
         x = v.ln_pre(x + self.position_embedding((h, w)).to(x.dtype))
-        if self.needs_regions:
+        if self._reads_regions:
             if regions is None or regions.shape != (b, *images.shape[-2:]):
                 raise ValueError(f"corrclip needs region ids [B,H,W] for its {tuple(images.shape)} inputs")
             features = self.proxy(images, query_key=True)  # [B,width',H/8,W/8]

@@ -2,8 +2,8 @@
 
 A config is JSON-serialisable, so a checkpoint records its family and config and rebuilds the model
 without any code of its own. Named architectures (`lseg_vitl16_384`, ...) are configs; each
-training-free method has a row in the CLIP_DENSE_* tables (description, protocol, temperature) and
-`Protocol` says how images meet a model. The family table that ties configs to modules and foreign
+training-free method is one row of CLIP_DENSE_METHODS (a MethodCfg) (segcli.inputs.geometry's
+`Protocol` says how images meet a model). The family table that ties configs to modules and foreign
 weights is segcli.models.families.
 """
 
@@ -14,54 +14,61 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 from segcli.errors import SegcliError
+from segcli.inputs.geometry import Protocol
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """How images meet the model: `window` None = one canvas of `imgsz` (long side, padded);
-    else resized to `short_side` and covered by windows of `window` every `stride` pixels."""
+class MethodCfg:
+    """One training-free method a CLIP can be read with (segcli.modeling.clip_dense), as its authors
+    run it: one row holds everything segcli needs to know of it (as timm's PretrainedCfg does).
 
-    short_side: int | None = None
-    window: int | None = None
-    stride: int | None = None
+    protocol: their inference protocol (their ADE20K configs): the short side, then windows of
+        `window` every `stride` pixels, logits averaged.
+    probability_scale: the temperature their code gives cosine similarities before its softmax
+        (--bg-threshold's probabilities).
+    proxy: the second vision model read beside CLIP ("dino_vitb8"), or None.
+    regions: the default generator of each photo's class-agnostic region masks, or None.
+    refine: the refinement their published numbers use ("pamr": --refine auto), or "none".
+    weights: (architecture, pretrained tag) their published numbers use, when not OpenAI's ViT-B/16.
+    benchmark: per benchmark dataset, where their own configs differ from the catalog's (NACLIP's)
+        settings: short_side, window, stride, bg_threshold.
+    """
 
-    @property
-    def sliding(self) -> bool:
-        return self.window is not None
+    name: str
+    description: str
+    protocol: Protocol
+    probability_scale: float
+    proxy: str | None = None
+    regions: str | None = None
+    refine: str = "none"
+    weights: tuple[str, str] | None = None
+    benchmark: dict = field(default_factory=dict)
 
-    def describe(self) -> str:
-        if not self.sliding:
-            return "one canvas (long side = imgsz, padded)"
-        short = f"short side {self.short_side}" if self.short_side else "the canvas's long side"
-        return f"{short}, {self.window}-pixel windows every {self.stride}, logits averaged"
 
-
-# the training-free methods a CLIP can be read with (modeling/clip_dense.py); `clip-dense` names the default
-CLIP_DENSE_METHODS = {
-    "clearclip": "ClearCLIP (Lan et al., ECCV 2024): query-query attention, no residual, no feed-forward",
-    "naclip": "NACLIP (Hajimiri et al., WACV 2025): key-key attention plus a Gaussian neighbourhood, "
-              "no residual, no feed-forward",
-    "proxyclip": "ProxyCLIP (Lan et al., ECCV 2024): attention from DINO ViT-B/8's patch-feature similarity "
-                 "(beta 1.2, gamma 3.0) over CLIP's values, at DINO's stride 8",
-    "corrclip": "CorrCLIP (Zhang et al., ICCV 2025): DINO ViT-B/8 correlations inside merged region masks "
-                "(EoMT), spatial and semantic branches, a per-region vote; at DINO's stride 8",
-}
+# ProxyCLIP's cfg_*.py (short side 448 on ADE20K and Cityscapes, Cityscapes in 224 windows every 112;
+# its prob_thd); CorrCLIPv1/configs/cfg_*.py have the same values
+_PROXYCLIP_BENCHMARK = {"ade20k": {"short_side": 448}, "cityscapes": {"short_side": 448, "window": 224, "stride": 112},
+                        "voc21": {"bg_threshold": 0.2}, "context60": {"bg_threshold": 0.15},
+                        "coco-object": {"bg_threshold": 0.25}}
+# the training-free methods; `clip-dense` names the default
+CLIP_DENSE_METHODS = {m.name: m for m in (
+    MethodCfg("clearclip", "ClearCLIP (Lan et al., ECCV 2024): query-query attention, no residual, no feed-forward",
+              Protocol(short_side=448, window=448, stride=224), probability_scale=50.0),
+    MethodCfg("naclip", "NACLIP (Hajimiri et al., WACV 2025): key-key attention plus a Gaussian neighbourhood, "
+                        "no residual, no feed-forward",
+              Protocol(short_side=336, window=224, stride=112), probability_scale=40.0, refine="pamr"),
+    MethodCfg("proxyclip", "ProxyCLIP (Lan et al., ECCV 2024): attention from DINO ViT-B/8's patch-feature "
+                           "similarity (beta 1.2, gamma 3.0) over CLIP's values, at DINO's stride 8",
+              Protocol(short_side=448, window=336, stride=112),  # its configs: Resize (2048, 448), slide 336/112
+              probability_scale=40.0, proxy="dino_vitb8", benchmark=_PROXYCLIP_BENCHMARK),
+    MethodCfg("corrclip", "CorrCLIP (Zhang et al., ICCV 2025): DINO ViT-B/8 correlations inside merged region masks "
+                          "(EoMT), spatial and semantic branches, a per-region vote; at DINO's stride 8",
+              Protocol(short_side=448, window=336, stride=112),  # cfg_ade20k.py: Resize (2048, 448); 336/112
+              probability_scale=40.0, proxy="dino_vitb8", regions="eomt",
+              weights=("ViT-B-16-quickgelu", "metaclip_fullcc"),  # MetaCLIP B/16, as its published numbers
+              benchmark=_PROXYCLIP_BENCHMARK),
+)}
 DEFAULT_CLIP_DENSE_METHOD = "naclip"  # the best published number of those implemented (ADE-150 19.1, with PAMR)
-# each method's inference protocol as its authors evaluate (their ADE20K configs): the short side,
-# then windows of `window` every `stride` pixels, logits averaged (segcli.inference.windows)
-CLIP_DENSE_PROTOCOLS = {
-    "clearclip": Protocol(short_side=448, window=448, stride=224),
-    "naclip": Protocol(short_side=336, window=224, stride=112),
-    "proxyclip": Protocol(short_side=448, window=336, stride=112),  # its configs: Resize (2048, 448), slide 336/112
-    "corrclip": Protocol(short_side=448, window=336, stride=112),  # cfg_ade20k.py: Resize (2048, 448); 336/112
-}
-# the temperature each method's code gives cosine similarities before its softmax (--bg-threshold's
-# probabilities): NACLIP logit_scale=40, ClearCLIP 50 (their segmentors' defaults)
-CLIP_DENSE_PROBABILITY_SCALES = {"clearclip": 50.0, "naclip": 40.0, "proxyclip": 40.0, "corrclip": 40.0}
-# the methods that read a second vision model (a "vision foundation model") beside CLIP
-CLIP_DENSE_PROXIES = {"proxyclip": "dino_vitb8", "corrclip": "dino_vitb8"}
-# the methods that read each photo's class-agnostic region masks, and their default generator
-CLIP_DENSE_REGIONS = {"corrclip": "eomt"}
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.data.labels import LabelSet, prompt_templates
+from segcli.modeling.backend import Capabilities
+from segcli.vocabulary.labels import LabelSet, prompt_templates
 
 
 class PixelTextModel(nn.Module):
-    """Base of every PyTorch family (LSeg, CLIPDense); implements `segcli.models.backend.DenseBackend`.
+    """Base of every PyTorch family (LSeg, CLIPDense); implements `segcli.modeling.backend.DenseBackend`.
 
     Subclasses build `text_encoder`, set `output_stride` and implement
     `pixel_embeddings(images [B,3,H,W] in [0,1]) -> [B,C,H/s,W/s]` (s = output_stride).
@@ -23,18 +26,23 @@ class PixelTextModel(nn.Module):
     open_vocabulary = True
     baked_labels = None
     fixed_imgsz = None
-    provides_embeddings = True
-    exportable = True
-    needs_regions = False  # pixel_embeddings takes each input's region ids too (corrclip)
-    limits: str | None = None  # why embeddings or export are off, when they are
+    region_generator: nn.Module | None = None
+    quantized = False  # quantize_int8 ran: the image branch no longer exports
 
     @property
     def architecture(self) -> str:
         return self.cfg.name
 
     @property
-    def family(self) -> str:
-        return self.cfg.family
+    def capabilities(self) -> Capabilities:
+        """What this model can do (segcli.modeling.backend.Capabilities): the family's, less export once
+        quantised."""
+        own = self.family_capabilities()
+        return replace(own, exportable=False, limits=own.limits or "quantised to int8") if self.quantized else own
+
+    def family_capabilities(self) -> Capabilities:
+        """A family's own capabilities; a subclass that can do less or more says so here."""
+        return Capabilities(family=self.cfg.family, int8=True)
 
     @property
     def default_imgsz(self) -> int:
@@ -87,21 +95,27 @@ class PixelTextModel(nn.Module):
             for name, child in self.named_children():
                 if name != "text_encoder":
                     quantize_dynamic(child, {nn.Linear}, dtype=torch.qint8, inplace=True)
-        self.exportable = False  # quantised modules do not export to ONNX/.pt2
+        self.quantized = True  # quantised modules do not export to ONNX/.pt2
 
     def dense_logits(self, images: torch.Tensor, label_embeddings: torch.Tensor, autocast_dtype: torch.dtype | None = None,
                      return_embeddings: bool = False, regions: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B,3,H,W] in [0,1] -> (logits [B,K,H/s,W/s] fp32, pixel embeddings [B,C,H/s,W/s] or None).
-        `regions` [B,H,W]: the inputs' region ids, for a model that `needs_regions` (corrclip).
+        `regions` [B,H,W]: the inputs' region ids, for a model whose capabilities say `needs_regions` (corrclip).
 
         Only the image branch runs under autocast; the scoring stays in fp32, one image at a time.
         """
         with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             emb = self.pixel_embeddings(images) if regions is None else self.pixel_embeddings(images, regions)
-        text = label_embeddings.to(images.device)
-        logits = torch.stack([self.image_logits(one, text) for one in emb])
-        return logits, (emb.float() if return_embeddings else None)
+        return self.score(emb, label_embeddings, return_embeddings)
+
+    def score(self, pixel_embeddings: torch.Tensor, label_embeddings: torch.Tensor, return_embeddings: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixel embeddings [B,C,h,w] x labels [K,C] -> (logits [B,K,h,w] fp32, the embeddings in fp32
+        or None): each image scored alone (`image_logits`)."""
+        text = label_embeddings.to(pixel_embeddings.device)
+        logits = torch.stack([self.image_logits(one, text) for one in pixel_embeddings])
+        return logits, (pixel_embeddings.float() if return_embeddings else None)
 
     def label_embeddings(self, labels: LabelSet, prompt: str | None = None) -> torch.Tensor:
         """[K,C] L2-normalised; synonyms are averaged. Computed once per (labels, prompt), then cached."""

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from segcli.data.labels import LabelSet
+from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError, mismatch_detail
 from segcli.files.atomic import atomic_path
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
@@ -45,7 +45,7 @@ def save_checkpoint(model: PixelTextModel, path: str | os.PathLike, labels: Labe
     metadata = {
         "format": FORMAT,
         "segcli_version": __version__,
-        "family": model.family,
+        "family": model.capabilities.family,
         "config": json.dumps(model.cfg.to_dict()),
         "normalization": json.dumps({"mean": list(model.cfg.pixel_mean), "std": list(model.cfg.pixel_std)}),
     }

@@ -19,14 +19,12 @@ import torch
 
 from segcli.errors import SegcliError, mismatch_detail
 from segcli.modeling.clip_dense import CLIPDense, clip_dense_from_state_dict
-from segcli.modeling.configs import (CLIP_DENSE_METHODS, CLIP_DENSE_PROXIES, CLIP_DENSE_REGIONS,
-                                     DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig, DinoConfig, TextConfig)
+from segcli.modeling.configs import (CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig, DinoConfig,
+                                     TextConfig)
 from segcli.models.weights import WEIGHT_SUFFIXES, read_state_dict
 
 CLIP_DENSE = "clip-dense"
 DEFAULT_ARCH, DEFAULT_TAG = "ViT-B-16", "openai"
-# a method whose published numbers use other CLIP weights defaults to those (CorrCLIP: MetaCLIP B/16)
-METHOD_WEIGHTS = {"corrclip": ("ViT-B-16-quickgelu", "metaclip_fullcc")}
 # Bookkeeping values some OpenAI-derived state dicts carry; they are not weights.
 _NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "logit_scale")
 
@@ -37,7 +35,7 @@ def split_method(spec: str) -> tuple[str, str, str] | None:
     for prefix in (CLIP_DENSE, *CLIP_DENSE_METHODS):
         if spec == prefix or spec.startswith(prefix + ":"):
             return (DEFAULT_CLIP_DENSE_METHOD if prefix == CLIP_DENSE else prefix), prefix, spec[len(prefix) + 1:]
-        if prefix in CLIP_DENSE_REGIONS and spec.startswith(prefix + "+"):  # corrclip+sam2: the default weights
+        if prefix in CLIP_DENSE_METHODS and CLIP_DENSE_METHODS[prefix].regions and spec.startswith(prefix + "+"):  # corrclip+sam2: the default weights
             return prefix, prefix, spec[len(prefix):]
     return None
 
@@ -60,7 +58,8 @@ def parse_clip_dense_spec(spec: str) -> tuple[str, str]:
     split = split_method(spec)
     rest, _ = split_generator(split[2] if split else "")
     arch, _, tag = rest.partition("@")
-    default_arch, default_tag = METHOD_WEIGHTS.get(split[0] if split else "", (DEFAULT_ARCH, DEFAULT_TAG))
+    # a method whose published numbers use other CLIP weights defaults to those (CorrCLIP: MetaCLIP B/16)
+    default_arch, default_tag = (CLIP_DENSE_METHODS[split[0]].weights if split else None) or (DEFAULT_ARCH, DEFAULT_TAG)
     if arch and arch != default_arch:
         default_tag = DEFAULT_TAG
     return arch or default_arch, tag or default_tag
@@ -147,7 +146,7 @@ def clip_dense_from_clip_state(state: dict[str, torch.Tensor], name: str, quick_
     cfg = clip_dense_config(state, name, quick_gelu, mean, std, method)
     mapped = {"text_encoder.tower." + k: v for k, v in clip_text_state(state).items()}
     mapped.update({k: v.float() for k, v in state.items() if k.startswith("visual.")})
-    if method in CLIP_DENSE_PROXIES:
+    if CLIP_DENSE_METHODS[method].proxy:
         if proxy_state is None:
             raise SegcliError(f"{name}: {method} needs the DINO ViT weights beside CLIP's")
         proxy_state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in proxy_state.items()
@@ -205,13 +204,13 @@ def load_clip_dense(spec: str, device: str | torch.device = "cpu") -> tuple[CLIP
     path = download_clip_weights(arch, tag)
     pcfg = open_clip.get_pretrained_cfg(arch, tag)
     quick_gelu = bool(pcfg.get("quick_gelu") or (open_clip.get_model_config(arch) or {}).get("quick_gelu"))
-    proxy = read_state_dict(download_proxy_weights(method)) if method in CLIP_DENSE_PROXIES else None
+    proxy = read_state_dict(download_proxy_weights(method)) if CLIP_DENSE_METHODS[method].proxy else None
     generator = split_generator(rest)[1]
     name = f"{prefix}:{arch}@{tag}" + (f"+{generator}" if generator else "")
     model = clip_dense_from_clip_state(read_state_dict(path), name, quick_gelu,
                                        pcfg.get("mean"), pcfg.get("std"), method=method, proxy_state=proxy)
-    if method in CLIP_DENSE_REGIONS:
-        model.set_region_generator(load_region_generator(generator or CLIP_DENSE_REGIONS[method]))
+    if CLIP_DENSE_METHODS[method].regions:
+        model.set_region_generator(load_region_generator(generator or CLIP_DENSE_METHODS[method].regions))
     return model.to(device), path
 
 
@@ -244,7 +243,7 @@ PROXY_WEIGHTS = {"dino_vitb8": ("timm/vit_base_patch8_224.dino", ["model.safeten
 
 
 def proxy_weights_source(method: str) -> tuple[str, list[str]]:
-    return PROXY_WEIGHTS[CLIP_DENSE_PROXIES[method]]
+    return PROXY_WEIGHTS[CLIP_DENSE_METHODS[method].proxy]
 
 
 def download_proxy_weights(method: str) -> Path:

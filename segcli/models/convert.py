@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from segcli.data.labels import LabelSet
+from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError
 from segcli.modeling.pixel_text import PixelTextModel
 from segcli.models.checkpoint import save_checkpoint

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segcli.data.labels import LabelSet
+from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError, check_input_size
 from segcli.files.atomic import atomic_path, atomic_write_json
 from segcli.modeling.pixel_text import PixelTextModel
@@ -74,8 +74,8 @@ def verification_images(imgsz: int, count: int = 3) -> np.ndarray:
     """[count,imgsz,imgsz,3] uint8 scenes with structure (synthetic, deterministic), not noise."""
     from PIL import Image
 
-    from segcli.data.images import fit_to_canvas
-    from segcli.data.synthetic import synthetic_scene
+    from segcli.inputs.geometry import fit_to_canvas
+    from segcli.datasets.synthetic import synthetic_scene
 
     scenes = [synthetic_scene(1234, "verify", i, size=(imgsz * 3 // 4, imgsz))[0] for i in range(count)]
     return np.stack([fit_to_canvas(Image.fromarray(s), imgsz).pixels for s in scenes])
@@ -96,8 +96,11 @@ def export_model(model: PixelTextModel, output: str | Path, fmt: str = "onnx", l
     if fmt not in FORMATS:
         raise SegcliError(f"unknown --format {fmt!r}: use {' or '.join(FORMATS)}")
     output = Path(output)
-    if not model.exportable:
-        raise SegcliError(f"{source or model.architecture} is already an export; export from the checkpoint")
+    caps = model.capabilities
+    if not caps.exportable:
+        if caps.limits == "an ONNX export":
+            raise SegcliError(f"{source or model.architecture} is already an export; export from the checkpoint")
+        raise SegcliError(f"{source or model.architecture} does not export: {caps.limits}")
     imgsz = check_input_size(imgsz or model.default_imgsz, model.input_multiple)
     model = model.float().eval().cpu()
     text = model.label_embeddings(labels, prompt or model.default_prompt) if labels is not None else None
@@ -212,7 +215,7 @@ def _sidecar(model: PixelTextModel, fmt: str, imgsz: int, half: bool, labels: La
         "segcli_version": __version__,
         "artifact": fmt,
         "source_model": source,
-        "family": model.family,
+        "family": model.capabilities.family,
         "architecture": model.architecture,
         "mode": "open-vocabulary" if open_vocab else "labels-baked-in",
         "dtype": "float16" if half else "float32",  # of the images input and the weights

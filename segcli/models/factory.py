@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from segcli.errors import SegcliError
-from segcli.modeling.configs import (ARCHITECTURES, CLIP_DENSE_METHODS, CLIP_DENSE_PROTOCOLS, CLIP_DENSE_PROXIES,
-                                     CLIP_DENSE_REGIONS, DEFAULT_CLIP_DENSE_METHOD)
+from segcli.modeling.configs import ARCHITECTURES, CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD
 from segcli.models.families import DEFAULT_MODEL, FAMILIES
 
 if TYPE_CHECKING:
     import torch
 
-    from segcli.data.labels import LabelSet
-    from segcli.models.backend import DenseBackend
+    from segcli.vocabulary.labels import LabelSet
+    from segcli.modeling.backend import DenseBackend
 
 KIND_TEXT = {
     "hub": "training-free weights from the Hugging Face hub",
@@ -88,9 +87,9 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
     method = split_method(spec)
     if method is not None:  # naclip:/path/open_clip_model.safetensors: local weights read with a method
         rest, metadata = method[2], {"method": method[0]}
-        if method[0] in CLIP_DENSE_REGIONS and rest.count(",") == 2:  # corrclip:CLIP_FILE,DINO_FILE,GENERATOR
+        if CLIP_DENSE_METHODS[method[0]].regions and rest.count(",") == 2:  # corrclip:CLIP_FILE,DINO_FILE,GENERATOR
             rest, metadata["regions"] = rest.rsplit(",", 1)
-        if method[0] in CLIP_DENSE_PROXIES and "," in rest:  # proxyclip:CLIP_FILE,DINO_FILE
+        if CLIP_DENSE_METHODS[method[0]].proxy and "," in rest:  # proxyclip:CLIP_FILE,DINO_FILE
             rest, proxy_file = rest.rsplit(",", 1)
             if not Path(proxy_file).expanduser().is_file():
                 raise SegcliError(f"{method[1]}: the second model's weights file {proxy_file} was not found")
@@ -111,7 +110,7 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
             from segcli.models.onnx_backend import read_sidecar
 
             meta = read_sidecar(path)
-            from segcli.data.labels import LabelSet
+            from segcli.vocabulary.labels import LabelSet
 
             labels = LabelSet.from_json(meta["labels"]) if meta.get("labels") else None
             return ModelSpec(spec, "onnx", meta.get("family"), meta.get("architecture"), str(path), False, path,
@@ -143,7 +142,7 @@ def _hub_spec(spec: str) -> ModelSpec:
     method = split_method(spec)[0]
     metadata = {"pretrained": tag, "method": method}
     downloads = cached is None
-    if method in CLIP_DENSE_PROXIES:  # a second model read beside CLIP: its own file on the hub
+    if CLIP_DENSE_METHODS[method].proxy:  # a second model read beside CLIP: its own file on the hub
         from segcli.models.clip_weights import proxy_weights_source
 
         proxy_repo, proxy_names = proxy_weights_source(method)
@@ -151,10 +150,10 @@ def _hub_spec(spec: str) -> ModelSpec:
         metadata["proxy weights"] = (f"https://huggingface.co/{proxy_repo} "
                                      + (f"(cached: {proxy_cached})" if proxy_cached else "(downloaded on first use)"))
         downloads = downloads or proxy_cached is None
-    if method in CLIP_DENSE_REGIONS:  # corrclip: the region-mask generator's files
+    if CLIP_DENSE_METHODS[method].regions:  # corrclip: the region-mask generator's files
         from segcli.models.clip_weights import region_weights_source, split_generator
 
-        kind = split_generator(split_method(spec)[2])[1] or CLIP_DENSE_REGIONS[method]
+        kind = split_generator(split_method(spec)[2])[1] or CLIP_DENSE_METHODS[method].regions
         gen_repo, gen_names = region_weights_source(kind)
         missing = [name for name in gen_names if cached_hub_file(gen_repo, [name]) is None]
         metadata["region masks"] = (f"{kind}: https://huggingface.co/{gen_repo} "
@@ -202,10 +201,10 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
         from segcli.models.checkpoint import load_checkpoint
 
         model, info = load_checkpoint(spec.path, device)
-        if getattr(model, "needs_regions", False):  # a corrclip checkpoint holds CLIP and DINO: masks from the hub
+        if model.capabilities.needs_regions:  # a corrclip checkpoint holds CLIP and DINO: masks from the hub
             from segcli.models.clip_weights import load_region_generator
 
-            model.set_region_generator(load_region_generator(CLIP_DENSE_REGIONS[model.cfg.method]))
+            model.set_region_generator(load_region_generator(CLIP_DENSE_METHODS[model.cfg.method].regions))
         return LoadedModel(model.to(device), spec, info.labels, fingerprint)
     from segcli.models.weights import read_state_dict
 
@@ -217,15 +216,15 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
             raise SegcliError(f"{spec.spec}: {spec.path.name} is not an open_clip CLIP weights file")
         method = spec.metadata["method"]
         proxy = None
-        if method in CLIP_DENSE_PROXIES:  # CLIP from the file, the second model from its file or the hub
+        if CLIP_DENSE_METHODS[method].proxy:  # CLIP from the file, the second model from its file or the hub
             from segcli.models.clip_weights import download_proxy_weights
 
             proxy = read_state_dict(spec.metadata.get("proxy_file") or download_proxy_weights(method))
         model = clip_dense_from_clip_state(state, spec.path.name, method=method, proxy_state=proxy)
-        if method in CLIP_DENSE_REGIONS:
+        if CLIP_DENSE_METHODS[method].regions:
             from segcli.models.clip_weights import load_region_generator
 
-            model.set_region_generator(load_region_generator(spec.metadata.get("regions") or CLIP_DENSE_REGIONS[method]))
+            model.set_region_generator(load_region_generator(spec.metadata.get("regions") or CLIP_DENSE_METHODS[method].regions))
         return LoadedModel(model.to(device), spec, None, f"{spec.metadata['method']}:{fingerprint}")
     for family in FAMILIES.values():
         found = family.try_foreign(state, spec.path.name)
@@ -279,8 +278,8 @@ def describe_model(value: str) -> dict:
 def clip_dense_recipe(method: str) -> dict[str, str]:
     """How a clip-dense method reads images and labels by default (what `segcli info` shows)."""
     return {
-        "method": f"{method}: {CLIP_DENSE_METHODS[method]}",
-        "protocol": CLIP_DENSE_PROTOCOLS[method].describe(),
+        "method": f"{method}: {CLIP_DENSE_METHODS[method].description}",
+        "protocol": CLIP_DENSE_METHODS[method].protocol.describe(),
         "prompt": "imagenet80 (CLIP's 80 ImageNet templates, averaged)",
         "synonyms": "max (each synonym scored, a label keeps its best)",
         "refine": "pamr (PAMR, 10 steps, dilations 8 and 16)" if method == "naclip" else "none",

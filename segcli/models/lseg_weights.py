@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from segcli.data.labels import LabelSet, named_label_set
+from segcli.vocabulary.labels import LabelSet, named_label_set
 from segcli.errors import SegcliError
 from segcli.modeling.configs import ARCHITECTURES, LSegConfig, TextConfig
 from segcli.modeling.lseg import LSeg, model_from_state_dict

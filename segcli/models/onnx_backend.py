@@ -1,4 +1,4 @@
-"""An exported ONNX model run by onnxruntime, behind `segcli.models.backend.DenseBackend`."""
+"""An exported ONNX model run by onnxruntime, behind `segcli.modeling.backend.DenseBackend`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcli.data.labels import LabelSet
+from segcli.modeling.backend import Capabilities
+from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError
 
 EXPORT_FORMAT = "segcli-export/1"  # the JSON sidecar beside FILE.onnx / FILE.pt2
@@ -65,9 +66,8 @@ class OnnxModel:
     vocabulary only when exported without --labels (then the saved text tower embeds new labels).
     """
 
-    provides_embeddings = False
-    exportable = False
     input_multiple = 1
+    region_generator = None
 
     def __init__(self, path: str | Path, meta: dict | None = None):
         """`meta`: the sidecar, when the caller has read it already."""
@@ -83,6 +83,8 @@ class OnnxModel:
         self.default_prompt = meta.get("prompt")
         self.fixed_imgsz = self.default_imgsz = meta["imgsz"]
         self.baked_labels = None if self.open_vocabulary else LabelSet.from_json(meta["labels"])
+        self.capabilities = Capabilities(family=meta.get("family", self.architecture), provides_embeddings=False,
+                                         exportable=False, limits="an ONNX export")
         self._text_encoder = None
         self._cache: dict = {}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from segcli.data.images import ImageDecodeError, decode_full_bgr
+from segcli.inputs.images import ImageDecodeError, decode_full_bgr
 from segcli.pipeline.host import HostPlan, InputFailure
 from segcli.postprocess.label_map import mask_dtype, restore_label_map_torch
 from segcli.postprocess.render import draw_legend, legend_corner

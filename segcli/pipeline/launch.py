@@ -3,16 +3,17 @@ under torchrun), run, and under torchrun the shards' summaries folded once every
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TextIO
 
-from segcli.data.sources import SourceList, collect_sources, parse_shard, take_shard
+from segcli.inputs.sources import SourceList, collect_sources, parse_shard, take_shard
 from segcli.errors import SegcliError
 from segcli.files.remote import is_url
 from segcli.inference.device import torchrun_ranks
 from segcli.inference.segmenter import Segmenter
-from segcli.pipeline.run import PredictOptions, PredictResult, PredictRun
+from segcli.pipeline.options import COMPILE_FROM, PredictOptions
+from segcli.pipeline.run import PredictResult, PredictRun, RunOptions
 from segcli.pipeline.run_folder import merge_summaries
 
 
@@ -48,38 +49,95 @@ def find_inputs(sources: list[str], output: Path | str | None, shard: tuple[int,
     return found
 
 
-ENGINES = ("local", "ray")
-COMPILE_CHOICES = ("auto", "on", "off")
-COMPILE_FROM = 500  # photos from which --compile auto compiles: its 20-30 s pay off (README, Performance)
+@dataclass(frozen=True)
+class PreparedPredict:
+    """A predict run ready to start: the model loaded and tuned, the inputs found, the run's options."""
+
+    segmenter: Segmenter
+    run_options: RunOptions
+    inputs: SourceList
 
 
-def check_engine(engine: str, decode: str = "auto") -> None:
-    if engine not in ENGINES:
-        raise SegcliError(f"--engine {engine!r}: use local or ray")
-    if engine == "ray" and decode == "device":
-        raise SegcliError("--engine ray decodes in Ray's CPU tasks: --decode device is for --engine local")
+def prepare_predict(options: PredictOptions, sources: list[str], stdin: TextIO | None = None,
+                    notify: Callable[[str], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> PreparedPredict:
+    """Everything `segcli predict` decides before its first photo, in order of cost: the options
+    checked, the inputs found, the model loaded and configured, its batch size (measured on a GPU)
+    and whether to compile it. `notify` hears those decisions, `warn` what the user should know
+    (an untrained model, a compile that failed under --compile auto)."""
+    from segcli.inference.device import rank_device
+    from segcli.inference.settings import InferenceSettings
+    from segcli.models.factory import UNTRAINED_WARNING
+    from segcli.postprocess.outputs import parse_outputs
+    from segcli.vocabulary.labels import parse_labels
+
+    options.validate()
+    if options.engine == "ray" and torchrun_ranks():
+        raise SegcliError("--engine ray schedules the whole run itself: start it once, not under torchrun")
+    notify = notify or (lambda message: None)
+    warn = warn or notify
+    output = options.output if options.output is None or is_url(options.output) else Path(options.output)
+    shard = shard_of_this_process(options.shard, output)
+    label_set = parse_labels(options.labels) if options.labels is not None else None
+    found = find_inputs(sources, output, shard, stdin)
+    settings = InferenceSettings(options.short_side, options.window, options.stride, options.synonyms,
+                                 options.bg_threshold)
+    seg = Segmenter.from_pretrained(options.model, device=str(rank_device(options.device)), precision=options.precision,
+                                    imgsz=options.imgsz, settings=settings, warn=False)
+    if seg.untrained:
+        warn(UNTRAINED_WARNING.format(name=options.model))
+    label_set = seg.resolve_labels(label_set)
+    batch_size = options.batch_size
+    if batch_size is None:
+        batch_size, rates = seg.find_batch_size()
+        if rates:
+            shown = ", ".join(f"{b}: {r:.0f}" if r else f"{b}: out of memory" for b, r in rates.items())
+            notify(f"batch size {batch_size} (images/s by batch size: {shown})")
+    if should_compile(options.compile, seg, sum(not s.video for s in found.sources)):
+        try:
+            seconds = seg.compile(batch_size)
+            notify(f"compiled the model for batches of {batch_size} in {seconds:.1f} s")
+        except SegcliError as exc:
+            if options.compile == "on":
+                raise
+            warn(f"{exc}; running it uncompiled")
+    run_options = RunOptions(labels=label_set, prompt=options.prompt, output=output, save=parse_outputs(options.save),
+                             alpha=options.alpha, batch_size=batch_size, workers=options.workers,
+                             overwrite=options.overwrite, max_pixels=options.max_pixels, shard=shard,
+                             postprocess=options.postprocess, embed_dtype=options.embed_dtype,
+                             embed_stride=options.embed_stride, vid_stride=options.vid_stride, smooth=options.smooth,
+                             refine=options.refine, decode=options.decode)
+    return PreparedPredict(seg, run_options, found)
 
 
-def check_compile(choice: str) -> None:
-    if choice not in COMPILE_CHOICES:
-        raise SegcliError(f"--compile {choice!r}: use auto, on or off")
+def predict(sources: list[str], options: PredictOptions | None = None,
+            on_record: Callable[[dict], None] | None = None) -> PredictResult:
+    """A whole `segcli predict` run from Python, with the command's defaults and decisions:
+
+    >>> result = predict(["photos/"], PredictOptions(labels="road,car,sky", output="masks"))
+    >>> result.failed, result.summary["counts"]
+    """
+    options = options or PredictOptions()
+    prepared = prepare_predict(options, sources)
+    return run_predict(prepared.segmenter, prepared.run_options, prepared.inputs, on_record=on_record,
+                       engine=options.engine)
 
 
 def should_compile(choice: str, seg: Segmenter, photos: int) -> bool:
-    """--compile on|off|auto: auto compiles PyTorch models (not int8, not corrclip) for 500 photos or more."""
-    check_compile(choice)
+    """--compile on|off|auto: auto compiles PyTorch models (not int8, not corrclip) for COMPILE_FROM photos or more."""
     if choice == "auto":
-        return photos >= COMPILE_FROM and seg.model.exportable and not seg.int8
+        return photos >= COMPILE_FROM and seg.model.capabilities.exportable and not seg.int8
     return choice == "on"
 
 
-def run_predict(seg: Segmenter, options: PredictOptions, found: SourceList,
+def run_predict(seg: Segmenter, options: RunOptions, found: SourceList,
                 on_record: Callable[[dict], None] | None = None,
                 on_frames: Callable[[int], None] | None = None, engine: str = "local") -> PredictResult:
     """One predict run; under torchrun, rank 0 then merges every rank's summary into DIR/summary.json.
     An output URL (`options.output` a str) is filled through a local mirror (segcli.pipeline.remote).
     `engine` "ray": the photos go through Ray Data (segcli.pipeline.ray_engine)."""
-    check_engine(engine, options.decode)
+    if engine not in ("local", "ray"):
+        raise SegcliError(f"--engine {engine!r}: use local or ray")
     if engine == "ray" and torchrun_ranks():
         raise SegcliError("--engine ray schedules the whole run itself: start it once, not under torchrun")
     remote = None

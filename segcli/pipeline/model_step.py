@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from segcli.data.sources import Source
+from segcli.inputs.sources import Source
 from segcli.embeddings.format import EmbeddingInfo, check_embed_stride, encode, pool, resolve_embed_dtype
 from segcli.errors import SegcliError
-from segcli.inference.segmenter import Segmenter, host_pixels
+from segcli.inference.runner import host_pixels
+from segcli.inference.segmenter import Segmenter
 from segcli.pipeline import host
 from segcli.pipeline.host import ModelInput
 from segcli.postprocess.label_map import batch_candidate_logits, image_region
@@ -50,13 +51,13 @@ class ModelStep:
 
     def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
         """A batch of model inputs -> per image, the candidate labels' logits on the host, one cell
-        per `seg.logit_stride` pixels of the resized photo (1 once refined); all labels', on the
+        per `seg.runner.logit_stride` pixels of the resized photo (1 once refined); all labels', on the
         device, when post-processing happens there."""
         t0 = time.perf_counter()
         if self.refiner is not None or self.seg.needs_regions:
             for it in batch:  # read on the host too: decoded on the device, they are copied back
                 it.model_input.pixels = host_pixels(it.model_input.pixels)
-        finished, emb = self.seg.segment_finished([it.model_input.pixels for it in batch],
+        finished, emb = self.seg.runner.segment_finished([it.model_input.pixels for it in batch],
                                                   [it.model_input.resized_hw for it in batch], text, self.batch_size,
                                                   self.refiner, self.groups, return_embeddings=self.embed is not None)
         per_image, valids = zip(*finished)

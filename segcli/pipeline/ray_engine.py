@@ -20,7 +20,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from segcli.errors import SegcliError, one_line
@@ -101,11 +101,7 @@ class Model:
         recipe = self.recipe
         device = "cuda" if torch.cuda.is_available() and recipe["device"] != "cpu" else "cpu"
         seg = Segmenter.from_pretrained(recipe["model"], device=device, precision=recipe["precision"],
-                                        imgsz=recipe["imgsz"], warn=False)
-        protocol = recipe["protocol"]
-        seg.use_protocol(**protocol) if protocol else seg.use_protocol(window=0)
-        seg.use_synonyms(recipe["synonyms"])
-        seg.use_bg_threshold(recipe["bg_threshold"])
+                                        imgsz=recipe["imgsz"], settings=recipe["settings"], warn=False)
         options = recipe["options"]
         self.step = ModelStep(seg, options)
         self.text = seg.label_embeddings(options.labels, options.prompt)
@@ -155,10 +151,8 @@ class RayPredictRun(PredictRun):
 
     def recipe(self) -> dict:
         seg = self.seg
-        protocol = asdict(seg.protocol) if seg.protocol.sliding else None
         return {"model": seg.name, "device": seg.device.type, "precision": self.opt_precision, "imgsz": seg.imgsz,
-                "protocol": protocol, "synonyms": seg.synonyms, "bg_threshold": seg.bg_threshold,
-                "options": replace(self.opt, output=None)}
+                "settings": seg.settings, "options": replace(self.opt, output=None)}
 
     @property
     def opt_precision(self) -> str:

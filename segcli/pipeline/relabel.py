@@ -17,20 +17,21 @@ from typing import Iterator
 
 import torch
 
-from segcli.data.sources import Source, SourceList
+from segcli.inputs.sources import Source, SourceList
 from segcli.embeddings.stored import StoredEmbeddings, check_models, recorded_model, stored_embeddings
 from segcli.errors import SegcliError
 from segcli.files.runs import next_run_dir
 from segcli.inference.segmenter import Segmenter
+from segcli.inference.settings import InferenceSettings
 from segcli.pipeline import host
-from segcli.pipeline.run import Item, PredictOptions, PredictRun
+from segcli.pipeline.run import Item, RunOptions, PredictRun
 from segcli.postprocess.label_map import candidate_logits
 
 
 class RelabelRun(PredictRun):
     """`segcli relabel`: PredictRun whose inputs are stored embeddings instead of photos."""
 
-    def __init__(self, segmenter: Segmenter, options: PredictOptions, stored: list[StoredEmbeddings],
+    def __init__(self, segmenter: Segmenter, options: RunOptions, stored: list[StoredEmbeddings],
                  source_folder: Path, on_record=None):
         if "embeddings" in options.save:
             raise SegcliError("relabel makes mask, color and overlay outputs; the embeddings are already stored")
@@ -72,7 +73,7 @@ def relabel_segmenter(folder: Path, model: str | None = None, device: str = "aut
     sizes = {e.info.imgsz for e in stored}
     if len(sizes) > 1:
         raise SegcliError(f"{folder} mixes embeddings made at several --imgsz ({sorted(sizes)}): relabel one at a time")
-    seg = Segmenter.from_pretrained(model or recorded_model(folder), device=device, imgsz=sizes.pop(), warn=False)
-    seg.use_protocol(window=0)  # the stored cells are one canvas's
-    seg.use_synonyms(synonyms)
+    # the stored cells are one canvas's
+    seg = Segmenter.from_pretrained(model or recorded_model(folder), device=device, imgsz=sizes.pop(), warn=False,
+                                    settings=InferenceSettings(window=0, synonyms=synonyms))
     return seg, stored

@@ -26,9 +26,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
-from segcli.data.labels import LabelSet
-from segcli.data.sources import Source, SourceList
+from segcli.inputs.images import DEFAULT_MAX_PIXELS, ImageDecodeError
+from segcli.vocabulary.labels import LabelSet
+from segcli.inputs.sources import Source, SourceList
 from segcli.embeddings.format import dtype_name
 from segcli.errors import SegcliError, one_line
 from segcli.files.atomic import is_disk_error, remove_stale_temp_files
@@ -51,7 +51,7 @@ class OutputWriteError(SegcliError):
 
 
 @dataclass
-class PredictOptions:
+class RunOptions:
     labels: LabelSet
     prompt: str | None = None
     output: Path | None = None  # None: a new runs/predict/N
@@ -84,7 +84,7 @@ class PredictResult:
 class PredictRun:
     """One `segcli predict` run over a list of sources."""
 
-    def __init__(self, segmenter: Segmenter, options: PredictOptions, sources: SourceList,
+    def __init__(self, segmenter: Segmenter, options: RunOptions, sources: SourceList,
                  on_record: Callable[[dict], None] | None = None, on_frames: Callable[[int], None] | None = None):
         if options.postprocess not in ("auto", "host", "device"):
             raise SegcliError(f"--postprocess {options.postprocess!r}: use host or device")
@@ -133,7 +133,7 @@ class PredictRun:
         on_device = options.postprocess == "device"
         self.device_post = None
         self.pool: WorkerPool | None = None  # the worker processes, while the run runs
-        if on_device and segmenter.model.exportable:  # a PyTorch model: its logits are on its device
+        if on_device and segmenter.model.capabilities.exportable:  # a PyTorch model: its logits are on its device
             from segcli.pipeline.device_post import DevicePostprocess
 
             self.device_post = self.step.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)

@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from segcli.data.sources import Source
+from segcli.inputs.sources import Source
 from segcli.errors import SegcliError
 from segcli.files.atomic import AppendLog, atomic_write_json, read_json_lines, remove_stale_temp_files
 from segcli.files.lock import FolderLock

@@ -31,7 +31,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from segcli.data.sources import Source
+from segcli.inputs.sources import Source
 from segcli.errors import one_line
 from segcli.files.atomic import TMP_PREFIX, atomic_write_bytes
 from segcli.pipeline.host import HostPlan, InputFailure, make_output_folder, present_labels
@@ -214,8 +214,8 @@ class VideoRun:
             state["previous"] = frame_logits
             return frame_logits
 
-        prepared = [self.seg.prepare_pixels(image) for _, _, image in batch]  # the photos' protocol
-        finished, _ = self.seg.segment_finished(*zip(*prepared), self.text, len(batch), self.refiner, self.groups,
+        prepared = [self.seg.runner.prepare_pixels(image) for _, _, image in batch]  # the photos' protocol
+        finished, _ = self.seg.runner.segment_finished(*zip(*prepared), self.text, len(batch), self.refiner, self.groups,
                                                 between=smoothed if self.smooth else None)
         plan, k = self.plan, len(self.plan.labels)
         for (index, seconds, image), (frame_logits, valid) in zip(batch, finished):

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from segcli.data.labels import LabelSet
+from segcli.vocabulary.labels import LabelSet
 from segcli.postprocess.render import (
     colorize,
     colorize_bgr,

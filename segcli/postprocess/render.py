@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from segcli.data.labels import LabelSet
+from segcli.vocabulary.labels import LabelSet
 
 try:  # ISA-L's deflate: 0.3 ms for a 2 MP label map where zlib at level 1 takes 3.5 ms (files ~1.5x larger)
     from isal.isal_zlib import compress as _isal_compress

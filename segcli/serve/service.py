@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_full_bgr
-from segcli.data.labels import LabelSet, parse_labels, prompt_templates
+from segcli.inputs.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_full_bgr
+from segcli.vocabulary.labels import LabelSet, parse_labels, prompt_templates
 from segcli.errors import SegcliError, one_line
 from segcli.inference.segmenter import Segmenter
 from segcli.pipeline import host
@@ -121,7 +121,7 @@ class Batcher:
     def _run(self, group: list[_Job]) -> None:
         try:
             text = self.seg.label_embeddings(group[0].labels, group[0].prompt)
-            finished, _ = self.seg.segment_finished([job.pixels for job in group], [job.resized_hw for job in group],
+            finished, _ = self.seg.runner.segment_finished([job.pixels for job in group], [job.resized_hw for job in group],
                                                     text, self.batch_size, self.refiner,  # predict's protocol
                                                     self.seg.label_groups(group[0].labels))
             for job, (logits_i, job.valid_hw) in zip(group, finished):
@@ -153,7 +153,7 @@ class Service:
     def info(self) -> dict:
         labels = self.default_labels
         return {"segcli_version": __version__, "model": self.seg.name, "architecture": self.seg.model.architecture,
-                "family": getattr(self.seg.model, "family", None), "imgsz": self.seg.imgsz,
+                "family": self.seg.model.capabilities.family, "imgsz": self.seg.imgsz,
                 "protocol": self.seg.protocol.describe(), "refine": "pamr" if self.batcher.refiner is not None else "none",
                 "default_labels": list(labels.names) if labels else None,
                 "open_vocabulary": self.seg.model.open_vocabulary, "device": str(self.seg.device),
@@ -211,11 +211,6 @@ class Service:
                 "fractions": {labels.names[k]: round(float(fractions[k]), 6) for k in present},
                 "mask_png": base64.b64encode(blobs["mask"]).decode("ascii")}
         return json.dumps(body).encode(), OUTPUTS["json"]
-
-
-def _decode_failure(exc: ImageDecodeError) -> ServeError:
-    status = {"too_large": 413, "not_image": 415}.get(exc.reason, 400)
-    return ServeError(status, str(exc))
 
 
 def _decode_failure(exc: ImageDecodeError) -> ServeError:

@@ -7,13 +7,14 @@ fields (flags, help and lower bounds live in each field's metadata).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from segcli.errors import SegcliError, check_input_size
 from segcli.inference.device import PRECISIONS
 from segcli.modeling.configs import ARCHITECTURES
 from segcli.models.families import FAMILIES
+from segcli.options import option
 
 if TYPE_CHECKING:
     from segcli.models.factory import ModelSpec
@@ -21,46 +22,41 @@ if TYPE_CHECKING:
 DEFAULT_LR = {"adamw": 3e-4, "sgd": 4e-3}
 
 
-def _option(default, help: str, *flags: str, min: float | None = None):
-    """A TrainOptions field with what its command-line option needs (flags, help, lower bound)."""
-    return field(default=default, metadata={"flags": flags, "help": help, "min": min})
-
-
 @dataclass
 class TrainOptions:
     """Every option of `segcli train`, defined once: the CLI is generated from these fields."""
 
-    data: str | None = _option(None, "ade20k, folder:PATH or synthetic.", "--data", "-d")
-    model: str | None = _option(None, "An architecture (lseg_vitl16_384, lseg_vitb16_384, lseg_vitb32_384, lseg_tiny) "
+    data: str | None = option(None, "ade20k, folder:PATH or synthetic.", "--data", "-d")
+    model: str | None = option(None, "An architecture (lseg_vitl16_384, lseg_vitb16_384, lseg_vitb32_384, lseg_tiny) "
                                       "or a segcli LSeg checkpoint to fine-tune.", "--model", "-m")
-    output: str | None = _option(None, "Run folder. Default: a new runs/train/N.", "--output", "-o")
-    data_root: str | None = _option(None, "Where the datasets live (segcli data get --root). Default: $SEGCLI_DATA, "
+    output: str | None = option(None, "Run folder. Default: a new runs/train/N.", "--output", "-o")
+    data_root: str | None = option(None, "Where the datasets live (segcli data get --root). Default: $SEGCLI_DATA, "
                                           "else ./data.", "--data-root")
-    download: bool = _option(False, "Fetch a missing catalog dataset first (segcli data get).", "--download")
-    steps: int | None = _option(None, "Optimizer steps to train.", "--steps", min=1)
-    epochs: int | None = _option(None, "Epochs to train (instead of --steps).", "--epochs", min=1)
-    time_limit: float | None = _option(None, "Minutes: stop cleanly, evaluate and save when time is up. Alone, the "
+    download: bool = option(False, "Fetch a missing catalog dataset first (segcli data get).", "--download")
+    steps: int | None = option(None, "Optimizer steps to train.", "--steps", min=1)
+    epochs: int | None = option(None, "Epochs to train (instead of --steps).", "--epochs", min=1)
+    time_limit: float | None = option(None, "Minutes: stop cleanly, evaluate and save when time is up. Alone, the "
                                              "LR schedule runs on time.", "--time-limit", min=0.1)
-    batch_size: int = _option(8, "Global batch size (split over processes).", "--batch-size", "-b", min=1)
-    accumulate: int = _option(1, "Split each batch into this many gradient-accumulation steps.", "--accumulate", min=1)
-    lr: float | None = _option(None, "Decoder learning rate (the backbone gets a tenth). Default: 3e-4 AdamW, 4e-3 SGD.",
+    batch_size: int = option(8, "Global batch size (split over processes).", "--batch-size", "-b", min=1)
+    accumulate: int = option(1, "Split each batch into this many gradient-accumulation steps.", "--accumulate", min=1)
+    lr: float | None = option(None, "Decoder learning rate (the backbone gets a tenth). Default: 3e-4 AdamW, 4e-3 SGD.",
                                "--lr", min=0.0)
-    optimizer: str = _option("adamw", "adamw or sgd.", "--optimizer")
-    weight_decay: float | None = _option(None, "Weight decay. Default: 0.01 AdamW, 1e-4 SGD (LSeg's).",
+    optimizer: str = option("adamw", "adamw or sgd.", "--optimizer")
+    weight_decay: float | None = option(None, "Weight decay. Default: 0.01 AdamW, 1e-4 SGD (LSeg's).",
                                          "--weight-decay", min=0.0)
-    warmup: int | None = _option(None, "Linear warmup steps. Default: 5% of the steps (at most 500).", "--warmup", min=0)
-    crop: int = _option(480, "Training crop size; also the evaluation input size.", "--crop", min=16)
-    precision: str = _option("auto", "auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.", "--precision")
-    clip_grad: float = _option(1.0, "Max gradient norm (0: off).", "--clip-grad", min=0.0)
-    seed: int = _option(0, "Seeds weights, data order and augmentation.", "--seed")
-    workers: int = _option(2, "Data-loading processes.", "--workers", "-j", min=0)
-    device: str = _option("auto", "auto, cpu, cuda, cuda:N (under torchrun: one GPU per rank).", "--device")
-    eval_every: int | None = _option(None, "Steps between validations. Default: every epoch.", "--eval-every", min=1)
-    save_every: int = _option(50, "Steps between resumable saves.", "--save-every", min=1)
-    pretrained: bool = _option(True, "Start from hub weights (ViT from timm, CLIP text from open_clip).",
+    warmup: int | None = option(None, "Linear warmup steps. Default: 5% of the steps (at most 500).", "--warmup", min=0)
+    crop: int = option(480, "Training crop size; also the evaluation input size.", "--crop", min=16)
+    precision: str = option("auto", "auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.", "--precision")
+    clip_grad: float = option(1.0, "Max gradient norm (0: off).", "--clip-grad", min=0.0)
+    seed: int = option(0, "Seeds weights, data order and augmentation.", "--seed")
+    workers: int = option(2, "Data-loading processes.", "--workers", "-j", min=0)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N (under torchrun: one GPU per rank).", "--device")
+    eval_every: int | None = option(None, "Steps between validations. Default: every epoch.", "--eval-every", min=1)
+    save_every: int = option(50, "Steps between resumable saves.", "--save-every", min=1)
+    pretrained: bool = option(True, "Start from hub weights (ViT from timm, CLIP text from open_clip).",
                                "--pretrained/--no-pretrained")
-    backbone_weights: str | None = _option(None, "A local timm ViT state dict instead of the hub.", "--backbone-weights")
-    text_weights: str | None = _option(None, "A local open_clip CLIP weights file instead of the hub.", "--text-weights")
+    backbone_weights: str | None = option(None, "A local timm ViT state dict instead of the hub.", "--backbone-weights")
+    text_weights: str | None = option(None, "A local open_clip CLIP weights file instead of the hub.", "--text-weights")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

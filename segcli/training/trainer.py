@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from segcli.data.labels import IGNORE_INDEX
-from segcli.data.segmentation import EpochBatches, SegmentationData, TrainingSet, open_dataset
+from segcli.vocabulary.labels import IGNORE_INDEX
+from segcli.datasets.segmentation import EpochBatches, SegmentationData, TrainingSet, open_dataset
 from segcli.errors import SegcliError
 from segcli.files.atomic import AppendLog, atomic_write_bytes, atomic_write_json, read_json_lines
 from segcli.files.lock import FolderLock
@@ -36,7 +36,7 @@ from segcli.inference.segmenter import Segmenter
 from segcli.models.checkpoint import load_training_state, save_checkpoint, save_training_state
 from segcli.models.factory import ModelSpec
 from segcli.training.distributed import Distributed
-from segcli.training.evaluate import evaluate
+from segcli.evaluation.evaluate import evaluate
 from segcli.training.initial_weights import initial_model
 from segcli.training.options import DEFAULT_LR, TrainOptions  # noqa: F401  (TrainOptions: part of this API)
 from segcli.version import __version__
@@ -95,8 +95,8 @@ class Trainer:
             raise SegcliError(f"--batch-size {opts.batch_size} must divide by processes x --accumulate "
                               f"({self.dist.world} x {opts.accumulate})")
         if opts.download and self.dist.main:
-            from segcli.data.catalog import BENCHMARKS
-            from segcli.data.prepare import default_root, get
+            from segcli.datasets.catalog import BENCHMARKS
+            from segcli.datasets.prepare import default_root, get
 
             if opts.data in BENCHMARKS:
                 get(BENCHMARKS[opts.data].download, default_root(opts.data_root))

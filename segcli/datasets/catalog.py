@@ -54,7 +54,7 @@ class Benchmark:
 
     name: str
     download: str
-    labels: str  # a named label set (segcli.data.labels)
+    labels: str  # a named label set (segcli.vocabulary.labels)
     images: dict[str, tuple[str, str]]
     masks: dict[str, tuple[str, str]]
     lut: tuple[int, ...]  # stored mask value -> class index (256 entries)

@@ -4,7 +4,7 @@ Each dataset is evaluated as the methods' authors do: the dataset's own class-na
 scored separately, a label keeps its best), the photo resized to the dataset's short side (NACLIP's
 configs: 336, Cityscapes 560) and slid over with the model's windows, and where class 0 is
 background (VOC21, Context60, COCO-Object) pixels whose best probability is under 0.1 taken as
-background; a method whose own configs differ (ProxyCLIP's, CorrCLIP's) gets its own (METHOD_SETTINGS).
+background; a method whose own configs differ (ProxyCLIP's, CorrCLIP's) gets its own (its MethodCfg's `benchmark`).
 Models that read one canvas (LSeg, exports) keep their own protocol; only the labels and the
 background rule apply to them. A dataset that is not under the data root is listed with the
 command that fetches it instead of failing the run.
@@ -15,23 +15,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from segcli.data.catalog import BENCHMARKS, TRAINING_FREE
-from segcli.data.labels import named_label_set
-from segcli.data.prepare import get_command
-from segcli.data.segmentation import limited, open_dataset
+from segcli.datasets.catalog import BENCHMARKS, TRAINING_FREE
+from segcli.vocabulary.labels import named_label_set
+from segcli.datasets.prepare import get_command
+from segcli.datasets.segmentation import limited, open_dataset
 from segcli.errors import SegcliError
 from segcli.inference.segmenter import Segmenter
-from segcli.training.evaluate import evaluate
+from segcli.inference.settings import InferenceSettings
+from segcli.modeling.configs import CLIP_DENSE_METHODS
+from segcli.evaluation.evaluate import evaluate
 
 SUITES = {"training-free": TRAINING_FREE}
 BACKGROUND_THRESHOLD = 0.1  # NACLIP's prob_thd on the datasets with a background class
-# where a method's own configs differ from the catalog's (NACLIP's) settings: ProxyCLIP's cfg_*.py
-# (short side 448 on ADE20K and Cityscapes, Cityscapes in 224 windows every 112; its prob_thd)
-METHOD_SETTINGS = {
-    "proxyclip": {"ade20k": {"short_side": 448}, "cityscapes": {"short_side": 448, "window": 224, "stride": 112},
-                  "voc21": {"bg_threshold": 0.2}, "context60": {"bg_threshold": 0.15}, "coco-object": {"bg_threshold": 0.25}},
-}
-METHOD_SETTINGS["corrclip"] = METHOD_SETTINGS["proxyclip"]  # CorrCLIPv1/configs/cfg_*.py: the same values
 
 
 def dataset_settings(method: str | None, name: str) -> dict:
@@ -40,7 +35,8 @@ def dataset_settings(method: str | None, name: str) -> dict:
     bench = BENCHMARKS[name]
     settings = {"short_side": bench.short_side, "window": None, "stride": None,
                 "bg_threshold": BACKGROUND_THRESHOLD if bench.background else None}
-    return {**settings, **METHOD_SETTINGS.get(method, {}).get(name, {})}
+    own = CLIP_DENSE_METHODS[method].benchmark.get(name, {}) if method else {}
+    return {**settings, **own}
 
 
 def run_benchmark(models: list[str], suite: str, root: Path, device: str = "auto", precision: str = "auto",
@@ -60,19 +56,15 @@ def run_benchmark(models: list[str], suite: str, root: Path, device: str = "auto
     for model in models:
         seg = Segmenter.from_pretrained(model, device=device, precision=precision, warn=False)
         sliding = seg.protocol.sliding  # the model's own protocol: windows (clip-dense) or one canvas
-        method = getattr(getattr(seg.model, "cfg", None), "method", None)
+        method = seg.model.capabilities.method
         row = table[model] = {}
         for name in names:
             if name not in datasets:
                 row[name] = None
                 continue
             bench, settings = BENCHMARKS[name], dataset_settings(method, name)
-            if sliding:
-                seg.use_protocol(settings["short_side"], settings["window"], settings["stride"])
-            else:
-                seg.use_protocol()
-            seg.use_synonyms("max")
-            seg.use_bg_threshold(settings["bg_threshold"])
+            windows = {k: settings[k] for k in ("short_side", "window", "stride")} if sliding else {}
+            seg.configure(InferenceSettings(**windows, synonyms="max", bg_threshold=settings["bg_threshold"]))
             result = evaluate(seg, datasets[name], "val", named_label_set(bench.labels), batch_size=batch_size)
             row[name] = {k: result[k] for k in ("mIoU", "pixAcc", "images", "protocol", "bg_threshold", "synonyms",
                                                  "refine", "prompt")}

@@ -1,6 +1,6 @@
 """`segcli data get` and `data list`: a dataset's archives fetched, verified, unpacked and put in place.
 
-    archives -> ROOT/.segcli-downloads/ (resumable, verified: segcli.data.download)
+    archives -> ROOT/.segcli-downloads/ (resumable, verified: segcli.datasets.download)
       -> unpacked into ROOT/.segcli-get-NAME-PID/ (each archive in its own folder; paths checked)
       -> arranged as the catalog says -> renamed to ROOT/FOLDER in one step, with a marker file
 
@@ -19,8 +19,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from segcli.data.catalog import BENCHMARKS, DOWNLOADS, Archive, Download
-from segcli.data.download import check_space, fetch, verify
+from segcli.datasets.catalog import BENCHMARKS, DOWNLOADS, Archive, Download
+from segcli.datasets.download import check_space, fetch, verify
 from segcli.errors import SegcliError
 from segcli.files.atomic import atomic_write_json
 from segcli.files.lock import pid_running

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from segcli.data.images import IMAGE_SUFFIXES, has_image_signature, looks_like_image, read_head
+from segcli.inputs.images import IMAGE_SUFFIXES, has_image_signature, looks_like_image, read_head
 from segcli.errors import SegcliError
 
 LIST_SUFFIXES = {".txt", ".lst", ".list"}

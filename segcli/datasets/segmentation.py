@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segcli.data.catalog import BENCHMARKS, DOWNLOADS, Benchmark, lut_array
-from segcli.data.images import IMAGE_SUFFIXES, load_image
-from segcli.data.labels import IGNORE_INDEX, LabelSet, named_label_set
-from segcli.data.prepare import default_root, get_command
-from segcli.data.synthetic import SYNTHETIC_CLASSES, synthetic_scene
+from segcli.datasets.catalog import BENCHMARKS, DOWNLOADS, Benchmark, lut_array
+from segcli.inputs.images import IMAGE_SUFFIXES, load_image
+from segcli.vocabulary.labels import IGNORE_INDEX, LabelSet, named_label_set
+from segcli.datasets.prepare import default_root, get_command
+from segcli.datasets.synthetic import SYNTHETIC_CLASSES, synthetic_scene
 from segcli.errors import SegcliError
 
 SPLITS = ("train", "val")

@@ -1,4 +1,4 @@
-"""Decoding any photo to RGB (EXIF, modes, bit depths, bombs) and fitting it to the model canvas."""
+"""Decoding any photo to RGB (EXIF, modes, bit depths, bombs); its fitting to the model is segcli.inputs.geometry."""
 
 from __future__ import annotations
 
@@ -156,32 +156,3 @@ def _decode_errors():
     except (OSError, ValueError, SyntaxError, EOFError, cv2.error) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageDecodeError(f"cannot decode image: {msg}") from None
-
-
-@dataclass
-class Canvas:
-    """An image fitted into the model's square input: uint8 [S,S,3], image at the top-left."""
-
-    pixels: np.ndarray
-    resized_hw: tuple[int, int]  # size of the image inside the canvas
-
-
-def long_side_size(w: int, h: int, size: int) -> tuple[int, int]:
-    """(width, height) with the long side at `size`, aspect kept."""
-    scale = size / max(w, h)
-    return max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-
-
-def resize_long_side(img: Image.Image, size: int) -> Image.Image:
-    """`img` with its long side at `size` (aspect kept; Pillow's bilinear, antialiased when shrinking)."""
-    rw, rh = long_side_size(*img.size, size)
-    return img.resize((rw, rh), Image.BILINEAR) if (rw, rh) != img.size else img
-
-
-def fit_to_canvas(img: Image.Image, size: int) -> Canvas:
-    """Resize so the long side is `size` (resize_long_side), pad bottom/right with black."""
-    resized = resize_long_side(img, size)
-    rw, rh = resized.size
-    pixels = np.zeros((size, size, 3), dtype=np.uint8)  # black = LSeg's padding value
-    pixels[:rh, :rw] = np.asarray(resized)
-    return Canvas(pixels=pixels, resized_hw=(rh, rw))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segcli.data.labels import IGNORE_INDEX
+from segcli.vocabulary.labels import IGNORE_INDEX
 
 
 class ConfusionMatrix:

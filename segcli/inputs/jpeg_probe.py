@@ -1,7 +1,7 @@
 """Which JPEGs the device decoder (nvJPEG through torchvision) may take, read from their headers.
 
 The GPU path decodes plain JPEGs in batches on the device and leaves every other file to the host
-workers, which decode anything (segcli.data.images). This reads only the markers before the scan,
+workers, which decode anything (segcli.inputs.images). This reads only the markers before the scan,
 in Python, with every length checked against the bytes there are: a hostile header ends in None
 (the host path), never in an exception or an out-of-range read. It reads the EXIF orientation as
 Pillow's `getexif()` does (APP1 Exif, IFD0's tag 0x0112), so the device path turns a photo as the

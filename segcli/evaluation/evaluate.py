@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segcli.data.labels import LabelSet
-from segcli.data.segmentation import SegmentationData
+from segcli.vocabulary.labels import LabelSet
+from segcli.datasets.segmentation import SegmentationData
 from segcli.errors import SegcliError
 from segcli.inference.segmenter import Segmenter
-from segcli.inference.windows import model_pixels
+from segcli.inputs.geometry import model_pixels
 from segcli.postprocess.label_map import image_extent, image_region, restore_label_map
-from segcli.training.metrics import ConfusionMatrix
+from segcli.evaluation.metrics import ConfusionMatrix
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -40,8 +40,8 @@ def scale_logits(seg: Segmenter, image: Image.Image, text: torch.Tensor, scale: 
     if scale != 1.0 and protocol.sliding and protocol.short_side:
         protocol = replace(protocol, short_side=max(1, round(protocol.short_side * scale)))
     pixels, resized_hw = model_pixels(image, _round_to(seg.imgsz * scale, seg.model.input_multiple), protocol)
-    [logits] = seg.segment_images([pixels], text, protocol=protocol)
-    s = seg.logit_stride
+    [logits] = seg.runner.segment_images([pixels], text, protocol=protocol)
+    s = seg.runner.logit_stride
     region = image_region(logits, resized_hw, s).cpu()
     if flip:
         region = region.flip(-1)
@@ -59,14 +59,14 @@ def label_map(seg: Segmenter, image: Image.Image, text: torch.Tensor, scales=(1.
                 ref, ref_valid = logits.clone(), valid
             else:
                 ref += F.interpolate(logits[None], size=ref.shape[-2:], mode="bilinear", align_corners=False)[0]
-    return restore_label_map(seg.threshold_background(ref), ref_valid, (image.height, image.width), groups=groups)
+    return restore_label_map(seg.runner.threshold_background(ref), ref_valid, (image.height, image.width), groups=groups)
 
 
 def evaluate(seg: Segmenter, data: SegmentationData, split: str = "val", labels: LabelSet | None = None,
              batch_size: int = 8, ms_flip: bool = False, prompt: str | None = None, refine: str = "auto",
              on_image: Callable[[int, int], None] | None = None) -> dict:
     """Metrics over the whole split from one confusion matrix (mmsegmentation's definition), under
-    the Segmenter's protocol (`seg.use_protocol`: one canvas or sliding windows). `refine` as
+    the Segmenter's protocol (`seg.protocol`: one canvas or sliding windows). `refine` as
     predict's (not with `ms_flip`, whose logits are summed at model resolution)."""
     refines = seg.refiner_for(refine) is not None and not ms_flip  # --ms-flip sums logits at model resolution
     if ms_flip and refine == "pamr":

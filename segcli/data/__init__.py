@@ -1,1 +1,0 @@
-"""Input discovery and image decoding."""

@@ -1,0 +1,1 @@
+"""The label vocabulary: label sets, synonyms, named sets and prompt templates."""
