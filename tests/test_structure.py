@@ -26,7 +26,8 @@ LAYERS = [
     ["datasets"],
     ["inputs", "vocabulary"],
     ["files"],
-    ["errors", "options", "version"],
+    ["options"],
+    ["errors", "version"],
 ]
 RANK = {room: len(LAYERS) - i for i, rooms in enumerate(LAYERS) for room in rooms}
 
