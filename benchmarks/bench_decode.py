@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from common import sample_photos  # benchmarks/ is on sys.path when run as a script
 
-from segcli.inputs.images import DEFAULT_MAX_PIXELS
-from segcli.inputs.jpeg_probe import probe_jpeg
 from segcli.inference.device_decode import DeviceDecoder
 from segcli.inputs.geometry import Protocol
+from segcli.inputs.images import DEFAULT_MAX_PIXELS
+from segcli.inputs.jpeg_probe import probe_jpeg
 from segcli.pipeline import host
 
 SIZES = {"0.3MP": (640, 480), "2MP": (1728, 1152)}
@@ -80,9 +80,9 @@ def model_rate(seg, batch: int) -> float:
 
 def predict_rate(seg, folder: Path, out: Path, decode: str, batch: int) -> float:
     """Photos/s of predict's engine (every output) on `folder`, after a warm-up run."""
-    from segcli.vocabulary.labels import parse_labels
     from segcli.inputs.sources import collect_sources
-    from segcli.pipeline.run import RunOptions, PredictRun
+    from segcli.pipeline.run import PredictRun, RunOptions
+    from segcli.vocabulary.labels import parse_labels
 
     labels = parse_labels("cat,grass,sky,person,tree,road,car,water")
     seconds = []

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import ROOT  # benchmarks/ is on sys.path when run as a script
 
 

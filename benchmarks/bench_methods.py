@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
-from pathlib import Path
-
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from common import ROOT, sample_photos  # benchmarks/ is on sys.path when run as a script
 

@@ -97,9 +97,9 @@ def part_predict(args) -> dict:
     out exactly; two folder sizes through the CLI left out too little on a GPU, where model start-up
     varied by more than a run of 1,000 photos takes."""
     from segcli.api import Segmenter
-    from segcli.vocabulary.labels import LabelSet
     from segcli.inputs.sources import collect_sources
-    from segcli.pipeline.run import RunOptions, PredictRun
+    from segcli.pipeline.run import PredictRun, RunOptions
+    from segcli.vocabulary.labels import LabelSet
 
     seg = Segmenter.from_pretrained(args.model, device=args.device, imgsz=args.imgsz, warn=False)
     labels = seg.resolve_labels(LabelSet.from_synonyms([[n] for n in label_names(args.k)]))
@@ -121,10 +121,10 @@ def part_naive(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from segcli.vocabulary.labels import LabelSet
     from segcli.modeling.pixel_text import embed_labels
     from segcli.models.factory import load_model
     from segcli.postprocess.render import palette_array
+    from segcli.vocabulary.labels import LabelSet
 
     device = torch.device(args.device)
     model = load_model(args.model, device).backend
@@ -158,8 +158,8 @@ def part_clipseg(args) -> dict:
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
-    from segcli.vocabulary.labels import LabelSet
     from segcli.postprocess.render import palette_array
+    from segcli.vocabulary.labels import LabelSet
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -236,9 +236,9 @@ def part_host(args) -> dict:
     import torch
 
     from segcli.api import Segmenter
-    from segcli.vocabulary.labels import LabelSet
     from segcli.inputs.sources import collect_sources
-    from segcli.pipeline.run import RunOptions, PredictRun
+    from segcli.pipeline.run import PredictRun, RunOptions
+    from segcli.vocabulary.labels import LabelSet
 
     torch.set_num_threads(1)  # the stand-in is tiny: a second thread only adds hand-offs (a GPU host runs it there)
     seg = Segmenter(ColorProbe(), device="cpu", precision="fp32", imgsz=384, name="color-probe")
@@ -365,7 +365,7 @@ def host_ceiling(args, tmp: Path, model_images_per_s: float | None) -> None:
         photos = {n: sample_photos(tmp / f"host_{size[0]}_{n}", n, size) for n in (small, large)}
         for save in ("mask,color,overlay", "mask"):
             trials = []  # per repetition: core-ms, main-process ms, model-stage ms (-j last), then img/s per -j
-            for rep in range(args.host_repeat):
+            for _ in range(args.host_repeat):
                 wall, cpu, main, model = {}, {}, {}, {}
                 for workers in counts:
                     for n, folder in photos.items():

@@ -14,9 +14,9 @@ same outputs, records and summary as a local run) with the stages in segcli.pipe
 
 from __future__ import annotations
 
-from segcli.pipeline.ray_engine import Model, RayPredictRun, decode_row, finish_row, start_ray
+from segcli.pipeline.ray_engine import Model, RayEngine, decode_row, finish_row, start_ray
 
-__all__ = ["Segment", "Model", "RayPredictRun", "decode_row", "finish_row", "start_ray"]
+__all__ = ["Segment", "Model", "RayEngine", "decode_row", "finish_row", "start_ray"]
 
 
 class Segment:

@@ -54,9 +54,9 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A lseg_tiny checkpoint with random (seeded) weights and randomised BN statistics."""
-    from segcli.vocabulary.labels import parse_labels
     from segcli.modeling import build_model
     from segcli.models.checkpoint import save_checkpoint
+    from segcli.vocabulary.labels import parse_labels
 
     torch.manual_seed(1)
     model = build_model("lseg_tiny")

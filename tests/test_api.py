@@ -10,8 +10,8 @@ from conftest import SAMPLES, NetworkAccess
 from PIL import Image
 
 from segcli import Segmenter
-from segcli.inputs.images import to_rgb
 from segcli.errors import SegcliError
+from segcli.inputs.images import to_rgb
 
 
 def test_predict_accepts_paths_pil_and_arrays(tiny_checkpoint):

@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 from segcli.api import Segmenter
 from segcli.cli import app
-from segcli.vocabulary.labels import parse_labels
 from segcli.errors import SegcliError
 from segcli.modeling import build_model
 from segcli.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from segcli.vocabulary.labels import parse_labels
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):

@@ -116,8 +116,8 @@ def reference_naclip(clip: CLIP, images: torch.Tensor, std: float) -> torch.Tens
     bias = torch.zeros(n, n)
     for a in range(1, n):
         for b in range(1, n):
-            (i, j), (m, l) = divmod(a - 1, w), divmod(b - 1, w)
-            bias[a, b] = math.exp(-((i - m) ** 2 + (j - l) ** 2) / (2 * std ** 2))
+            (i, j), (r, c) = divmod(a - 1, w), divmod(b - 1, w)
+            bias[a, b] = math.exp(-((i - r) ** 2 + (j - c) ** 2) / (2 * std ** 2))
     x = last.attn.out_proj(torch.softmax(k @ k.transpose(1, 2) / 8.0 + bias, dim=-1) @ val)
     tokens = v.ln_post(x[:, 1:]) @ v.proj
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
@@ -294,8 +294,8 @@ def test_clip_dense_saves_as_a_segcli_checkpoint_and_loads_back(clip_files, smal
     from typer.testing import CliRunner
 
     from segcli.cli import app
-    from segcli.vocabulary.labels import parse_labels
     from segcli.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+    from segcli.vocabulary.labels import parse_labels
 
     model = clip_dense_from_clip_state(dict(tiny_clip().state_dict()), "tiny-clip")
     path = save_checkpoint(model, tmp_path / "clip.safetensors", labels=parse_labels("cat,sky"))

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.vocabulary.labels import parse_labels
 from segcli.errors import SegcliError
 from segcli.modeling.text_encoder import TextEncoder
 from segcli.models.checkpoint import load_checkpoint
 from segcli.models.convert import convert_weights
 from segcli.models.lseg_weights import infer_config, read_lseg_state_dict
+from segcli.vocabulary.labels import parse_labels
 
 # A small LSeg (ViT-B/16 layout, fewer and narrower layers): documented names, small shapes.
 D, DEPTH, PATCH, GRID, CH, FEAT, W, TEXT_LAYERS, C = 128, 4, 16, 4, (16, 32, 64, 64), 32, 64, 2, 32
@@ -112,7 +112,8 @@ def reference_logits(sd: dict, images: torch.Tensor, tokens: torch.Tensor) -> to
         a = ((q @ k.transpose(-1, -2)) * 0.125).softmax(-1) @ v
         t = t + F.linear(a.transpose(1, 2).reshape(B, -1, D), g[b + "attn.proj.weight"], g[b + "attn.proj.bias"])
         h = F.layer_norm(t, (D,), g[b + "norm2.weight"], g[b + "norm2.bias"], eps=1e-6)
-        t = t + F.linear(F.gelu(F.linear(h, g[b + "mlp.fc1.weight"], g[b + "mlp.fc1.bias"])), g[b + "mlp.fc2.weight"], g[b + "mlp.fc2.bias"])
+        hidden = F.gelu(F.linear(h, g[b + "mlp.fc1.weight"], g[b + "mlp.fc1.bias"]))
+        t = t + F.linear(hidden, g[b + "mlp.fc2.weight"], g[b + "mlp.fc2.bias"])
         hooks.append(t)  # DEPTH 4: hooks at every block
     levels = []
     for level, t in enumerate(hooks, 1):

@@ -175,8 +175,8 @@ def test_the_vote_takes_each_regions_majority():
 def test_predict_eval_video_and_the_refusals(corr_files, tmp_path):
     from test_video import make_video
 
-    from segcli.vocabulary.labels import parse_labels
     from segcli.inference.segmenter import Segmenter
+    from segcli.vocabulary.labels import parse_labels
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from segcli.inference.settings import InferenceSettings
 from segcli.cli import app
 from segcli.datasets import catalog, prepare
 from segcli.datasets.segmentation import open_dataset
 from segcli.errors import SegcliError
+from segcli.inference.settings import InferenceSettings
 
 RNG = np.random.default_rng(0)
 
@@ -358,7 +358,8 @@ def test_context_is_adopted_from_a_converted_folder(tmp_path):
     folder, what = prepare.get("context", root, source=str(converted))
     assert what.startswith("linked") and folder.is_symlink()
     data = open_dataset("context59", root)
-    assert np.array_equal(data.load("val", data.samples("val")[0])[1], np.where(mask == 0, 255, np.where(mask == 255, 255, mask.astype(int) - 1)))
+    expected = np.where(mask == 0, 255, np.where(mask == 255, 255, mask.astype(int) - 1))
+    assert np.array_equal(data.load("val", data.samples("val")[0])[1], expected)
     assert np.array_equal(open_dataset("context60", root).load("val", data.samples("val")[0])[1], mask)
 
 

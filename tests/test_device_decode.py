@@ -14,12 +14,12 @@ import torch
 from conftest import SAMPLES, make_nasty_folder
 from PIL import Image, ImageOps
 
-from segcli.inference.settings import InferenceSettings
-from segcli.inputs.images import DEFAULT_MAX_PIXELS
-from segcli.inputs.jpeg_probe import JpegProbe, probe_jpeg
 from segcli.inference import device_decode
 from segcli.inference.device_decode import DeviceDecoder, torchvision_decode
+from segcli.inference.settings import InferenceSettings
 from segcli.inputs.geometry import Protocol, model_pixels
+from segcli.inputs.images import DEFAULT_MAX_PIXELS
+from segcli.inputs.jpeg_probe import JpegProbe, probe_jpeg
 from segcli.pipeline import host
 
 CAT = Image.open(SAMPLES / "cat.jpg").convert("RGB")
@@ -163,11 +163,12 @@ def test_predict_decode_device_matches_host(tmp_path, tiny_checkpoint, monkeypat
     """Every input of a messy folder: the same records (statuses, sizes, errors) with the JPEGs
     decoded on the device as on the host, and nearly the same model inputs; the device decoded
     the plain JPEGs, one call per batch."""
-    from segcli.vocabulary.labels import parse_labels
-    from segcli.inputs.sources import collect_sources
     from segcli.inference.runner import host_pixels
     from segcli.inference.segmenter import Segmenter
-    from segcli.pipeline.run import RunOptions, PredictRun
+    from segcli.inputs.sources import collect_sources
+    from segcli.pipeline.model_step import ModelStep
+    from segcli.pipeline.run import PredictRun, RunOptions
+    from segcli.vocabulary.labels import parse_labels
 
     photos = tmp_path / "photos"
     kinds = make_nasty_folder(photos)
@@ -178,14 +179,14 @@ def test_predict_decode_device_matches_host(tmp_path, tiny_checkpoint, monkeypat
     # 86 rows on the host, from its 1/4 decode, and 85 on the device, from its full size)
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", precision="fp32", imgsz=384)
     inputs: dict[str, dict[str, np.ndarray]] = {"host": {}, "device": {}}
-    infer = PredictRun.infer
+    infer = ModelStep.infer
 
     def recorded_infer(self, batch, text):
         for item in batch:  # what the model was given
-            inputs[self.opt.decode][str(item.source.rel)] = host_pixels(item.model_input.pixels)
+            inputs[where][str(item.source.rel)] = host_pixels(item.model_input.pixels)
         return infer(self, batch, text)
 
-    monkeypatch.setattr(PredictRun, "infer", recorded_infer)
+    monkeypatch.setattr(ModelStep, "infer", recorded_infer)
     runs = {}
     for where in ("host", "device"):
         options = RunOptions(labels=parse_labels("a,b,c,d"), output=tmp_path / where, decode=where,
@@ -231,11 +232,11 @@ def test_decode_choices(tiny_checkpoint):
 def test_device_pixels_feed_refinement_embeddings_and_windows(tmp_path, tiny_checkpoint):
     """Outputs that read the model's pixels on the host (PAMR, stored embeddings, sliding windows)
     take the device's pixels copied back: the same files as from the host's decode, nearly."""
-    from segcli.vocabulary.labels import parse_labels
-    from segcli.inputs.sources import collect_sources
     from segcli.embeddings.format import read_tensor
     from segcli.inference.segmenter import Segmenter
-    from segcli.pipeline.run import RunOptions, PredictRun
+    from segcli.inputs.sources import collect_sources
+    from segcli.pipeline.run import PredictRun, RunOptions
+    from segcli.vocabulary.labels import parse_labels
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -101,8 +101,8 @@ def test_the_stored_file(photos, tmp_path, tiny_checkpoint):
     from segcli.api import Segmenter
 
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu")
-    from segcli.inputs.images import decode_photo
     from segcli.inputs.geometry import fit_to_canvas
+    from segcli.inputs.images import decode_photo
 
     canvas = fit_to_canvas(decode_photo(photos / "cat.jpg", draft_long_side=seg.imgsz).image, seg.imgsz)
     _, full = seg.runner.segment_canvases(canvas.pixels[None], seg.label_embeddings(seg.resolve_labels(TINY_LABELS)),
@@ -148,9 +148,9 @@ def test_pooled_embeddings_are_an_average_pooling(photos, tmp_path, tiny_checkpo
 
 
 def test_relabel_refuses_another_models_embeddings(photos, tmp_path, tiny_checkpoint):
-    from segcli.vocabulary.labels import parse_labels
     from segcli.modeling import build_model
     from segcli.models.checkpoint import save_checkpoint
+    from segcli.vocabulary.labels import parse_labels
 
     torch.manual_seed(7)
     other = tmp_path / "other.safetensors"

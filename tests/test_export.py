@@ -134,8 +134,8 @@ def test_failed_verification_writes_nothing(tiny_checkpoint, tmp_path, monkeypat
     import segcli.models.export as export
 
     monkeypatch.setattr(export, "_run_onnx", lambda path, images, text: -np.ones((3, 4, 64, 64), np.float32))
-    from segcli.vocabulary.labels import parse_labels
     from segcli.models.checkpoint import load_checkpoint
+    from segcli.vocabulary.labels import parse_labels
 
     model, _ = load_checkpoint(tiny_checkpoint)
     out = tmp_path / "bad.onnx"

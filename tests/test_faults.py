@@ -59,11 +59,11 @@ def predict_args(photos: Path, out: Path, tiny_checkpoint: Path, *extra: str) ->
 
 
 class FailingWrites:
-    """fileio._write (every byte segcli writes goes through it) failing with `code` at the N-th call:
+    """fileio.write_all (every byte segcli writes goes through it) failing with `code` at the N-th call:
     only that call (`once`), or that call and every later one (a disk that stays full). A failing
     call first writes half its bytes, as a short write on a nearly full disk does."""
 
-    real = staticmethod(fileio._write)
+    real = staticmethod(fileio.write_all)
 
     def __init__(self, monkeypatch, code: int, at: int, once: bool):
         self.calls, self.code, self.at, self.once = 0, code, at, once
@@ -76,7 +76,7 @@ class FailingWrites:
                 raise OSError(self.code, os.strerror(self.code))
             real(fd, data)
 
-        monkeypatch.setattr(fileio, "_write", write)
+        monkeypatch.setattr(fileio, "write_all", write)
 
 
 def one_error_line(output: str) -> str:
@@ -113,7 +113,7 @@ def test_a_write_failing_at_every_point_loses_nothing(photos, tmp_path, tiny_che
             if out.exists():
                 assert not temp_files(out), (code, n)
                 assert not list((out / ".segcli").glob("lock*.json")), (code, n)
-            monkeypatch.setattr(fileio, "_write", FailingWrites.real)  # no more faults
+            monkeypatch.setattr(fileio, "write_all", FailingWrites.real)  # no more faults
             again = cli(*predict_args(photos, out, tiny_checkpoint, *device))
             assert again.exit_code == 0, (code, n, again.output)
             assert outputs_of(out) == expected, (code, n)
@@ -271,9 +271,9 @@ def test_two_real_runs_at_once_one_is_refused(tmp_path, tiny_checkpoint):
 
 def test_inputs_deleted_truncated_or_gone_after_listing(photos, tmp_path, tiny_checkpoint):
     from segcli.api import Segmenter
-    from segcli.vocabulary.labels import parse_labels
     from segcli.inputs.sources import collect_sources
-    from segcli.pipeline.run import RunOptions, PredictRun
+    from segcli.pipeline.run import PredictRun, RunOptions
+    from segcli.vocabulary.labels import parse_labels
 
     extra = photos / "gone"
     extra.mkdir()

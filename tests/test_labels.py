@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from segcli.vocabulary.labels import default_palette, parse_labels
 from segcli.errors import SegcliError
+from segcli.vocabulary.labels import default_palette, parse_labels
 
 
 def test_comma_list_with_spaces_and_synonyms():

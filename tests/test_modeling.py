@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segcli.vocabulary.labels import parse_labels
 from segcli.modeling import LSeg, build_model
 from segcli.modeling.configs import ARCHITECTURES, get_config
 from segcli.models.lseg_format import UNUSED_LSEG_KEYS, lseg_to_segcli_key
+from segcli.vocabulary.labels import parse_labels
 
 SHARED_LSEG = Path(__file__).resolve().parents[2] / "shared" / "lseg"
 

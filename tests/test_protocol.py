@@ -12,14 +12,14 @@ from PIL import Image
 from test_clip_dense import tiny_clip
 from typer.testing import CliRunner
 
-from segcli.inference.settings import InferenceSettings
 from segcli.api import Segmenter
 from segcli.cli import app
-from segcli.vocabulary.labels import parse_labels
 from segcli.errors import SegcliError
+from segcli.inference.settings import InferenceSettings
 from segcli.inputs.geometry import Protocol, draft_size, model_pixels, resolve_protocol, short_side_size, windows
 from segcli.modeling.configs import CLIP_DENSE_METHODS
 from segcli.models.clip_weights import clip_dense_from_clip_state
+from segcli.vocabulary.labels import parse_labels
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_overlapping_windows_are_the_per_pixel_mean_of_the_window_logits(seg):
     expected = np.zeros((4, 80, 120))
     for y in range(80):  # directly, pixel by pixel
         for x in range(120):
-            covering = [v[:, y - t, x - l] for (t, l), v in per_window.items() if t <= y < t + 64 and l <= x < l + 64]
+            covering = [v[:, y - t, x - left] for (t, left), v in per_window.items() if t <= y < t + 64 and left <= x < left + 64]
             expected[:, y, x] = np.mean(covering, axis=0)
     for batch_size in (1, 4, 8):
         [got] = seg.runner.segment_images([pixels], text, batch_size=batch_size, protocol=Protocol(None, 64, 32))

@@ -75,8 +75,8 @@ def test_proxy_block_is_its_equations():
 
 
 def test_a_proxyclip_checkpoint_runs_predict_eval_and_stored_embeddings(tmp_path):
-    from segcli.vocabulary.labels import parse_labels
     from segcli.models.checkpoint import read_checkpoint_info, save_checkpoint
+    from segcli.vocabulary.labels import parse_labels
 
     clip, dino = tiny_models()
     model = clip_dense_from_clip_state(clip.state_dict(), "tiny-proxy", method="proxyclip", proxy_state=dino.state_dict())

@@ -71,15 +71,15 @@ def _model_actor_pids() -> list[int]:
 
 
 def test_a_killed_model_actor_is_restarted_and_the_files_are_the_same(tmp_path, tiny_checkpoint):
-    from segcli.vocabulary.labels import parse_labels
     from segcli.inference.segmenter import Segmenter
     from segcli.pipeline.launch import find_inputs, run_predict
     from segcli.pipeline.run import RunOptions
+    from segcli.vocabulary.labels import parse_labels
 
     photos = many_photos(tmp_path / "photos", 10)
     (photos / "broken.jpg").unlink()
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", warn=False)
-    found = find_inputs([str(photos)], None, None)
+    found, _ = find_inputs([str(photos)], None, None)
 
     def options(out: Path) -> RunOptions:
         return RunOptions(labels=parse_labels(TINY_LABELS), output=out, batch_size=1)

@@ -5,8 +5,8 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from segcli.inputs.sources import collect_sources
 from segcli.errors import SegcliError
+from segcli.inputs.sources import collect_sources
 
 
 def test_named_files_are_placed_under_the_deepest_folder_they_share(tmp_path, monkeypatch):

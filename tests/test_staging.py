@@ -18,7 +18,8 @@ def test_only_the_inputs_to_do_are_fetched_and_each_goes_once_done():
     stager = RemoteInputs(["memory://stage-test/p"], ahead=2)
     try:
         found = stager.collect()
-        assert [s.display for s in found.sources] == [f"memory:///stage-test/p/{i}.jpg" for i in range(6)]  # fsspec's memory keys start at /
+        # fsspec's memory keys start at /
+        assert [s.display for s in found.sources] == [f"memory:///stage-test/p/{i}.jpg" for i in range(6)]
         assert found.skipped == ["memory:///stage-test/p/readme.txt"]
         todo = [found.sources[1], found.sources[4], found.sources[5]]  # the others: done by an earlier run
         stager.restrict(todo)

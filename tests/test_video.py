@@ -124,9 +124,9 @@ def lively_checkpoint(tmp_path_factory) -> Path:
     shared tiny checkpoint's randomised statistics give one label everywhere on these frames)."""
     import torch
 
-    from segcli.vocabulary.labels import parse_labels
     from segcli.modeling import build_model
     from segcli.models.checkpoint import save_checkpoint
+    from segcli.vocabulary.labels import parse_labels
 
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("lively") / "tiny.safetensors"

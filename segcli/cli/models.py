@@ -16,7 +16,8 @@ from segcli.models.families import DEFAULT_MODEL
 
 @user_errors
 def info(
-    model: str = typer.Argument(..., help="Any --model value: a checkpoint, an LSeg .ckpt, open_clip weights, an .onnx export, clip-dense[:ARCH[@TAG]] or an architecture."),
+    model: str = typer.Argument(..., help=("Any --model value: a checkpoint, an LSeg .ckpt, open_clip weights, an .onnx export, "
+            "clip-dense[:ARCH[@TAG]] or an architecture.")),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show what a model is: kind, family, architecture, parameters, labels, metadata (never downloads)."""
@@ -36,7 +37,8 @@ def info(
         rows["labels"] = "none"
     config = data.get("config") or {}
     if "text" in config:
-        rows["text encoder"] = f"CLIP text width {config['text']['width']}, {config['text']['layers']} layers, C = {config['text']['embed_dim']}"
+        text = config["text"]
+        rows["text encoder"] = f"CLIP text width {text['width']}, {text['layers']} layers, C = {text['embed_dim']}"
     _show({**rows, **(data.get("metadata") or {})}, False)
 
 
@@ -58,7 +60,8 @@ def _table(rows: dict):
 
 @user_errors
 def convert(
-    source: Path = typer.Argument(..., help="An official LSeg checkpoint (.ckpt from PyTorch Lightning, or a bare state dict), or open_clip CLIP weights."),
+    source: Path = typer.Argument(..., help=("An official LSeg checkpoint (.ckpt from PyTorch Lightning, or a bare state dict), or "
+            "open_clip CLIP weights.")),
     output: Path = typer.Argument(..., help="The segcli checkpoint to write (.safetensors)."),
 ) -> None:
     """Convert foreign weights (LSeg .ckpt, open_clip CLIP) to a segcli checkpoint, without running code from them."""
@@ -73,7 +76,8 @@ def convert(
 def export(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Any --model value predict takes (checkpoint, clip-dense, ...)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx (runs on onnxruntime, TensorRT, ...) or pt2 (torch.export)."),
-    labels: Optional[str] = typer.Option(None, "--labels", "-l", help="Bake these labels in (outputs logits and label map). Without: open vocabulary, label embeddings are a second input."),
+    labels: Optional[str] = typer.Option(None, "--labels", "-l", help=("Bake these labels in (outputs logits and label map). Without: "
+            "open vocabulary, label embeddings are a second input.")),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="The fixed input size. Default: the model's."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path. Default: MODELNAME.onnx / .pt2 here."),
     half: bool = typer.Option(False, "--half", help="fp16 artifact (verified with a looser tolerance: 99% argmax agreement)."),
@@ -95,14 +99,15 @@ def export(
 @user_errors
 def embed_labels_command(
     labels: str = typer.Option(..., "--labels", "-l", help='Labels as in predict: "road,car,sky", synonyms with ;, @file.txt, ade20k.'),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="The model whose text space to use (checkpoint, clip-dense, or an open-vocabulary .onnx export)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=("The model whose text space to use (checkpoint, clip-dense, or an "
+            "open-vocabulary .onnx export).")),
     output: Path = typer.Option(..., "--output", "-o", help="FILE.npy: float32 [K, C], L2-normalised (labels in FILE.json)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template (default: the model's)."),
 ) -> None:
     """Write label embeddings for an open-vocabulary export: serve new labels without PyTorch."""
-    from segcli.vocabulary.labels import parse_labels
     from segcli.inference.segmenter import Segmenter
     from segcli.models.export import write_label_embeddings
+    from segcli.vocabulary.labels import parse_labels
 
     seg = Segmenter.from_pretrained(model, device="cpu", precision="fp32", warn=False)
     path, shape = write_label_embeddings(seg.model, parse_labels(labels), output, prompt, source=model)

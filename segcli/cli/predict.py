@@ -34,8 +34,8 @@ def predict(sources: Optional[List[str]] = None, json_lines: bool = False, quiet
     found = prepared.inputs
     reporter = PredictProgress(total=len(found.sources), quiet=quiet, json_lines=json_lines)
     with reporter:
-        result = run_predict(prepared.segmenter, prepared.run_options, found, on_record=reporter.record,
-                             on_frames=reporter.frames, engine=opts.engine)
+        result = run_predict(prepared.segmenter, prepared.run_options, found, stager=prepared.stager,
+                             on_record=reporter.record, on_frames=reporter.frames, engine=opts.engine)
     if result.interrupted:
         raise fail(f"interrupted: {len(result.records)} of {len(found.sources)} done; run again to finish", 130)
     if not quiet:
@@ -77,10 +77,13 @@ predict_command = user_errors(predict)  # what the app registers as `segcli pred
 @user_errors
 def relabel(
     folder: Path = typer.Argument(..., help="A predict run's DIR that holds stored embeddings (--save embeddings)."),
-    labels: str = typer.Option(..., "--labels", "-l", help='The new labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set.'),
+    labels: str = typer.Option(..., "--labels", "-l", help=('The new labels: "road,car,sky", synonyms "road;street", @file.txt, or a '
+            'named set.')),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: a new runs/relabel/N."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that made the embeddings, when it moved (default: the one DIR records)."),
-    save: str = typer.Option("mask,color,overlay", "--save", help="Which outputs to write: any of mask,color,overlay (overlays need the original photos)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=("The model that made the embeddings, when it moved (default: the one "
+            "DIR records).")),
+    save: str = typer.Option("mask,color,overlay", "--save", help=("Which outputs to write: any of mask,color,overlay (overlays need the "
+            "original photos).")),
     prompt: Optional[str] = typer.Option(None, "--prompt", help=PROMPT_HELP),
     synonyms: Optional[str] = typer.Option(None, "--synonyms", help=SYNONYMS_HELP),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
@@ -91,10 +94,10 @@ def relabel(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors are still reported)."),
 ) -> None:
     """Predict's outputs for new labels from stored embeddings, without running the image encoder."""
-    from segcli.vocabulary.labels import parse_labels
-    from segcli.pipeline.relabel import RelabelRun, relabel_segmenter
+    from segcli.pipeline.relabel import relabel_run, relabel_segmenter
     from segcli.pipeline.run import RunOptions
     from segcli.postprocess.outputs import parse_outputs
+    from segcli.vocabulary.labels import parse_labels
 
     label_set = parse_labels(labels)
     kinds = parse_outputs(save)
@@ -102,7 +105,7 @@ def relabel(
     options = RunOptions(labels=label_set, prompt=prompt, output=output, save=kinds, alpha=alpha, workers=workers,
                              overwrite=overwrite)
     reporter = PredictProgress(total=len(stored), quiet=quiet, json_lines=json_lines)
-    run = RelabelRun(seg, options, stored, folder, on_record=reporter.record)
+    run = relabel_run(seg, options, stored, folder, on_record=reporter.record)
     with reporter:
         result = run.run()
     if result.interrupted:
@@ -118,7 +121,8 @@ def relabel(
 def search(
     folder: Path = typer.Argument(..., help="A predict run's DIR that holds stored embeddings (--save embeddings)."),
     query: List[str] = typer.Option(..., "--query", "-q", help='What to look for, e.g. "red car" (repeat for several).'),
-    against: Optional[str] = typer.Option(None, "--against", help="The labels a query must beat at a pixel (default: the labels the run was made with)."),
+    against: Optional[str] = typer.Option(None, "--against", help=("The labels a query must beat at a pixel (default: the labels the run "
+            "was made with).")),
     top: Optional[int] = typer.Option(None, "--top", "-n", min=1, help="Only the N best photos per query."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that made the embeddings, when it moved."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template for the queries and labels."),
@@ -126,11 +130,11 @@ def search(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line: query, score, cells, path, embeddings."),
 ) -> None:
     """Rank stored photos by the fraction of their pixels where a query wins: SCORE<TAB>PATH, best first."""
-    from segcli.vocabulary.labels import parse_labels
     from segcli.embeddings.search import run_labels
     from segcli.embeddings.search import search as run_search
     from segcli.embeddings.stored import recorded_model
     from segcli.inference.segmenter import Segmenter
+    from segcli.vocabulary.labels import parse_labels
 
     queries = [q.strip() for q in query if q.strip()]
     if not queries:

@@ -15,15 +15,18 @@ from segcli.models.families import DEFAULT_MODEL
 @user_errors
 def serve(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Any --model value (default: clip-dense:ViT-B-16)."),
-    labels: Optional[str] = typer.Option(None, "--labels", "-l", help="Default labels for requests that send none (default: the model's own)."),
+    labels: Optional[str] = typer.Option(None, "--labels", "-l", help=("Default labels for requests that send none (default: the model's "
+            "own).")),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface: give --api-key then)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Requests per forward pass at most."),
-    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0, help="How long a request waits for others to share its batch."),
+    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0, help=("How long a request waits for others to share its "
+            "batch.")),
     queue_size: int = typer.Option(64, "--queue", min=1, help="Requests that may wait for the model; more get 503 with Retry-After."),
     max_upload_mb: float = typer.Option(25.0, "--max-upload-mb", min=0.001, help="Larger uploads get 413."),
     max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Larger images get 413 (decompression bombs)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SEGCLI_API_KEY", help="Require this key (X-API-Key header or Bearer token) on /v1 routes."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SEGCLI_API_KEY", help=("Require this key (X-API-Key header or Bearer "
+            "token) on /v1 routes.")),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colors."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size (as predict's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -37,9 +40,9 @@ def serve(
         from segcli.serve.service import ServeOptions
     except ImportError as exc:
         raise SegcliError(f"segcli serve needs the serve extra: pip install 'segcli[serve]' ({exc.name} is missing)") from None
-    from segcli.vocabulary.labels import parse_labels
     from segcli.inference.segmenter import Segmenter
     from segcli.models.factory import UNTRAINED_WARNING
+    from segcli.vocabulary.labels import parse_labels
 
     label_set = parse_labels(labels) if labels is not None else None
     seg = Segmenter.from_pretrained(model or DEFAULT_MODEL, device=device, precision=precision, imgsz=imgsz, warn=False)

@@ -56,14 +56,19 @@ train_command = user_errors(train)  # what the app registers as `segcli train`
 
 @user_errors
 def eval_command(
-    models: List[str] = typer.Option(..., "--model", "-m", help="Any --model value predict takes (a trained checkpoint, clip-dense, ...); with --benchmark, repeat it for one row per model."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="A catalog dataset (ade20k, voc21, voc20, context60, context59, coco-stuff, coco-object, cityscapes; see segcli data list), folder:PATH or synthetic."),
-    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="training-free: the eight datasets the training-free methods report, each with their authors' settings; one table, a row per --model."),
+    models: List[str] = typer.Option(..., "--model", "-m", help=("Any --model value predict takes (a trained checkpoint, clip-dense, "
+            "...); with --benchmark, repeat it for one row per model.")),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=("A catalog dataset (ade20k, voc21, voc20, context60, context59, "
+            "coco-stuff, coco-object, cityscapes; see segcli data list), folder:PATH or synthetic.")),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", help=("training-free: the eight datasets the training-free methods "
+            "report, each with their authors' settings; one table, a row per --model.")),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of each split (a smoke run)."),
     download: bool = typer.Option(False, "--download", help="Fetch a missing catalog dataset first (segcli data get)."),
     split: str = typer.Option("val", "--split", help="train or val."),
-    labels: Optional[str] = typer.Option(None, "--labels", "-l", help="Other names for the dataset's classes, one per class in its order (zero-shot renaming)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the datasets live (segcli data get --root). Default: $SEGCLI_DATA, else ./data."),
+    labels: Optional[str] = typer.Option(None, "--labels", "-l", help=("Other names for the dataset's classes, one per class in its order "
+            "(zero-shot renaming).")),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=("Where the datasets live (segcli data get --root). Default: "
+            "$SEGCLI_DATA, else ./data.")),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Model input size. Default: the model's."),
     ms_flip: bool = typer.Option(False, "--ms-flip", help="Sum logits over scales 0.5-1.75 and horizontal flips (as LSeg evaluates)."),
     short_side: Optional[int] = typer.Option(None, "--short-side", help=SHORT_SIDE_HELP),
@@ -82,11 +87,11 @@ def eval_command(
 ) -> None:
     """Pixel accuracy, mIoU and per-class IoU over a whole split (one confusion matrix); or, with
     --benchmark, the papers' table over the eight benchmarks."""
-    from segcli.vocabulary.labels import parse_labels
     from segcli.datasets.segmentation import limited, open_dataset
+    from segcli.evaluation.evaluate import evaluate
     from segcli.files.atomic import atomic_write_json
     from segcli.inference.segmenter import Segmenter
-    from segcli.evaluation.evaluate import evaluate
+    from segcli.vocabulary.labels import parse_labels
 
     if benchmark is not None:
         return _benchmark(models, benchmark, data_root, device, precision, limit, batch_size, output, json_out)
@@ -135,8 +140,8 @@ def _benchmark(models: list[str], suite: str, data_root: Path | None, device: st
     from rich.table import Table
 
     from segcli.datasets.prepare import default_root
-    from segcli.files.atomic import atomic_write_json
     from segcli.evaluation.benchmark import run_benchmark
+    from segcli.files.atomic import atomic_write_json
 
     def progress(model: str, name: str, metrics: dict) -> None:
         print(f"{model} on {name}: mIoU {metrics['mIoU']:.4f} ({metrics['images']} images)", file=sys.stderr, flush=True)

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from segcli.datasets.catalog import BENCHMARKS, DOWNLOADS, Benchmark, lut_array
-from segcli.inputs.images import IMAGE_SUFFIXES, load_image
-from segcli.vocabulary.labels import IGNORE_INDEX, LabelSet, named_label_set
 from segcli.datasets.prepare import default_root, get_command
 from segcli.datasets.synthetic import SYNTHETIC_CLASSES, synthetic_scene
 from segcli.errors import SegcliError
+from segcli.inputs.images import IMAGE_SUFFIXES, load_image
+from segcli.vocabulary.labels import IGNORE_INDEX, LabelSet, named_label_set
 
 SPLITS = ("train", "val")
 SYNTHETIC_SIZES = {"train": 400, "val": 100}

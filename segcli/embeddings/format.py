@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError
 from segcli.postprocess.label_map import restore_label_map
 from segcli.version import __version__
+from segcli.vocabulary.labels import LabelSet
 
 EMBED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUFFIX = "_embed.safetensors"

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcli.vocabulary.labels import LabelSet
 from segcli.embeddings.stored import check_models, stored_embeddings
 from segcli.errors import SegcliError
+from segcli.vocabulary.labels import LabelSet
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from segcli.datasets.catalog import BENCHMARKS, TRAINING_FREE
-from segcli.vocabulary.labels import named_label_set
 from segcli.datasets.prepare import get_command
 from segcli.datasets.segmentation import limited, open_dataset
 from segcli.errors import SegcliError
+from segcli.evaluation.evaluate import evaluate
 from segcli.inference.segmenter import Segmenter
 from segcli.inference.settings import InferenceSettings
 from segcli.modeling.configs import CLIP_DENSE_METHODS
-from segcli.evaluation.evaluate import evaluate
+from segcli.vocabulary.labels import named_label_set
 
 SUITES = {"training-free": TRAINING_FREE}
 BACKGROUND_THRESHOLD = 0.1  # NACLIP's prob_thd on the datasets with a background class

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segcli.vocabulary.labels import LabelSet
 from segcli.datasets.segmentation import SegmentationData
 from segcli.errors import SegcliError
+from segcli.evaluation.metrics import ConfusionMatrix
 from segcli.inference.segmenter import Segmenter
 from segcli.inputs.geometry import model_pixels
 from segcli.postprocess.label_map import image_extent, image_region, restore_label_map
-from segcli.evaluation.metrics import ConfusionMatrix
+from segcli.vocabulary.labels import LabelSet
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 

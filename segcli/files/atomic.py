@@ -3,7 +3,7 @@
 Outputs are written to a temp file in the same folder, then renamed: readers never see half a file.
 Temp names carry the writer's pid and host, so a later run can tell the leftovers of a killed run
 (dead pid) from the live files of a concurrent run into the same folder. Every byte segcli writes
-goes through `_write`, which is also the one place the fault-injection tests break.
+goes through `write_all`, which is also the one place the fault-injection tests break.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _prefix() -> str:
     return f"{TMP_PREFIX}{os.getpid()}@{socket.gethostname()}."
 
 
-def _write(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     """All of `data` to `fd` (a short write, e.g. on a nearly full disk, raises rather than truncates)."""
     view = memoryview(data)
     while view:
@@ -95,7 +95,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = _temp_beside(path)
     try:
         try:
-            _write(fd, data)
+            write_all(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -122,13 +122,13 @@ class AppendLog:
         try:
             size = os.fstat(self.fd).st_size
             if size and _last_byte(self.path, size) != b"\n":
-                _write(self.fd, b"\n")
+                write_all(self.fd, b"\n")
         except BaseException:
             os.close(self.fd)
             raise
 
     def append(self, obj) -> None:
-        _write(self.fd, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_all(self.fd, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
 
     def close(self) -> None:
         if self.fd >= 0:

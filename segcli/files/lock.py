@@ -145,7 +145,7 @@ class FolderLock:
         except FileExistsError:
             return _read(self.path) or Holder(socket.gethostname(), 0, None, "", "")  # gone meanwhile: try again
         try:
-            atomic._write(fd, json.dumps(asdict(self.me)).encode())
+            atomic.write_all(fd, json.dumps(asdict(self.me)).encode())
         except BaseException:
             os.close(fd)
             self.path.unlink(missing_ok=True)

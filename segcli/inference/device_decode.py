@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from segcli.inputs.jpeg_probe import JpegProbe
 from segcli.inputs.geometry import Protocol, model_size
+from segcli.inputs.jpeg_probe import JpegProbe
 
 # [encoded JPEG bytes as 1-D uint8 CPU tensors], device -> [3,H,W] uint8 images on the device
 DecodeFn = Callable[[list[torch.Tensor], torch.device], Sequence[torch.Tensor]]

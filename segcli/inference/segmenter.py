@@ -234,7 +234,7 @@ class Segmenter:
             pil = [_as_pil(x) for x in items[start:start + batch_size]]
             prepared = [runner.prepare_pixels(im) for im in pil]
             finished, emb = runner.segment_finished(*zip(*prepared), text, batch_size, refiner, groups, return_embeddings)
-            for i, (im, (pixels, resized_hw), (logits_i, valid)) in enumerate(zip(pil, prepared, finished)):
+            for i, (im, (_, resized_hw), (logits_i, valid)) in enumerate(zip(pil, prepared, finished)):
                 results.append(Prediction(
                     label_map=restore_label_map(logits_i, valid, (im.height, im.width), groups=groups),
                     labels=label_set,

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from segcli.inputs.images import IMAGE_SUFFIXES, has_image_signature, looks_like_image, read_head
 from segcli.errors import SegcliError
+from segcli.inputs.images import IMAGE_SUFFIXES, has_image_signature, looks_like_image, read_head
 
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
@@ -39,7 +39,6 @@ class Source:
 class SourceList:
     sources: list[Source] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # non-image files found while walking folders
-    stager: object = None  # stages remote inputs on demand (segcli.pipeline.remote.RemoteInputs)
 
 
 def _placed(paths: list[Path]) -> list[PurePosixPath]:
@@ -182,7 +181,8 @@ def collect_sources(args: list[str], stdin_lines=None, exclude: Path | None = No
         elif error is None and not p.exists():
             error = "file not found"
         taken.add(out)
-        result.sources.append(Source(path=p, display=display, rel=out, error=error, video=error is None and (kinds.get(p) or input_kind(p)) == "video"))
+        video = error is None and (kinds.get(p) or input_kind(p)) == "video"
+        result.sources.append(Source(path=p, display=display, rel=out, error=error, video=video))
     return result
 
 

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from segcli.vocabulary.labels import LabelSet
     from segcli.inputs.geometry import Protocol as ImageProtocol
+    from segcli.vocabulary.labels import LabelSet
 
 
 @dataclass(frozen=True)

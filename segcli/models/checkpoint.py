@@ -16,12 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError, mismatch_detail
 from segcli.files.atomic import atomic_path
 from segcli.modeling.pixel_text import PixelTextModel, build_from_state_dict
 from segcli.models.families import get_family
 from segcli.version import __version__
+from segcli.vocabulary.labels import LabelSet
 
 FORMAT = "segcli-checkpoint/1"
 LEGACY_FAMILY = "lseg"  # checkpoints written before families were recorded hold an LSeg

@@ -19,8 +19,7 @@ import torch
 
 from segcli.errors import SegcliError, mismatch_detail
 from segcli.modeling.clip_dense import CLIPDense, clip_dense_from_state_dict
-from segcli.modeling.configs import (CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig, DinoConfig,
-                                     TextConfig)
+from segcli.modeling.configs import CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD, CLIPDenseConfig, DinoConfig, TextConfig
 from segcli.models.weights import WEIGHT_SUFFIXES, read_state_dict
 
 CLIP_DENSE = "clip-dense"
@@ -35,7 +34,8 @@ def split_method(spec: str) -> tuple[str, str, str] | None:
     for prefix in (CLIP_DENSE, *CLIP_DENSE_METHODS):
         if spec == prefix or spec.startswith(prefix + ":"):
             return (DEFAULT_CLIP_DENSE_METHOD if prefix == CLIP_DENSE else prefix), prefix, spec[len(prefix) + 1:]
-        if prefix in CLIP_DENSE_METHODS and CLIP_DENSE_METHODS[prefix].regions and spec.startswith(prefix + "+"):  # corrclip+sam2: the default weights
+        # corrclip+sam2: the default weights with another region-mask generator
+        if prefix in CLIP_DENSE_METHODS and CLIP_DENSE_METHODS[prefix].regions and spec.startswith(prefix + "+"):
             return prefix, prefix, spec[len(prefix):]
     return None
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError
 from segcli.modeling.pixel_text import PixelTextModel
 from segcli.models.checkpoint import save_checkpoint
 from segcli.models.factory import load_model, resolve_model
+from segcli.vocabulary.labels import LabelSet
 
 
 def convert_weights(src: str | Path, dst: str | Path) -> tuple[Path, PixelTextModel, LabelSet | None]:

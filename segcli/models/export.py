@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from segcli.vocabulary.labels import LabelSet
 from segcli.errors import SegcliError, check_input_size
 from segcli.files.atomic import atomic_path, atomic_write_json
 from segcli.modeling.pixel_text import PixelTextModel
 from segcli.models.onnx_backend import EXPORT_FORMAT, TEXT_TOWER_FORMAT, onnx_session
 from segcli.version import __version__
+from segcli.vocabulary.labels import LabelSet
 
 FORMATS = ("onnx", "pt2")
 MIN_AGREEMENT = {False: 0.999, True: 0.99}  # fp32, --half
@@ -74,8 +74,8 @@ def verification_images(imgsz: int, count: int = 3) -> np.ndarray:
     """[count,imgsz,imgsz,3] uint8 scenes with structure (synthetic, deterministic), not noise."""
     from PIL import Image
 
-    from segcli.inputs.geometry import fit_to_canvas
     from segcli.datasets.synthetic import synthetic_scene
+    from segcli.inputs.geometry import fit_to_canvas
 
     scenes = [synthetic_scene(1234, "verify", i, size=(imgsz * 3 // 4, imgsz))[0] for i in range(count)]
     return np.stack([fit_to_canvas(Image.fromarray(s), imgsz).pixels for s in scenes])

@@ -28,8 +28,8 @@ from segcli.models.families import DEFAULT_MODEL, FAMILIES
 if TYPE_CHECKING:
     import torch
 
-    from segcli.vocabulary.labels import LabelSet
     from segcli.modeling.backend import DenseBackend
+    from segcli.vocabulary.labels import LabelSet
 
 KIND_TEXT = {
     "hub": "training-free weights from the Hugging Face hub",

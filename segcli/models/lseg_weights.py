@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from segcli.vocabulary.labels import LabelSet, named_label_set
 from segcli.errors import SegcliError
 from segcli.modeling.configs import ARCHITECTURES, LSegConfig, TextConfig
 from segcli.modeling.lseg import LSeg, model_from_state_dict
 from segcli.models.lseg_format import lseg_to_segcli_key
 from segcli.models.weights import read_state_dict
+from segcli.vocabulary.labels import LabelSet, named_label_set
 
 
 def strip_lightning_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from segcli.errors import SegcliError
 from segcli.modeling.backend import Capabilities
 from segcli.vocabulary.labels import LabelSet
-from segcli.errors import SegcliError
 
 EXPORT_FORMAT = "segcli-export/1"  # the JSON sidecar beside FILE.onnx / FILE.pt2
 TEXT_TOWER_FORMAT = "segcli-text-tower/1"  # FILE.text.safetensors: an open-vocabulary export's text tower

@@ -23,17 +23,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segcli.inputs.images import ImageDecodeError, decode_full_bgr, decode_photo
-from segcli.inputs.jpeg_probe import JpegProbe, probe_jpeg
-from segcli.vocabulary.labels import LabelSet
-from segcli.inputs.sources import Source
 from segcli.errors import one_line
 from segcli.files.atomic import atomic_write_bytes
 from segcli.inputs.geometry import Protocol, draft_size, model_pixels, model_size
+from segcli.inputs.images import ImageDecodeError, decode_full_bgr, decode_photo
+from segcli.inputs.jpeg_probe import JpegProbe, probe_jpeg
+from segcli.inputs.sources import Source
 from segcli.pipeline import parcels
 from segcli.postprocess.label_map import mask_dtype, restore_label_map
 from segcli.postprocess.outputs import OUTPUT_KINDS, VIDEO_OUTPUTS, RenderInput
 from segcli.postprocess.render import blend_table, color_lut, palette_array, png_rows, scratch
+from segcli.vocabulary.labels import LabelSet
 
 
 class InputFailure(Exception):

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
-from segcli.inputs.sources import SourceList, collect_sources, parse_shard, take_shard
 from segcli.errors import SegcliError
 from segcli.files.remote import is_url
 from segcli.inference.device import torchrun_ranks
 from segcli.inference.segmenter import Segmenter
+from segcli.inputs.sources import SourceList, collect_sources, parse_shard, take_shard
 from segcli.pipeline.options import COMPILE_FROM, PredictOptions
 from segcli.pipeline.run import PredictResult, PredictRun, RunOptions
 from segcli.pipeline.run_folder import merge_summaries
+
+if TYPE_CHECKING:
+    from segcli.pipeline.remote import RemoteInputs
 
 
 def shard_of_this_process(shard: str | None, output: Path | None) -> tuple[int, int] | None:
@@ -26,18 +29,18 @@ def shard_of_this_process(shard: str | None, output: Path | None) -> tuple[int, 
 
 
 def find_inputs(sources: list[str], output: Path | str | None, shard: tuple[int, int] | None,
-                stdin: TextIO | None = None) -> SourceList:
-    """The images and videos SOURCE names (`-`: paths on `stdin`; URLs: objects in a store, staged
-    as they are needed), outside `output`, this shard's part."""
+                stdin: TextIO | None = None) -> tuple[SourceList, RemoteInputs | None]:
+    """The images and videos SOURCE names (`-`: paths on `stdin`; URLs: objects in a store), outside
+    `output`, this shard's part; and for URLs the stager that fetches each one as it is needed."""
     urls = [s for s in sources if is_url(s)]
     if urls and len(urls) != len(sources):
         raise SegcliError("give SOURCE as URLs (s3://...) or as local paths, not both in one run")
+    stager = None
     if urls:
         from segcli.pipeline.remote import RemoteInputs
 
         stager = RemoteInputs(urls)
         found = stager.collect()
-        found.stager = stager
     else:
         stdin_lines = stdin.read().splitlines() if "-" in sources and stdin is not None else None
         found = collect_sources(sources, stdin_lines=stdin_lines, exclude=output if not is_url(output) else None)
@@ -45,8 +48,8 @@ def find_inputs(sources: list[str], output: Path | str | None, shard: tuple[int,
         raise SegcliError(f"no images or videos found in {' '.join(sources)}"
                           + (f" ({len(found.skipped)} non-image files skipped)" if found.skipped else ""))
     if shard:
-        found = replace(take_shard(found, *shard), stager=found.stager)
-    return found
+        found = take_shard(found, *shard)
+    return found, stager
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class PreparedPredict:
     segmenter: Segmenter
     run_options: RunOptions
     inputs: SourceList
+    stager: RemoteInputs | None = None  # fetches object-storage inputs as they are needed
 
 
 def prepare_predict(options: PredictOptions, sources: list[str], stdin: TextIO | None = None,
@@ -79,7 +83,7 @@ def prepare_predict(options: PredictOptions, sources: list[str], stdin: TextIO |
     output = options.output if options.output is None or is_url(options.output) else Path(options.output)
     shard = shard_of_this_process(options.shard, output)
     label_set = parse_labels(options.labels) if options.labels is not None else None
-    found = find_inputs(sources, output, shard, stdin)
+    found, stager = find_inputs(sources, output, shard, stdin)
     settings = InferenceSettings(options.short_side, options.window, options.stride, options.synonyms,
                                  options.bg_threshold)
     seg = Segmenter.from_pretrained(options.model, device=str(rank_device(options.device)), precision=options.precision,
@@ -107,7 +111,7 @@ def prepare_predict(options: PredictOptions, sources: list[str], stdin: TextIO |
                              postprocess=options.postprocess, embed_dtype=options.embed_dtype,
                              embed_stride=options.embed_stride, vid_stride=options.vid_stride, smooth=options.smooth,
                              refine=options.refine, decode=options.decode)
-    return PreparedPredict(seg, run_options, found)
+    return PreparedPredict(seg, run_options, found, stager)
 
 
 def predict(sources: list[str], options: PredictOptions | None = None,
@@ -119,8 +123,8 @@ def predict(sources: list[str], options: PredictOptions | None = None,
     """
     options = options or PredictOptions()
     prepared = prepare_predict(options, sources)
-    return run_predict(prepared.segmenter, prepared.run_options, prepared.inputs, on_record=on_record,
-                       engine=options.engine)
+    return run_predict(prepared.segmenter, prepared.run_options, prepared.inputs, stager=prepared.stager,
+                       on_record=on_record, engine=options.engine)
 
 
 def should_compile(choice: str, seg: Segmenter, photos: int) -> bool:
@@ -130,7 +134,7 @@ def should_compile(choice: str, seg: Segmenter, photos: int) -> bool:
     return choice == "on"
 
 
-def run_predict(seg: Segmenter, options: RunOptions, found: SourceList,
+def run_predict(seg: Segmenter, options: RunOptions, found: SourceList, stager: RemoteInputs | None = None,
                 on_record: Callable[[dict], None] | None = None,
                 on_frames: Callable[[int], None] | None = None, engine: str = "local") -> PredictResult:
     """One predict run; under torchrun, rank 0 then merges every rank's summary into DIR/summary.json.
@@ -148,8 +152,6 @@ def run_predict(seg: Segmenter, options: RunOptions, found: SourceList,
         remote = RemoteOutput(options.output)
         remote.pull_state()
         options = replace(options, output=remote.local)
-    stager = found.stager
-
     def recorded(record: dict) -> None:
         if remote is not None:
             remote.on_record(record)
@@ -158,18 +160,14 @@ def run_predict(seg: Segmenter, options: RunOptions, found: SourceList,
         if on_record is not None:
             on_record(record)
 
+    ray = None
     if engine == "ray":
-        from segcli.pipeline.ray_engine import RayPredictRun
+        from segcli.pipeline.ray_engine import RayEngine
 
         options = replace(options, decode="host")  # decoded by Ray's tasks
-        run = RayPredictRun(seg, options, found, on_record=recorded, on_frames=on_frames)
-        run.output_url = output_url
-    else:
-        run = PredictRun(seg, options, found, on_record=recorded, on_frames=on_frames)
-    run.prepare = stager.prepare if stager is not None else None
-    run.on_todo = stager.restrict if stager is not None else None
-    if remote is not None:
-        run.folder.exists = remote.exists
+        ray = RayEngine(output_url)
+    run = PredictRun(seg, options, found, on_record=recorded, on_frames=on_frames, engine=ray, stager=stager,
+                     exists=remote.exists if remote is not None else None)
     try:
         result = run.run()
     finally:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from segcli.inputs.sources import Source
 from segcli.embeddings.format import EmbeddingInfo, check_embed_stride, encode, pool, resolve_embed_dtype
 from segcli.errors import SegcliError
 from segcli.inference.runner import host_pixels
 from segcli.inference.segmenter import Segmenter
+from segcli.inputs.sources import Source
 from segcli.pipeline import host
 from segcli.pipeline.host import ModelInput
 from segcli.postprocess.label_map import batch_candidate_logits, image_region
@@ -32,9 +32,11 @@ class Item:
 
 
 class ModelStep:
-    """The Segmenter as predict runs it: embeddings stored or not, refinement, synonym groups."""
+    """The Segmenter as predict runs it: embeddings stored or not, refinement, synonym groups.
+    `all_logits`: hand on every label's logits, on the device (post-processing happens there),
+    instead of the candidate labels' on the host."""
 
-    def __init__(self, segmenter: Segmenter, options):
+    def __init__(self, segmenter: Segmenter, options, all_logits: bool = False):
         self.seg = segmenter
         self.batch_size = options.batch_size
         self.embed = None  # (dtype, stride) when the pixel embeddings are stored
@@ -47,7 +49,7 @@ class ModelStep:
                           check_embed_stride(options.embed_stride, segmenter.model.output_stride))
         self.refiner = segmenter.refiner_for(options.refine)
         self.groups = segmenter.label_groups(options.labels)  # synonyms scored separately, or None
-        self.device_post = None  # set by the run when full-size work happens on the device
+        self.all_logits = all_logits
 
     def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
         """A batch of model inputs -> per image, the candidate labels' logits on the host, one cell
@@ -61,7 +63,7 @@ class ModelStep:
                                                   [it.model_input.resized_hw for it in batch], text, self.batch_size,
                                                   self.refiner, self.groups, return_embeddings=self.embed is not None)
         per_image, valids = zip(*finished)
-        if self.device_post is not None:
+        if self.all_logits:
             selected = [(None, logits_i) for logits_i in per_image]
         else:
             selected = batch_candidate_logits(per_image, valids, self.groups)

@@ -91,7 +91,7 @@ class Model:
     """The model actor: a Segmenter built once per actor, then batches of decoded inputs -> jobs.
     This is predict's own model stage (ModelStep), on whatever device the actor was given."""
 
-    recipe: dict  # a run's subclass sets it (see RayPredictRun._photos)
+    recipe: dict  # set on a subclass per run (see RayEngine._photos)
 
     def __init__(self):
         import torch
@@ -144,52 +144,54 @@ def finish_row(row: dict, plan: host.HostPlan, output_url: str | None) -> dict:
     return {"index": row["index"], "record": json.dumps(record)}
 
 
-class RayPredictRun(PredictRun):
-    """A PredictRun whose photos go through Ray Data instead of this machine's worker processes."""
+class RayEngine:
+    """A PredictRun's engine that sends its photos through Ray Data instead of this machine's
+    worker processes (`PredictRun(engine=RayEngine(...))`). `output_url`: the run's outputs go to
+    that object store, uploaded by the task that writes them."""
 
-    output_url: str | None = None  # set by launch for an output in object storage
+    def __init__(self, output_url: str | None = None):
+        self.output_url = output_url
 
-    def recipe(self) -> dict:
-        seg = self.seg
-        return {"model": seg.name, "device": seg.device.type, "precision": self.opt_precision, "imgsz": seg.imgsz,
-                "settings": seg.settings, "options": replace(self.opt, output=None)}
+    @staticmethod
+    def recipe(run: PredictRun) -> dict:
+        """What a model actor needs to build the same Segmenter and ModelStep as `run`'s."""
+        seg = run.seg
+        # the precision as --precision spells it
+        precision = {"int8": "int8", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[seg.precision_name]
+        return {"model": seg.name, "device": seg.device.type, "precision": precision, "imgsz": seg.imgsz,
+                "settings": seg.settings, "options": replace(run.opt, output=None)}
 
-    @property
-    def opt_precision(self) -> str:
-        """The Segmenter's precision as --precision spells it, for the actors to build the same."""
-        return {"int8": "int8", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[self.seg.precision_name]
-
-    def _run(self, done: dict[str, dict]) -> PredictResult:
+    def run(self, run: PredictRun, done: dict[str, dict]) -> PredictResult:
         ray = _ray()
         start_ray()
-        todo, reused = self.todo(done)
+        todo, reused = run.todo(done)
         videos = [item for item in todo if item.source.video and not item.error]
         photos = [item for item in todo if not (item.source.video and not item.error)]
         interrupted = False
         try:
             if photos:
-                self._photos(ray, photos)
-            if videos and self.stop is None:
-                text = self.seg.label_embeddings(self.opt.labels, self.opt.prompt)
-                self._videos(videos, text)
+                self._photos(ray, run, photos)
+            if videos and run.stop is None:
+                text = run.seg.label_embeddings(run.opt.labels, run.opt.prompt)
+                run._videos(videos, text)
         except KeyboardInterrupt:
             interrupted = True
-        return self.finish_run(reused, interrupted)
+        return run.finish_run(reused, interrupted)
 
-    def _photos(self, ray, photos: list[Item]) -> None:
-        gpus = int(ray.cluster_resources().get("GPU", 0)) if self.seg.device.type == "cuda" else 0
+    def _photos(self, ray, run: PredictRun, photos: list[Item]) -> None:
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if run.seg.device.type == "cuda" else 0
         actors = max(1, gpus)  # one model actor per GPU; one on CPUs
         rows = [{"index": it.index, "source": pickle.dumps(it.source), "input": b"", "error": it.error or ""}
                 for it in photos]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
         # decoding in tasks of their own (half a CPU each: they also wait on storage), not fused into the
         # model's actors, so the model never waits for a decode; Ray retries the tasks of a lost worker
-        ds = ds.map(decode_row, fn_kwargs={"plan": self.plan}, num_cpus=0.5)
+        ds = ds.map(decode_row, fn_kwargs={"plan": run.plan}, num_cpus=0.5)
         # the recipe travels inside the class (not as constructor arguments in the object store), so a
         # restarted actor can always be rebuilt
-        model = type("Model", (Model,), {"recipe": self.recipe()})
-        ds = ds.map_batches(model, batch_size=self.opt.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        model = type("Model", (Model,), {"recipe": self.recipe(run)})
+        ds = ds.map_batches(model, batch_size=run.opt.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=1 if gpus else 0, num_cpus=1)
-        ds = ds.map(finish_row, fn_kwargs={"plan": self.plan, "output_url": self.output_url}, num_cpus=1)
+        ds = ds.map(finish_row, fn_kwargs={"plan": run.plan, "output_url": self.output_url}, num_cpus=1)
         for row in ds.iter_rows():
-            self._done(int(row["index"]), json.loads(row["record"]))
+            run._done(int(row["index"]), json.loads(row["record"]))

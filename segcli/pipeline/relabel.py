@@ -17,41 +17,45 @@ from typing import Iterator
 
 import torch
 
-from segcli.inputs.sources import Source, SourceList
 from segcli.embeddings.stored import StoredEmbeddings, check_models, recorded_model, stored_embeddings
 from segcli.errors import SegcliError
 from segcli.files.runs import next_run_dir
 from segcli.inference.segmenter import Segmenter
 from segcli.inference.settings import InferenceSettings
+from segcli.inputs.sources import Source, SourceList
 from segcli.pipeline import host
-from segcli.pipeline.run import Item, RunOptions, PredictRun
+from segcli.pipeline.run import Item, PredictRun, RunOptions
 from segcli.postprocess.label_map import candidate_logits
 
 
-class RelabelRun(PredictRun):
-    """`segcli relabel`: PredictRun whose inputs are stored embeddings instead of photos."""
+def relabel_run(segmenter: Segmenter, options: RunOptions, stored: list[StoredEmbeddings], source_folder: Path,
+                on_record=None) -> PredictRun:
+    """`segcli relabel`: a PredictRun whose inputs are stored embeddings instead of photos."""
+    if "embeddings" in options.save:
+        raise SegcliError("relabel makes mask, color and overlay outputs; the embeddings are already stored")
+    check_models(stored, segmenter)
+    # the label maps are restored by the workers; PAMR needs the photo's canvas, which is not stored
+    options = dataclasses.replace(options, postprocess="host", refine="none",
+                                  output=options.output or next_run_dir(Path("runs/relabel")))
+    sources = SourceList([Source(path=Path(e.info.photo["path"]) if e.info.photo else e.path,
+                                 display=str(e.path), rel=e.rel) for e in stored])
+    return PredictRun(segmenter, options, sources, on_record=on_record, inputs=StoredJobs(stored),
+                      settings={"relabel_of": str(source_folder.resolve())})
 
-    def __init__(self, segmenter: Segmenter, options: RunOptions, stored: list[StoredEmbeddings],
-                 source_folder: Path, on_record=None):
-        if "embeddings" in options.save:
-            raise SegcliError("relabel makes mask, color and overlay outputs; the embeddings are already stored")
-        check_models(stored, segmenter)
-        # the label maps are restored by the workers; PAMR needs the photo's canvas, which is not stored
-        options = dataclasses.replace(options, postprocess="host", refine="none",
-                                      output=options.output or next_run_dir(Path("runs/relabel")))
-        sources = SourceList([Source(path=Path(e.info.photo["path"]) if e.info.photo else e.path,
-                                     display=str(e.path), rel=e.rel) for e in stored])
-        super().__init__(segmenter, options, sources, on_record)
-        self.stored = stored
-        self.folder.settings["relabel_of"] = str(source_folder.resolve())
 
-    def jobs(self, todo: list[Item], pool, text: torch.Tensor | None, window: int
+class StoredJobs:
+    """Stored pixel embeddings, one product with the new labels' text embeddings each, in this process."""
+
+    def __init__(self, stored: list[StoredEmbeddings]):
+        self.stored = stored  # in the run's source order
+
+    def jobs(self, run: PredictRun, todo: list[Item], pool, text: torch.Tensor | None, window: int
              ) -> Iterator[tuple[Item, host.FinishJob | None]]:
         for item in todo:
             t0 = time.perf_counter()
             entry = self.stored[item.index]
             try:
-                emb = entry.load(self.seg)  # its model was checked with the others, before any work
+                emb = entry.load(run.seg)  # its model was checked with the others, before any work
                 with torch.inference_mode():
                     logits = emb.scores(text)
             except SegcliError as exc:
@@ -59,7 +63,7 @@ class RelabelRun(PredictRun):
                 yield item, None
                 continue
             info = emb.info
-            candidates, cand = candidate_logits(logits, info.extent, self.groups)
+            candidates, cand = candidate_logits(logits, info.extent, run.groups)
             stamp = (info.photo["size"], info.photo["mtime_ns"]) if info.photo else None
             yield item, host.FinishJob(item.source, candidates, cand, info.extent, info.full_hw,
                                        time.perf_counter() - t0, stamp, photo_optional=True)

@@ -20,12 +20,12 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from segcli.inputs.images import has_image_signature
-from segcli.inputs.sources import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Source, SourceList, looks_like_video
 from segcli.errors import SegcliError
 from segcli.files.cache import cache_root
 from segcli.files.remote import Store, download, list_objects, open_store, read_heads, store_error, upload
 from segcli.files.runs import STATE_DIR
+from segcli.inputs.images import has_image_signature
+from segcli.inputs.sources import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Source, SourceList, looks_like_video
 
 SYNC_EVERY = 50  # records between uploads of the record files (a killed run loses at most these)
 

@@ -22,23 +22,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 
-from segcli.inputs.images import DEFAULT_MAX_PIXELS, ImageDecodeError
-from segcli.vocabulary.labels import LabelSet
-from segcli.inputs.sources import Source, SourceList
 from segcli.embeddings.format import dtype_name
 from segcli.errors import SegcliError, one_line
 from segcli.files.atomic import is_disk_error, remove_stale_temp_files
 from segcli.inference.segmenter import Segmenter
+from segcli.inputs.images import DEFAULT_MAX_PIXELS, ImageDecodeError
+from segcli.inputs.sources import Source, SourceList
 from segcli.pipeline import host, parcels
 from segcli.pipeline.device_inputs import DeviceInputs, decodes_on_device
 from segcli.pipeline.model_step import Item, ModelStep
 from segcli.pipeline.run_folder import RunFolder, error_record
 from segcli.pipeline.workers import WorkerCrashed, WorkerPool, default_workers, worker_context
 from segcli.postprocess.outputs import DEFAULT_OUTPUTS
+from segcli.vocabulary.labels import LabelSet
 
 # A write failure is one input's failure, except when it is the disk's (full, over quota, read-only,
 # I/O error: segcli.files.atomic.DISK_ERRNOS), or when the same errno fails this many inputs in a row: then the
@@ -81,31 +81,80 @@ class PredictResult:
     interrupted: bool = False
 
 
-class PredictRun:
-    """One `segcli predict` run over a list of sources."""
+class JobSource(Protocol):
+    """Where a run's inputs come from on their way to the host workers: per input, the FinishJob
+    the workers complete (restore, render, write), or None with `item.error` set. Photos decoded
+    and run through the model (PhotoJobs, the default), or stored embeddings (relabel's)."""
 
-    def __init__(self, segmenter: Segmenter, options: RunOptions, sources: SourceList,
-                 on_record: Callable[[dict], None] | None = None, on_frames: Callable[[int], None] | None = None):
+    def jobs(self, run: "PredictRun", todo: list[Item], pool: WorkerPool, text: torch.Tensor | None,
+             window: int) -> Iterator[tuple[Item, host.FinishJob | None]]: ...
+
+
+class Stager(Protocol):
+    """Makes inputs readable just before they are decoded (object-storage inputs, segcli.pipeline.remote)."""
+
+    def restrict(self, sources: list[Source]) -> None: ...  # the inputs that will be prepared
+    def prepare(self, source: Source) -> None: ...  # SegcliError: this input cannot be fetched
+
+
+class PredictRun:
+    """One `segcli predict` run over a list of sources.
+
+    Its collaborators come in through the constructor: `inputs` (a JobSource; PhotoJobs by
+    default), `engine` (something with `run(run, done) -> PredictResult` that schedules the
+    photos itself, such as Ray's; None: this machine's worker processes), `stager` (remote
+    inputs), `exists` (whether an output is still there: an object store's listing for a URL),
+    `settings` (more of what the run folder records and checks)."""
+
+    def __init__(self, segmenter: Segmenter, options: RunOptions, sources: SourceList, *,
+                 on_record: Callable[[dict], None] | None = None, on_frames: Callable[[int], None] | None = None,
+                 inputs: JobSource | None = None, engine=None, stager: Stager | None = None,
+                 exists: Callable[[Path], bool] | None = None, settings: dict | None = None):
         if options.postprocess not in ("auto", "host", "device"):
             raise SegcliError(f"--postprocess {options.postprocess!r}: use host or device")
         if options.vid_stride < 1 or not 0.0 <= options.smooth < 1.0:
             raise SegcliError("--vid-stride takes 1 or more, --smooth a weight from 0 (off) to below 1")
         self.on_frames = on_frames
-        self.prepare: Callable[[Source], None] | None = None  # makes an input's file readable (remote inputs)
-        self.on_todo: Callable[[list[Source]], None] | None = None  # told which inputs will be prepared
+        self.inputs = inputs or PhotoJobs()
+        self.engine = engine
+        self.stager = stager
         self.seg = segmenter
         self.opt = options
         self.sources = sources
         self.on_record = on_record or (lambda record: None)
-        self.step = ModelStep(segmenter, options)  # the model's stage (also what a Ray actor runs)
+        # the host's worker processes, unless asked: the device path runs one photo at a time in
+        # this process, which feeds a fast GPU far slower than the workers do (docs: performance)
+        on_device = options.postprocess == "device" and segmenter.model.capabilities.exportable
+        self.step = ModelStep(segmenter, options, all_logits=on_device)  # the model's stage (also what a Ray actor runs)
         self.embed, self.refiner, self.groups = self.step.embed, self.step.refiner, self.step.groups
+        self.folder = RunFolder(options.output, {**self._settings(), **(settings or {})}, options.shard,
+                                options.overwrite, exists=exists)
+        self.output = self.folder.path
+        self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
+                                  options.max_pixels, self.folder.path, self.folder.real, segmenter.protocol)
+        self.records: dict[int, dict] = {}
+        self.stop: OSError | None = None  # the write failure that ended the run early
+        self._failed_writes: list[int | None] = []  # errnos of the write failures since the last success
+        self.device_post = None
+        if on_device:  # a PyTorch model: its logits are on its device
+            from segcli.pipeline.device_post import DevicePostprocess
+
+            self.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)
+        self.pool: WorkerPool | None = None  # the worker processes, while the run runs
+        self.device_inputs = None  # JPEGs decoded on the device, when they are
+        if decodes_on_device(options.decode, segmenter):
+            self.device_inputs = DeviceInputs(segmenter, self._decode_on_host)
+
+    def _settings(self) -> dict:
+        """What the run folder records and a later run must match."""
+        seg, options = self.seg, self.opt
         settings = {
-            "model": segmenter.name,
-            "model_fingerprint": segmenter.fingerprint,
+            "model": seg.name,
+            "model_fingerprint": seg.fingerprint,
             "labels": options.labels.to_json(),
             "prompt": options.prompt,
-            "imgsz": segmenter.imgsz,
-            "precision": segmenter.precision_name,
+            "imgsz": seg.imgsz,
+            "precision": seg.precision_name,
             "save": list(options.save),
             "alpha": options.alpha,
         }
@@ -115,34 +164,13 @@ class PredictRun:
             settings["refine"] = "pamr"
         if self.groups is not None:
             settings["synonyms"] = "max"
-        if segmenter.bg_threshold is not None:
-            settings["bg_threshold"] = segmenter.bg_threshold
-        if segmenter.protocol.sliding:
-            settings["protocol"] = dataclasses.asdict(segmenter.protocol)
+        if seg.bg_threshold is not None:
+            settings["bg_threshold"] = seg.bg_threshold
+        if seg.protocol.sliding:
+            settings["protocol"] = dataclasses.asdict(seg.protocol)
         if options.vid_stride != 1 or options.smooth:
             settings["video"] = {"vid_stride": options.vid_stride, "smooth": options.smooth}
-        self.folder = RunFolder(options.output, settings, options.shard, options.overwrite)
-        self.output = self.folder.path
-        self.plan = host.HostPlan(options.labels, tuple(options.save), options.alpha, segmenter.imgsz,
-                                  options.max_pixels, self.folder.path, self.folder.real, segmenter.protocol)
-        self.records: dict[int, dict] = {}
-        self.stop: OSError | None = None  # the write failure that ended the run early
-        self._failed_writes: list[int | None] = []  # errnos of the write failures since the last success
-        # the host's worker processes, unless asked: the device path runs one photo at a time in this
-        # process, which on an H200 fed 50 photos/s to a model that takes 444 (README, Performance)
-        on_device = options.postprocess == "device"
-        self.device_post = None
-        self.pool: WorkerPool | None = None  # the worker processes, while the run runs
-        if on_device and segmenter.model.capabilities.exportable:  # a PyTorch model: its logits are on its device
-            from segcli.pipeline.device_post import DevicePostprocess
-
-            self.device_post = self.step.device_post = DevicePostprocess(self.plan, segmenter.device, self.groups)
-        self.device_inputs = None  # set by the run when JPEGs are decoded on the device
-        if decodes_on_device(options.decode, segmenter):
-            self.device_inputs = DeviceInputs(segmenter, self._decode_on_host)
-
-    def infer(self, batch: list[Item], text: torch.Tensor | None) -> list[host.FinishJob]:
-        return self.step.infer(batch, text)
+        return settings
 
     def finish_on_device(self, job: host.FinishJob, writers: ThreadPoolExecutor) -> Future:
         """restore (+ the overlay) on the device, here; PNGs and writes on a host thread."""
@@ -202,9 +230,9 @@ class PredictRun:
                                                     getattr(exc, "native", None)))
 
     def _prepare(self, item: Item) -> None:
-        if self.prepare is not None and not item.error:
+        if self.stager is not None and not item.error:
             try:
-                self.prepare(item.source)
+                self.stager.prepare(item.source)
             except SegcliError as exc:
                 item.error = str(exc)
 
@@ -225,7 +253,7 @@ class PredictRun:
         the summary) when the output folder stops taking writes."""
         done = self.folder.open()
         try:
-            return self._run(done)
+            return self.engine.run(self, done) if self.engine is not None else self._run(done)
         finally:
             self.folder.release()
 
@@ -249,46 +277,6 @@ class PredictRun:
             if self.stop is not None:
                 return
 
-    def jobs(self, todo: list[Item], pool: WorkerPool, text: torch.Tensor | None,
-             window: int) -> Iterator[tuple[Item, host.FinishJob | None]]:
-        """decode (in the pool, at most `window` ahead) -> infer (batches): per input, its job for
-        the workers, or None with `item.error` set. The extension point for other kinds of input
-        (relabel's stored embeddings): a subclass yields its own FinishJobs and the stages after
-        (restore, render, write, records) stay the same."""
-        decoding: deque[tuple[Item, Future | None]] = deque()
-        pending = iter(todo)
-        first_step = host.read_for_device if self.device_inputs else host.decode
-
-        def refill() -> None:
-            while len(decoding) < window and (item := next(pending, None)) is not None:
-                self._prepare(item)
-                fut = None if item.error else pool.submit("decoding", first_step, item.source.path)
-                decoding.append((item, fut))
-
-        try:
-            refill()
-            batch: list[Item] = []
-            while decoding:
-                item, fut = decoding.popleft()
-                item = self._decoded(item, fut) if fut is not None else item
-                refill()
-                if item.error:
-                    yield item, None
-                else:
-                    batch.append(item)
-                if len(batch) == self.opt.batch_size or (not decoding and batch):
-                    if self.device_inputs:
-                        ready = self.device_inputs.decode(batch)
-                        yield from ((item, None) for item in batch if item.error)
-                        batch = ready
-                    if batch:
-                        yield from zip(batch, self.infer(batch, text))
-                    batch = []
-        finally:
-            for _, fut in decoding:
-                if fut is not None:
-                    fut.cancel()
-
     def todo(self, done: dict[str, dict]) -> tuple[list[Item], int]:
         """(the inputs to do, how many finished ones are reused): a finished input whose files are
         all still there is recorded again as it was."""
@@ -302,8 +290,8 @@ class PredictRun:
                 self.on_record(previous)
             else:
                 todo.append(Item(index, source, error=source.error))
-        if self.on_todo is not None:
-            self.on_todo([item.source for item in todo if not item.error])
+        if self.stager is not None:
+            self.stager.restrict([item.source for item in todo if not item.error])
         return todo, reused
 
     def _run(self, done: dict[str, dict]) -> PredictResult:
@@ -322,7 +310,7 @@ class PredictRun:
         writers = ThreadPoolExecutor(workers, thread_name_prefix="segcli-write") if self.device_post else None
         writing: deque[tuple[Item, Future]] = deque()
         videos = [item for item in todo if item.source.video and not item.error]  # after the photos, here
-        jobs = self.jobs([item for item in todo if not (item.source.video and not item.error)], pool, text, window)
+        jobs = self.inputs.jobs(self, [item for item in todo if not (item.source.video and not item.error)], pool, text, window)
         interrupted = broken = False
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
@@ -387,6 +375,48 @@ class PredictRun:
                                    "can be written again, run the same command to finish")
         failed = sum(1 for r in ordered if r["status"] != "ok")
         return PredictResult(self.output, ordered, summary, failed=failed, reused=reused, interrupted=interrupted)
+
+
+class PhotoJobs:
+    """A run's photos: decoded by the workers (or on the device), then through the model in batches."""
+
+    def jobs(self, run: PredictRun, todo: list[Item], pool: WorkerPool, text: torch.Tensor | None,
+             window: int) -> Iterator[tuple[Item, host.FinishJob | None]]:
+        """decode (in the pool, at most `window` ahead) -> infer (batches): per input, its job for
+        the workers, or None with `item.error` set."""
+        decoding: deque[tuple[Item, Future | None]] = deque()
+        pending = iter(todo)
+        first_step = host.read_for_device if run.device_inputs else host.decode
+
+        def refill() -> None:
+            while len(decoding) < window and (item := next(pending, None)) is not None:
+                run._prepare(item)
+                fut = None if item.error else pool.submit("decoding", first_step, item.source.path)
+                decoding.append((item, fut))
+
+        try:
+            refill()
+            batch: list[Item] = []
+            while decoding:
+                item, fut = decoding.popleft()
+                item = run._decoded(item, fut) if fut is not None else item
+                refill()
+                if item.error:
+                    yield item, None
+                else:
+                    batch.append(item)
+                if len(batch) == run.opt.batch_size or (not decoding and batch):
+                    if run.device_inputs:
+                        ready = run.device_inputs.decode(batch)
+                        yield from ((item, None) for item in batch if item.error)
+                        batch = ready
+                    if batch:
+                        yield from zip(batch, run.step.infer(batch, text))
+                    batch = []
+        finally:
+            for _, fut in decoding:
+                if fut is not None:
+                    fut.cancel()
 
 
 def _failed(exc: Exception) -> Future:

@@ -14,12 +14,13 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
-from segcli.inputs.sources import Source
 from segcli.errors import SegcliError
 from segcli.files.atomic import AppendLog, atomic_write_json, read_json_lines, remove_stale_temp_files
 from segcli.files.lock import FolderLock
 from segcli.files.runs import STATE_DIR, next_run_dir
+from segcli.inputs.sources import Source
 from segcli.version import __version__
 
 
@@ -37,7 +38,7 @@ class RunFolder:
     """DIR of one predict run (or one shard of it): settings check, records, summary."""
 
     def __init__(self, output: Path | None, settings: dict, shard: tuple[int, int] | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, exists: Callable[[Path], bool] | None = None):
         self.path = _writable(output or next_run_dir())
         self.real = self.path.resolve()
         self.settings, self.shard, self.overwrite = settings, shard, overwrite
@@ -46,7 +47,7 @@ class RunFolder:
         self.records_file = self.state / f"records{tag}.jsonl"
         self.summary_file = self.path / f"summary{tag}.json"
         self._records: AppendLog | None = None
-        self.exists = Path.exists  # whether an output is still there (an object store's listing for a URL)
+        self.exists = exists or Path.exists  # whether an output is still there (an object store's listing for a URL)
         what = f"predict shard {shard[0]}/{shard[1]}" if shard else "predict"
         self.lock = FolderLock(self.state, f"lock{tag}.json", what, _conflicts_with(shard))
 

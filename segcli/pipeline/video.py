@@ -31,9 +31,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from segcli.inputs.sources import Source
 from segcli.errors import one_line
 from segcli.files.atomic import TMP_PREFIX, atomic_write_bytes
+from segcli.inputs.sources import Source
 from segcli.pipeline.host import HostPlan, InputFailure, make_output_folder, present_labels
 from segcli.postprocess.label_map import restore_label_map
 from segcli.postprocess.outputs import VIDEO_OUTPUTS

@@ -173,7 +173,9 @@ class WorkerPool:
 
     def _death(self, solo: ProcessPoolExecutor) -> tuple[str, str]:
         """How the lone worker of `solo` died ("signal 6, SIGABRT") and what it printed on stderr."""
-        processes = list(getattr(solo, "_processes", None) or {})  # pids (CPython keeps them by pid)
+        # concurrent.futures has no public handle on an executor's processes; CPython keeps them by pid
+        # in `_processes` (read-only here, and only to name how the lone worker died)
+        processes = list(solo._processes or {})
         how, native = "it died", ""
         for pid in processes:
             process = solo._processes[pid]

@@ -13,7 +13,6 @@ from typing import Callable
 
 import numpy as np
 
-from segcli.vocabulary.labels import LabelSet
 from segcli.postprocess.render import (
     colorize,
     colorize_bgr,
@@ -25,6 +24,7 @@ from segcli.postprocess.render import (
     png_from_rows,
     scratch,
 )
+from segcli.vocabulary.labels import LabelSet
 
 
 @dataclass

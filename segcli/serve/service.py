@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli.inputs.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_full_bgr
-from segcli.vocabulary.labels import LabelSet, parse_labels, prompt_templates
 from segcli.errors import SegcliError, one_line
 from segcli.inference.segmenter import Segmenter
+from segcli.inputs.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_full_bgr
 from segcli.pipeline import host
 from segcli.postprocess.label_map import restore_label_map
 from segcli.version import __version__
+from segcli.vocabulary.labels import LabelSet, parse_labels, prompt_templates
 
 OUTPUTS = {"json": "application/json", "mask": "image/png", "color": "image/png", "overlay": "image/jpeg"}
 

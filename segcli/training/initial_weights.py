@@ -3,6 +3,8 @@ tower from open_clip; from the hub or local files), or a segcli checkpoint to fi
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from segcli.errors import SegcliError, mismatch_detail
@@ -13,11 +15,16 @@ from segcli.training.options import TrainOptions
 
 
 def initial_model(opts: TrainOptions, spec: "ModelSpec") -> LSeg:
-    """An architecture with pretrained backbone/text weights (hub or files), or a checkpoint to fine-tune."""
+    """An architecture with pretrained backbone/text weights (hub or files), or a checkpoint to
+    fine-tune. Its config's input size is the crop: the checkpoint remembers the evaluation size,
+    so predict and eval reproduce validation."""
     if spec.kind == "checkpoint":
-        return load_model(spec, torch.device("cpu")).backend
+        loaded = load_model(spec, torch.device("cpu")).backend
+        model = build_model(dataclasses.replace(loaded.cfg, default_imgsz=opts.crop))
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return model
     torch.manual_seed(opts.seed)
-    model = build_model(spec.config)
+    model = build_model(dataclasses.replace(spec.config, default_imgsz=opts.crop))
     cfg = model.cfg
     backbone = _backbone_state(cfg, opts)
     if backbone is not None:

@@ -11,7 +11,6 @@ with one line, the last saved state intact.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -25,9 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from segcli.vocabulary.labels import IGNORE_INDEX
 from segcli.datasets.segmentation import EpochBatches, SegmentationData, TrainingSet, open_dataset
 from segcli.errors import SegcliError
+from segcli.evaluation.evaluate import evaluate
 from segcli.files.atomic import AppendLog, atomic_write_bytes, atomic_write_json, read_json_lines
 from segcli.files.lock import FolderLock
 from segcli.files.runs import STATE_DIR, next_run_dir
@@ -36,10 +35,10 @@ from segcli.inference.segmenter import Segmenter
 from segcli.models.checkpoint import load_training_state, save_checkpoint, save_training_state
 from segcli.models.factory import ModelSpec
 from segcli.training.distributed import Distributed
-from segcli.evaluation.evaluate import evaluate
 from segcli.training.initial_weights import initial_model
 from segcli.training.options import DEFAULT_LR, TrainOptions  # noqa: F401  (TrainOptions: part of this API)
 from segcli.version import __version__
+from segcli.vocabulary.labels import IGNORE_INDEX
 
 STATE_FILE = "state.safetensors"
 LOG_EVERY = 10
@@ -105,9 +104,7 @@ class Trainer:
         if self.dist.main:
             self.data.check()  # every bad file is found before the first step
         self.dist.barrier()
-        self.model = initial_model(opts, spec).to(self.device)
-        # the checkpoint remembers the evaluation size, so predict/eval reproduce validation
-        self.model.cfg = dataclasses.replace(self.model.cfg, default_imgsz=opts.crop)
+        self.model = initial_model(opts, spec).to(self.device)  # its input size: the crop
         self.classes = self.data.classes
         self.text = self.model.label_embeddings(self.classes).to(self.device)  # [K,C], frozen, once
         self.autocast = resolve_precision(opts.precision, self.device, training=True)
