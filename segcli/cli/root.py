@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point. Usage mistakes (unknown option, value out of range, missing argument) get one line
     and exit status 2, like every other user error, instead of click's multi-line panel."""
     # OpenMP threads that spin after each parallel op burn a core for nothing while the host side
-    # works (measured: a third of predict's CPU time per photo); sleeping costs the model ~1%
+    # works (docs: performance); sleeping instead costs the model next to nothing
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from typer._click.exceptions import UsageError  # recent typer vendors click

@@ -1,6 +1,6 @@
 """Plain JPEGs decoded in batches on the model's device and resized there for the model.
 
-On a GPU host the model outruns the host's cores at decoding (README, Performance): nvJPEG through
+On a GPU host the model outruns the host's cores at decoding (docs: performance): nvJPEG through
 torchvision's `decode_jpeg(list, device="cuda")` decodes a batch in one call, and the resize to the
 model's input (bilinear, antialiased like Pillow's) runs on the same device. Only JPEGs whose headers
 `segcli.inputs.jpeg_probe` accepts come here; a file the device decoder still refuses, or decodes to
@@ -30,7 +30,7 @@ def torchvision_decode(encoded: list[torch.Tensor], device: torch.device) -> lis
     from torchvision.io import ImageReadMode, decode_jpeg
 
     # deprecated in favour of TorchCodec's decode_jpeg, which turns photos by EXIF itself (on a CPU at
-    # least; `orient` would turn them twice): not switched before it has run on a GPU (README, Limits)
+    # least; `orient` would turn them twice): not switched before it has run on a GPU (docs: limits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)

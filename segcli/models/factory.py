@@ -287,7 +287,8 @@ def clip_dense_recipe(method: str) -> dict[str, str]:
     }
 
 
-# what `clip-dense` means, and why (README, "Where weights come from"; benchmarks/bench_methods.py)
+# what `clip-dense` means, and why (docs: models and weights, performance; benchmarks/bench_methods.py)
 DEFAULT_METHOD_WHY = (f"clip-dense = {DEFAULT_CLIP_DENSE_METHOD} on a CPU and on a GPU: corrclip's published masks are "
-                      "far better (ADE-150 26.7 against 19.1) but it takes ~13x NACLIP's time a photo on a CPU (~13 s); "
+                      "far better (published ADE-150 mIoU 26.7 against 19.1) but on a CPU it takes an order of magnitude "
+                      "longer a photo (see the docs' performance page); "
                       "its GPU speed is not measured yet, so it is not the GPU default")
