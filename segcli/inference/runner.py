@@ -177,8 +177,24 @@ class SegmentRunner:
                                               regions=cut)
             for (i, _), one in zip(owners[start:start + batch_size], logits):
                 window_logits[i].append(one)
-        return [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window)
-                for w, (corners, _), p in zip(window_logits, tiled, pixels)]
+        averaged = [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window)
+                    for w, (corners, _), p in zip(window_logits, tiled, pixels)]
+        if protocol.global_view:  # each whole image as one more window, half the weight (CAT-Seg)
+            if regions is not None:
+                raise SegcliError("a global view is not cut into region masks")
+            averaged = [blend_global(a, self.global_view(p, protocol.window, label_embeddings))
+                        for a, p in zip(averaged, pixels)]
+        return averaged
+
+    def global_view(self, pixels: np.ndarray, window: int, label_embeddings: torch.Tensor | None) -> torch.Tensor:
+        """[h,w,3] uint8 -> the model's logits [K,window,window] for the whole image resized to one
+        window, in float (bilinear, no antialiasing: CAT-Seg's `F.interpolate` of the image)."""
+        import torch.nn.functional as F
+
+        image = self._input_batch(pixels[None])
+        small = F.interpolate(image, size=(window, window), mode="bilinear", align_corners=False)
+        logits, _ = self.backend.dense_logits(small, label_embeddings, self.autocast_dtype)
+        return logits[0]
 
     @torch.inference_mode()
     def segment_finished(self, pixels: Sequence[np.ndarray | torch.Tensor], resized_hws: Sequence[tuple[int, int]],
@@ -248,6 +264,15 @@ class SegmentRunner:
         if buffer is None or buffer.shape != shape or buffer.device != self.device:
             buffer = self._input.batch = torch.empty(shape, device=self.device)
         return buffer.copy_(batch.permute(0, 3, 1, 2)).div_(255.0)
+
+
+def blend_global(windows: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """The windows' average [K,h,w] and the global view's scores [K,S,S] -> their mean, the global
+    view upsampled (bilinear) to the image: CAT-Seg's `(outputs + global_output) / 2`."""
+    import torch.nn.functional as F
+
+    up = F.interpolate(whole[None].float(), size=windows.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return (windows + up) / 2.0
 
 
 def host_pixels(pixels: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -8,6 +8,11 @@ pixels cover it (the last one flush with the image's edge), each window's logits
 (bilinear) to its pixels, and each pixel takes the mean over the windows that cover it: the
 authors' forward_slide (the averaging is segcli.inference.windows). A window larger than the image
 is padded with black (the authors run the smaller crop).
+
+CAT-Seg's protocol differs in two ways, each a field: `square` resizes the image to
+short_side x short_side (its `inference_sliding_window` stretches every photo to 640 x 640, after
+detectron2's short-side resize), and `global_view` adds the whole image resized to one window,
+whose upsampled scores are averaged half and half with the windows'.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class Protocol:
     short_side: int | None = None
     window: int | None = None
     stride: int | None = None
+    square: bool = False  # resized to short_side x short_side, aspect not kept (CAT-Seg)
+    global_view: bool = False  # plus the whole image as one window, averaged half and half (CAT-Seg)
 
     @property
     def sliding(self) -> bool:
@@ -36,8 +43,18 @@ class Protocol:
     def describe(self) -> str:
         if not self.sliding:
             return "one canvas (long side = imgsz, padded)"
-        short = f"short side {self.short_side}" if self.short_side else "the canvas's long side"
-        return f"{short}, {self.window}-pixel windows every {self.stride}, logits averaged"
+        if self.square:
+            short = f"resized to {self.short_side} x {self.short_side}"
+        else:
+            short = f"short side {self.short_side}" if self.short_side else "the canvas's long side"
+        view = ", plus the whole image as one window (half the weight)" if self.global_view else ""
+        return f"{short}, {self.window}-pixel windows every {self.stride}, logits averaged{view}"
+
+    def to_json(self) -> dict:
+        """As run records keep it: CAT-Seg's two fields only where they are set (older records match)."""
+        data = {"short_side": self.short_side, "window": self.window, "stride": self.stride}
+        data.update({k: True for k in ("square", "global_view") if getattr(self, k)})
+        return data
 
 
 @dataclass
@@ -96,7 +113,7 @@ def resolve_protocol(default: Protocol | None, short_side: int | None, window: i
     check_input_size(window, multiple, "--window")
     if stride > window:
         raise SegcliError(f"--stride {stride}: at most the window ({window} pixels)")
-    return Protocol(short_side, window, stride)
+    return Protocol(short_side, window, stride, square=base.square and bool(short_side), global_view=base.global_view)
 
 
 def short_side_size(w: int, h: int, short_side: int) -> tuple[int, int]:
@@ -142,6 +159,9 @@ def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np
     if not protocol.sliding:
         canvas = fit_to_canvas(image, imgsz)
         return canvas.pixels, canvas.resized_hw
+    if protocol.square:
+        pixels = resize_square(image, protocol.short_side)
+        return pixels, pixels.shape[:2]
     if protocol.short_side:
         pixels = resize_short_side(image, protocol.short_side)
     else:  # windows over the long side at imgsz
@@ -149,8 +169,24 @@ def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np
     return pixels, pixels.shape[:2]
 
 
+def resize_square(image: Image.Image, side: int) -> np.ndarray:
+    """CAT-Seg's resize: detectron2's ResizeShortestEdge(side, max 2560) with Pillow's bilinear,
+    then a plain bilinear stretch (OpenCV's, as torch's interpolate without antialiasing) to
+    side x side -> [side,side,3] uint8."""
+    import cv2
+
+    scale = min(side / min(image.size), 2560 / max(image.size))
+    size = (int(image.width * scale + 0.5), int(image.height * scale + 0.5))
+    first = np.asarray((image.resize(size, Image.BILINEAR) if size != image.size else image).convert("RGB"))
+    if first.shape[:2] == (side, side):
+        return np.array(first)
+    return cv2.resize(first, (side, side), interpolation=cv2.INTER_LINEAR)
+
+
 def model_size(w: int, h: int, imgsz: int, protocol: Protocol) -> tuple[int, int]:
     """(width, height) an image of w x h pixels is resized to by `model_pixels`."""
+    if protocol.sliding and protocol.square:
+        return protocol.short_side, protocol.short_side
     if protocol.sliding and protocol.short_side:
         return short_side_size(w, h, protocol.short_side)
     return long_side_size(w, h, imgsz)
@@ -158,6 +194,9 @@ def model_size(w: int, h: int, imgsz: int, protocol: Protocol) -> tuple[int, int
 
 def draft_size(w: int, h: int, imgsz: int, protocol: Protocol) -> int:
     """The long side a reduced (DCT) decode must keep for `model_pixels` at this protocol."""
+    if protocol.sliding and protocol.square:
+        scale = min(protocol.short_side / min(w, h), 2560 / max(w, h))
+        return max(int(w * scale + 0.5), int(h * scale + 0.5), protocol.short_side)
     if protocol.sliding and protocol.short_side:
         return max(short_side_size(w, h, protocol.short_side))
     return imgsz

@@ -211,6 +211,63 @@ class CLIPDenseConfig:
         return config_from_dict(cls, data)
 
 
+# CAT-Seg's inference_sliding_window: the photo stretched to 640 x 640, 384-pixel windows every 256
+# (overlap 1/3), plus the whole photo at 384 as a global view
+CATSEG_PROTOCOL = Protocol(short_side=640, window=384, stride=256, square=True, global_view=True)
+
+
+@dataclass(frozen=True)
+class CATSegConfig:
+    """CAT-Seg (segcli.modeling.catseg): fine-tuned CLIP + cost aggregation. The defaults are the
+    authors' configs/vitb_384.yaml at evaluation (pooling 1 x 1, one prompt template)."""
+
+    name: str = "catseg:B"
+    patch_size: int = 16
+    width: int = 768  # CLIP's vision width
+    layers: int = 12
+    heads: int = 12
+    clip_resolution: int = 384  # the image tower's input (the stored position embedding is resized to it)
+    pos_embed_grid: int = 14  # the stored position embedding's grid (OpenAI's ViT-B/16 at 224)
+    guidance_layers: tuple[int, ...] = (3, 7)  # blocks whose outputs guide the decoder (x2, x4 upsampled)
+    text: TextConfig = field(default_factory=TextConfig)  # the fine-tuned CLIP text tower
+    guidance_proj_dim: int = 128
+    decoder_dims: tuple[int, int] = (64, 32)
+    decoder_guidance_dims: tuple[int, int] = (256, 128)
+    decoder_guidance_proj_dims: tuple[int, int] = (32, 16)
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_dim: int = 128
+    window_size: int = 12
+    pad_len: int = 256  # class aggregation always sees this many classes (learned padding, or the top ones)
+    logit_scale: float = 1.0  # unused: scores are the network's sigmoid
+    pixel_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    pixel_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    default_imgsz: int = 384  # one canvas (--window 0): the window size
+    input_multiple: int = 16
+
+    family: ClassVar[str] = "catseg"
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text.embed_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CATSegConfig":
+        return config_from_dict(cls, data)
+
+
+# the authors' two released models (hamacojr/CAT-Seg-weights): ViT-B/16 at 384, ViT-L/14 at 336
+CATSEG_VARIANTS = {
+    "B": CATSegConfig(),
+    "L": CATSegConfig(name="catseg:L", patch_size=14, width=1024, layers=24, heads=16, clip_resolution=336,
+                      pos_embed_grid=24, guidance_layers=(7, 15), text=TextConfig(width=768, heads=12, layers=12, embed_dim=768),
+                      decoder_guidance_dims=(256, 128)),
+}
+
+
 ARCHITECTURES: dict[str, LSegConfig] = {
     cfg.name: cfg
     for cfg in [

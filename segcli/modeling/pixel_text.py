@@ -63,6 +63,13 @@ class PixelTextModel(nn.Module):
     def pixel_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def rebuild_buffers(self, device: str | torch.device) -> None:
+        """The buffers a state dict does not hold (built on the meta device, then adopted weights):
+        made again from the config on `device`."""
+        self.pixel_mean = torch.tensor(self.cfg.pixel_mean, device=device).view(1, 3, 1, 1)
+        self.pixel_std = torch.tensor(self.cfg.pixel_std, device=device).view(1, 3, 1, 1)
+        self.text_encoder.tower.attn_mask = self.text_encoder.tower.build_causal_mask().to(device)
+
     def logits(self, pixel_embeddings: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
         """[B,C,h,w] x [K,C] (normalised) -> scaled cosine similarities [B,K,h,w] in fp32."""
         pixels = F.normalize(pixel_embeddings.float(), dim=1)
@@ -157,8 +164,5 @@ def build_from_state_dict(model_cls: type[PixelTextModel], cfg, state: dict[str,
     with torch.device("meta"):
         model = model_cls(cfg)
     model.load_state_dict(state, strict=True, assign=True)
-    # non-persistent buffers are not in `state`: rebuild them on the target device
-    model.pixel_mean = torch.tensor(cfg.pixel_mean, device=device).view(1, 3, 1, 1)
-    model.pixel_std = torch.tensor(cfg.pixel_std, device=device).view(1, 3, 1, 1)
-    model.text_encoder.tower.attn_mask = model.text_encoder.tower.build_causal_mask().to(device)
+    model.rebuild_buffers(device)
     return model.eval()

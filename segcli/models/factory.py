@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from segcli.errors import SegcliError
-from segcli.modeling.configs import ARCHITECTURES, CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD
+from segcli.modeling.configs import ARCHITECTURES, CATSEG_VARIANTS, CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD
 from segcli.models.families import DEFAULT_MODEL, FAMILIES
 
 if TYPE_CHECKING:
@@ -82,6 +82,10 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
     spec = spec or DEFAULT_MODEL
     if is_clip_dense_spec(spec):
         return _hub_spec(spec)
+    from segcli.models.catseg_weights import is_catseg_spec
+
+    if is_catseg_spec(spec):
+        return _catseg_spec(spec)
     from segcli.models.clip_weights import split_method
 
     method = split_method(spec)
@@ -127,8 +131,8 @@ def resolve_model(spec: str | None = None) -> ModelSpec:
     if spec in ARCHITECTURES:
         cfg = ARCHITECTURES[spec]
         return ModelSpec(spec, "architecture", cfg.family, spec, "random (seeded)", False, config=cfg)
-    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense|naclip|clearclip|proxyclip|corrclip[:ARCH[@TAG]] "
-                      "nor an architecture "
+    raise SegcliError(f"--model {spec!r} is neither a file, clip-dense|naclip|clearclip|proxyclip|corrclip[:ARCH[@TAG]], "
+                      "catseg[:B|:L] nor an architecture "
                       f"({', '.join(ARCHITECTURES)})")
 
 
@@ -163,6 +167,30 @@ def _hub_spec(spec: str) -> ModelSpec:
                      downloads=downloads, path=cached, metadata=metadata)
 
 
+def _catseg_spec(spec: str) -> ModelSpec:
+    """`catseg[:B|:L]`: the authors' release (what is cached, what would download); `catseg:FILE`: local weights."""
+    from segcli.models.catseg_weights import (
+        WEIGHTS_FILES,
+        cached_release,
+        converted_path,
+        parse_catseg_spec,
+        weights_url,
+    )
+
+    variant, path = parse_catseg_spec(spec)
+    if variant is None:
+        return ModelSpec(spec, "weights", "catseg", None, str(path), False, path)
+    converted, original = converted_path(variant), cached_release(variant)
+    metadata = {"variant": CATSEG_VARIANTS[variant].name, "release file": f"{WEIGHTS_FILES[variant]} from {weights_url(variant)}",
+                "release cached": str(original) if original else "no (downloaded on first use)",
+                "converted": str(converted) + ("" if converted.is_file() else " (made on first use)"),
+                "scores": "sigmoid per label (not a softmax); protocol as the authors' inference_sliding_window"}
+    return ModelSpec(spec, "hub", "catseg", CATSEG_VARIANTS[variant].name, weights_url(variant),
+                     downloads=not converted.is_file() and original is None,
+                     path=converted if converted.is_file() else original, config=CATSEG_VARIANTS[variant],
+                     metadata=metadata)
+
+
 def model_fingerprint(path: Path) -> str:
     """Identity of a weights file, cheap for GB-sized files: size + first and last MiB."""
     h = hashlib.sha256()
@@ -181,6 +209,11 @@ def load_model(spec: str | ModelSpec | None, device: "torch.device") -> LoadedMo
     import torch
 
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
+    if spec.family == "catseg" and spec.kind in ("hub", "weights"):
+        from segcli.models.catseg_weights import load_catseg
+
+        model, weights = load_catseg(spec.spec, device)
+        return LoadedModel(model, spec, None, f"{model.cfg.name}:{model_fingerprint(weights)}")
     if spec.kind == "hub":
         from segcli.models.clip_weights import load_clip_dense
 
@@ -269,10 +302,19 @@ def describe_model(value: str) -> dict:
         data.update(meta)
         if spec.family == "clip-dense":
             data.update(clip_dense_recipe(meta.get("method", DEFAULT_CLIP_DENSE_METHOD)))
+        if spec.family == "catseg":
+            data["input size"] = spec.config.default_imgsz
+            data["protocol"] = _catseg_protocol()
         return data
     data.update({"parameters": params, "input size": config.default_imgsz, "config": config.to_dict(),
                  "labels": list(labels.names) if labels else None, "metadata": meta})
     return data
+
+
+def _catseg_protocol() -> str:
+    from segcli.modeling.configs import CATSEG_PROTOCOL
+
+    return CATSEG_PROTOCOL.describe()
 
 
 def clip_dense_recipe(method: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The model families, as a table (this module never imports torch; the rows' hooks import on use).
 
-A family (`lseg`, `clip-dense`) is a row of FAMILIES: its config class (segcli.modeling.configs),
+A family (`lseg`, `clip-dense`, `catseg`) is a row of FAMILIES: its config class (segcli.modeling.configs),
 its nn.Module and the function that maps foreign weights (an official LSeg .ckpt, open_clip CLIP
 weights) onto it. A checkpoint records its family, so loading it needs no code of its own.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from segcli.errors import SegcliError
-from segcli.modeling.configs import CLIPDenseConfig, LSegConfig
+from segcli.modeling.configs import CATSegConfig, CLIPDenseConfig, LSegConfig
 
 DEFAULT_MODEL = "clip-dense:ViT-B-16"  # training-free, so predict works with no --model
 
@@ -38,6 +38,12 @@ def _clip_dense_from_foreign(state: dict, name: str):
     from segcli.models.clip_weights import clip_dense_from_foreign
 
     return clip_dense_from_foreign(state, name)
+
+
+def _catseg_module() -> type:
+    from segcli.modeling.catseg import CATSeg
+
+    return CATSeg
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ FAMILIES: dict[str, Family] = {
         Family("clip-dense", CLIPDenseConfig, _clip_dense_module,
                "training-free dense CLIP (ClearCLIP-style last block) with CLIP's text tower",
                from_foreign=_clip_dense_from_foreign),
+        Family("catseg", CATSegConfig, _catseg_module,
+               "CAT-Seg: fine-tuned CLIP with cost aggregation (trained open-vocabulary, COCO-Stuff)"),
     ]
 }
 

@@ -51,7 +51,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                           "(only tensors and plain containers are loaded)") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise SegcliError(f"{path} is not a readable PyTorch checkpoint: {str(exc).splitlines()[0][:200]}") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    # a bare state dict, Lightning's ("state_dict") or detectron2's ("model": CAT-Seg's releases)
+    state = None
+    if isinstance(obj, dict):
+        state = obj.get("state_dict", obj.get("model") if isinstance(obj.get("model"), dict) else obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SegcliError(f"{path} has no state_dict of tensors")
     return state

@@ -12,7 +12,6 @@ the table `segcli.postprocess.outputs.OUTPUT_KINDS`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -167,7 +166,7 @@ class PredictRun:
         if seg.bg_threshold is not None:
             settings["bg_threshold"] = seg.bg_threshold
         if seg.protocol.sliding:
-            settings["protocol"] = dataclasses.asdict(seg.protocol)
+            settings["protocol"] = seg.protocol.to_json()
         if options.vid_stride != 1 or options.smooth:
             settings["video"] = {"vid_stride": options.vid_stride, "smooth": options.smooth}
         return settings
