@@ -5,7 +5,8 @@
 A random-weights CLIP ViT-B/16 (open_clip's architecture, no download) saved as an open_clip weights
 file, read as `clearclip:FILE` and `naclip:FILE` (proxyclip: with a random-weights DINO ViT-B/8, timm's
 architecture, as a segcli checkpoint; corrclip: the same DINO as a file and a random-weights EoMT-L at
-640, transformers' COCO-panoptic architecture, as its region-mask generator), 640x480 JPEGs, mask only; each row: one 448
+640, transformers' COCO-panoptic architecture, as its region-mask generator; catseg: CAT-Seg (B) at its
+published sizes, saved as the authors' release), 640x480 JPEGs, mask only; each row: one 448
 canvas (--window 0) or the method's own sliding windows (clearclip: 448 windows every 224 over a
 448 short side; naclip: 224 every 112 over 336), with and without PAMR (--refine) and the
 80-template prompt ensemble (--prompt imagenet80, whose cost is the text tower's, once per run:
@@ -54,11 +55,28 @@ def corrclip_files(clip, tmp: Path) -> str:
     return f"corrclip:{tmp / 'open_clip_model.safetensors'},{tmp / 'dino.safetensors'},{tmp / 'eomt'}"
 
 
+def catseg_file(tmp: Path) -> str:
+    """`catseg:FILE`: CAT-Seg (B) at its published sizes (CLIP ViT-B/16 at 384, its aggregator), random
+    weights, saved as the authors' release is (detectron2's {"model": state dict})."""
+    import torch
+
+    from segcli.modeling.catseg import CATSeg
+    from segcli.modeling.configs import CATSEG_VARIANTS
+    from segcli.models.catseg_weights import authors_layout
+
+    torch.manual_seed(0)
+    model = CATSeg(CATSEG_VARIANTS["B"]).eval()
+    torch.save({"model": authors_layout(model)}, tmp / "model_base.pth")
+    return f"catseg:{tmp / 'model_base.pth'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--labels", type=int, nargs="+", default=[5, 150])
-    ap.add_argument("--methods", nargs="+", default=["clearclip", "naclip", "proxyclip", "corrclip"])
+    ap.add_argument("--methods", nargs="+", default=["clearclip", "naclip", "proxyclip", "corrclip", "catseg"])
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--defaults-only", action="store_true", help="only each method's default row (its last)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="segcli-bench-methods-"))
     try:
@@ -85,6 +103,8 @@ def main() -> None:
             models["proxyclip"] = str(save_checkpoint(proxy, tmp / "proxyclip.safetensors"))
         if "corrclip" in args.methods:
             models["corrclip"] = corrclip_files(clip, tmp)
+        if "catseg" in args.methods:
+            models["catseg"] = catseg_file(tmp)
         small, big = sample_photos(tmp / "small", max(1, args.images // 4)), sample_photos(tmp / "big", args.images)
         names = list(named_label_set("ade20k").names)
         print(f"random-weights CLIP ViT-B/16, 640x480 JPEGs, mask only, {os.cpu_count()} CPU cores")
@@ -96,12 +116,16 @@ def main() -> None:
                 ("naclip", "canvas", "none", photo), ("naclip", "windows", "none", photo),
                 ("naclip", "windows", "pamr", photo), ("naclip", "windows", "pamr", "imagenet80"),
                 ("proxyclip", "windows", "none", photo), ("proxyclip", "windows", "none", "imagenet80"),
-                ("corrclip", "windows", "none", photo), ("corrclip", "windows", "none", "imagenet80"))
+                ("corrclip", "windows", "none", photo), ("corrclip", "windows", "none", "imagenet80"),
+                ("catseg", "windows", "none", "A photo of a {} in the scene"))
         rows = tuple(r for r in rows if r[0] in args.methods)
+        if args.defaults_only:
+            rows = tuple(r for i, r in enumerate(rows) if i + 1 == len(rows) or rows[i + 1][0] != r[0])
         for k in args.labels:
             labels = ",".join(names[:k])
             for method, where, refine, prompt in rows:
-                common = ["-m", models[method], "-l", labels, "--save", "mask", "--refine", refine, "--prompt", prompt]
+                common = ["-m", models[method], "-l", labels, "--save", "mask", "--refine", refine, "--prompt", prompt,
+                          "--device", args.device]
                 common += ["--window", "0", "--imgsz", "448"] if where == "canvas" else []
                 t = {n: timed_predict(str(folder), *common, "-o", str(tmp / f"out_{method}_{where}_{refine}_{prompt}_{k}_{n}"))
                      for n, folder in ((args.images // 4 or 1, small), (args.images, big))}

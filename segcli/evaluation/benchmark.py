@@ -5,8 +5,8 @@ scored separately, a label keeps its best), the photo resized to the dataset's s
 configs: 336, Cityscapes 560) and slid over with the model's windows, and where class 0 is
 background (VOC21, Context60, COCO-Object) pixels whose best probability is under 0.1 taken as
 background; a method whose own configs differ (ProxyCLIP's, CorrCLIP's) gets its own (its MethodCfg's `benchmark`).
-Models that read one canvas (LSeg, exports) keep their own protocol; only the labels and the
-background rule apply to them. A dataset that is not under the data root is listed with the
+Other models (LSeg, catseg, exports) keep their own protocol; only the labels and the background
+rule apply to them. A dataset that is not under the data root is listed with the
 command that fetches it instead of failing the run.
 """
 
@@ -55,8 +55,9 @@ def run_benchmark(models: list[str], suite: str, root: Path, device: str = "auto
     table: dict[str, dict[str, dict | None]] = {}
     for model in models:
         seg = Segmenter.from_pretrained(model, device=device, precision=precision, warn=False)
-        sliding = seg.protocol.sliding  # the model's own protocol: windows (clip-dense) or one canvas
         method = seg.model.capabilities.method
+        # the training-free methods get the benchmark's windows; the others (LSeg, catseg, exports) keep their own
+        sliding = seg.protocol.sliding and method is not None
         row = table[model] = {}
         for name in names:
             if name not in datasets:

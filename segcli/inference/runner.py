@@ -94,14 +94,18 @@ class SegmentRunner:
     def threshold_background(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [S,h,w] (channel 0 is label 0's first synonym) -> the same with channel 0 made the
         best wherever no channel's probability (softmax at the method's own temperature:
-        `capabilities.probability_scale`) reaches the reading's `bg_threshold`. Decided per cell of
+        `capabilities.probability_scale`; a sigmoid-scored model's own scores) reaches the reading's
+        `bg_threshold`. Decided per cell of
         the logits given (pixels of the resized image with windows; the peers decide per pixel of
         the original image)."""
         threshold = self.reading.bg_threshold
         if threshold is None:
             return logits
-        scale = self.model.capabilities.probability_scale
-        unsure = (logits.float() * scale).softmax(0).amax(0) < threshold
+        caps = self.model.capabilities
+        if caps.scores == "sigmoid":  # each label's score is its probability already
+            unsure = logits.float().amax(0) < threshold
+        else:
+            unsure = (logits.float() * caps.probability_scale).softmax(0).amax(0) < threshold
         out = logits.clone()
         out[0] = torch.where(unsure, logits.amax(0) + 1.0, logits[0])
         return out

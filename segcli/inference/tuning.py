@@ -48,7 +48,8 @@ def compile_image_branch(runner: SegmentRunner, batch_size: int, int8: bool) -> 
     blank batch; and the seconds that took."""
     model = runner.model
     if int8 or not isinstance(model, torch.nn.Module) or not model.capabilities.exportable:
-        raise SegcliError("--compile needs a PyTorch model in fp32, bf16 or fp16 (not an export, int8 or corrclip)")
+        why = model.capabilities.limits or ("int8" if int8 else "an export")
+        raise SegcliError(f"--compile needs a PyTorch model in fp32, bf16 or fp16 whose image branch traces ({why})")
     # inductor's disk cache beside segcli's others, not in /tmp: a later run with the same shapes
     # loads the compiled graph (not on a CPU, where frozen weights are prepacked into oneDNN
     # tensors inductor cannot store: there each run compiles; docs/performance.md)

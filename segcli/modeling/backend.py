@@ -34,6 +34,8 @@ class Capabilities:
     default_synonyms: how a label's synonyms are scored unless asked: "max" or "mean".
     default_protocol: how images meet the model unless asked (None: one canvas of imgsz).
     default_refine: the refinement its published numbers use ("pamr") or "none": --refine auto.
+    scores: "logits" (a softmax over the labels, at probability_scale, gives probabilities) or
+        "sigmoid" (each label's score is its own probability already: catseg).
     """
 
     family: str
@@ -47,6 +49,7 @@ class Capabilities:
     default_synonyms: str = "mean"
     default_protocol: "ImageProtocol | None" = None
     default_refine: str = "none"
+    scores: str = "logits"
 
 
 @runtime_checkable

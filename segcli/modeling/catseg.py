@@ -25,6 +25,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from segcli.modeling.backend import Capabilities
+from segcli.modeling.clip_dense import clip_block
 from segcli.modeling.configs import CATSEG_PROTOCOL, CATSegConfig
 from segcli.modeling.cost_aggregation import Aggregator, SwinTransformerBlock
 from segcli.modeling.pixel_text import PixelTextModel
@@ -63,7 +64,8 @@ class CATSeg(PixelTextModel):
         there are no pixel embeddings to store or relabel, and its sigmoid scores are no softmax."""
         return Capabilities(family=self.cfg.family, provides_embeddings=False, exportable=False, int8=False,
                             limits="catseg is a cost-volume model: its scores need the labels inside the network",
-                            probability_scale=1.0, default_synonyms="mean", default_protocol=CATSEG_PROTOCOL)
+                            probability_scale=1.0, default_synonyms="mean", default_protocol=CATSEG_PROTOCOL,
+                            scores="sigmoid")
 
     @property
     def input_multiple(self) -> int:
@@ -89,7 +91,7 @@ class CATSeg(PixelTextModel):
         x = v.ln_pre(x + self._position_embedding(h * w).to(x.dtype))
         guidance = []
         for i, block in enumerate(v.transformer.resblocks[:-1]):
-            x = block(x)
+            x = clip_block(block, x)
             if i in self.cfg.guidance_layers:
                 guidance.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
         x = self._dense_block(v.transformer.resblocks[-1], x)

@@ -142,15 +142,7 @@ class CLIPDense(PixelTextModel):
         x = v.ln_post(x) @ v.proj.to(x.dtype)  # [B,h*w,C]
         return x.transpose(1, 2).reshape(b, -1, h, w)
 
-    @staticmethod
-    def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """open_clip's residual block [B,N,width] -> [B,N,width], its attention through SDPA: the
-        same sums as nn.MultiheadAttention, whose CPU fast path is 10x slower on bf16 batches."""
-        attn = block.attn
-        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B,heads,N,d]
-        x = x + block.ls_1(attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+    _block = staticmethod(lambda block, x: clip_block(block, x))
 
     def _last_block(self, block: nn.Module, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """The method's last block on tokens [B,1+h*w,width]: attention only (no residual, no
@@ -210,6 +202,16 @@ class CLIPDense(PixelTextModel):
         """[B,3,H,W] in [0,1], [K,C] -> logits [B,K,H,W] (bilinear from 1/p resolution)."""
         logits = self.logits(self.pixel_embeddings(images), label_embeddings)
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def clip_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's residual block [B,N,width] -> [B,N,width], its attention through SDPA: the same
+    sums as nn.MultiheadAttention, whose CPU fast path is 10x slower on bf16 batches."""
+    attn = block.attn
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B,heads,N,d]
+    x = x + block.ls_1(attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def clip_dense_from_state_dict(cfg: CLIPDenseConfig, state: dict[str, torch.Tensor],

@@ -187,6 +187,7 @@ class ClassTransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
         self.pad_len = pad_len
+        self.row_chunk = 1024  # positions through the attention at a time (each sees its pad_len classes)
         self.padding_tokens = nn.Parameter(torch.zeros(1, 1, hidden_dim)) if pad_len > 0 else None
         self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim)) if pad_len > 0 and guidance_dim > 0 else None
 
@@ -197,15 +198,17 @@ class ClassTransformerLayer(nn.Module):
         hp, wp = pooled.shape[-2:]
         pooled = pooled.view(b, t, c, hp, wp).permute(0, 3, 4, 1, 2).reshape(b * hp * wp, t, c)  # [(B h w),T,C]
         pad = self.pad_len - t if self.padding_tokens is not None and t < self.pad_len else 0
-        if pad:
-            pooled = torch.cat([pooled, self.padding_tokens.expand(pooled.shape[0], pad, c)], dim=1)
-        if guidance is not None:
-            if pad and self.padding_guidance is not None:
-                guidance = torch.cat([guidance, self.padding_guidance.expand(b, pad, -1)], dim=1)
-            guidance = guidance.repeat_interleave(hp * wp, dim=0)
-        pooled = pooled + self.attention(self.norm1(pooled), guidance)
-        pooled = pooled + self.MLP(self.norm2(pooled))
-        pooled = pooled[:, :t].reshape(b, hp, wp, t, c).permute(0, 3, 4, 1, 2).reshape(b * t, c, hp, wp)
+        if guidance is not None and pad and self.padding_guidance is not None:
+            guidance = torch.cat([guidance, self.padding_guidance.expand(b, pad, -1)], dim=1)
+        rows = []
+        for start in range(0, pooled.shape[0], self.row_chunk):  # positions are independent: bounded memory
+            part = pooled[start:start + self.row_chunk]
+            if pad:
+                part = torch.cat([part, self.padding_tokens.expand(part.shape[0], pad, c)], dim=1)
+            owner = torch.arange(start, start + part.shape[0], device=part.device) // (hp * wp)
+            part = part + self.attention(self.norm1(part), guidance[owner] if guidance is not None else None)
+            rows.append((part + self.MLP(self.norm2(part)))[:, :t])
+        pooled = torch.cat(rows).reshape(b, hp, wp, t, c).permute(0, 3, 4, 1, 2).reshape(b * t, c, hp, wp)
         up = F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=True)
         return x + up.view(b, t, c, h, w).transpose(1, 2)
 

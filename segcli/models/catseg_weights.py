@@ -167,3 +167,26 @@ def load_catseg(spec: str, device: str | torch.device = "cpu"):
     converted.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, converted, extra={"converted_from": weights_url(variant)})
     return model.to(device), converted
+
+
+def authors_layout(model) -> dict[str, torch.Tensor]:
+    """A CATSeg's weights under the authors' names (the inverse of `catseg_state`, the shifted windows'
+    masks included): what their checkpoints hold, for comparisons with their code and for tests."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("aggregator."):
+            out[_AGGREGATOR + key[len("aggregator."):]] = value
+        elif key.startswith(("upsample1.", "upsample2.")):
+            out[key] = value
+        else:
+            base = _CLIP + (key[len("text_encoder.tower."):] if key.startswith("text_encoder.tower.") else key)
+            if base.endswith("in_proj_weight"):
+                for name, part in zip("qkv", value.chunk(3)):
+                    out[base.replace("in_proj_weight", f"{name}_proj_weight")] = part
+            else:
+                out[base] = value
+    for name, buffer in model.named_buffers():
+        if name.startswith("aggregator.") and name.endswith("attn_mask"):
+            out[_AGGREGATOR + name[len("aggregator."):]] = buffer
+    out[_CLIP + "logit_scale"] = torch.tensor(4.6052)
+    return out

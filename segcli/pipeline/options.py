@@ -39,7 +39,8 @@ class PredictOptions:
     labels: str | None = option(None, 'Labels: "road,car,sky", synonyms "road;street", @file.txt, or a named set '
                                       "(ade20k). Default: the labels the checkpoint was trained on.", "--labels", "-l")
     model: str = option(DEFAULT_MODEL, "clip-dense (training-free CLIP ViT-B/16, the default; clip-dense:ARCH or "
-                                       "clip-dense:ARCH@TAG for others), naclip, clearclip, proxyclip, corrclip, "
+                                       "clip-dense:ARCH@TAG for others), naclip, clearclip, proxyclip, corrclip, catseg[:B|:L] "
+                                       "(CAT-Seg, trained open-vocabulary), "
                                        "a segcli checkpoint (.safetensors), an "
                                        "LSeg .ckpt, an open_clip weights file, or an architecture name (untrained, for "
                                        "smoke tests).", "--model", "-m")
