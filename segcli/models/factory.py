@@ -184,7 +184,8 @@ def _catseg_spec(spec: str) -> ModelSpec:
     metadata = {"variant": CATSEG_VARIANTS[variant].name, "release file": f"{WEIGHTS_FILES[variant]} from {weights_url(variant)}",
                 "release cached": str(original) if original else "no (downloaded on first use)",
                 "converted": str(converted) + ("" if converted.is_file() else " (made on first use)"),
-                "scores": "sigmoid per label (not a softmax); protocol as the authors' inference_sliding_window"}
+                "scores": "sigmoid per label (not a softmax); protocol as the authors' inference_sliding_window",
+                "default": CATSEG_WHY}
     return ModelSpec(spec, "hub", "catseg", CATSEG_VARIANTS[variant].name, weights_url(variant),
                      downloads=not converted.is_file() and original is None,
                      path=converted if converted.is_file() else original, config=CATSEG_VARIANTS[variant],
@@ -329,6 +330,9 @@ def clip_dense_recipe(method: str) -> dict[str, str]:
     }
 
 
+# why catseg is not the default (docs: performance; benchmarks/bench_methods.py)
+CATSEG_WHY = ("not the default: on a 2-core CPU it took 12.7x NACLIP's time a photo at 5 labels and 4x at 150 "
+              "(bench_methods.py, 2026-12-08; the bar is 3x); its GPU speed is not measured yet")
 # what `clip-dense` means, and why (docs: models and weights, performance; benchmarks/bench_methods.py)
 DEFAULT_METHOD_WHY = (f"clip-dense = {DEFAULT_CLIP_DENSE_METHOD} on a CPU and on a GPU: corrclip's published masks are "
                       "far better (published ADE-150 mIoU 26.7 against 19.1) but on a CPU it takes an order of magnitude "
