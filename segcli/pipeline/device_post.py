@@ -11,13 +11,23 @@ the host path's label maps.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 from segcli.inputs.images import ImageDecodeError, decode_full_bgr
+from segcli.pipeline import host
 from segcli.pipeline.host import HostPlan, InputFailure
 from segcli.postprocess.label_map import mask_dtype, restore_label_map_torch
 from segcli.postprocess.render import draw_legend, legend_corner
+
+
+def _failed(exc: Exception) -> Future:
+    fut: Future = Future()
+    fut.set_exception(exc)
+    return fut
 
 
 class DevicePostprocess:
@@ -28,6 +38,21 @@ class DevicePostprocess:
         self.palette = torch.from_numpy(plan.palette).to(device)  # [K,3] uint8 RGB
         self.dtype = torch.uint8 if mask_dtype(len(plan.labels)) == np.uint8 else torch.int32
         self._pinned: torch.Tensor | None = None
+
+    def finish(self, job: host.FinishJob, writers: ThreadPoolExecutor) -> Future:
+        """restore (+ the overlay) on the device, here; PNGs and writes on a host thread."""
+        t0 = time.perf_counter()
+        mask_on_device = self.label_map(job.logits, job.valid_hw, job.full_hw)
+        mask, counts = self.to_host(mask_on_device), self.histogram(mask_on_device)
+        made = {}
+        if "overlay" in self.plan.kinds:
+            try:
+                data = host.reread(job.source.path, job.stamp)
+                made["overlay"] = self.overlay_jpeg(data, mask_on_device, host.present_labels(counts)[1])
+            except host.InputFailure as exc:
+                return _failed(exc)
+        seconds = job.seconds + time.perf_counter() - t0
+        return writers.submit(host.complete, job.source, mask, counts, self.plan, seconds, None, {**(job.made or {}), **made})
 
     def label_map(self, logits: torch.Tensor, valid_hw: tuple[float, float], full_hw: tuple[int, int]) -> torch.Tensor:
         """Logits [K,h,w] on the device -> label map [H,W] on the device."""

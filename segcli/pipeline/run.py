@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -171,22 +170,6 @@ class PredictRun:
             settings["video"] = {"vid_stride": options.vid_stride, "smooth": options.smooth}
         return settings
 
-    def finish_on_device(self, job: host.FinishJob, writers: ThreadPoolExecutor) -> Future:
-        """restore (+ the overlay) on the device, here; PNGs and writes on a host thread."""
-        t0 = time.perf_counter()
-        post = self.device_post
-        mask_on_device = post.label_map(job.logits, job.valid_hw, job.full_hw)
-        mask, counts = post.to_host(mask_on_device), post.histogram(mask_on_device)
-        made = {}
-        if "overlay" in self.plan.kinds:
-            try:
-                data = host.reread(job.source.path, job.stamp)
-                made["overlay"] = post.overlay_jpeg(data, mask_on_device, host.present_labels(counts)[1])
-            except host.InputFailure as exc:
-                return _failed(exc)
-        seconds = job.seconds + time.perf_counter() - t0
-        return writers.submit(host.complete, job.source, mask, counts, self.plan, seconds, None, {**(job.made or {}), **made})
-
     # -- the stream ---------------------------------------------------------------------------
 
     def _done(self, index: int, record: dict) -> None:
@@ -320,7 +303,7 @@ class PredictRun:
                     self._done(item.index, error_record(item.source, item.error, item.native))
                 else:
                     if writers:
-                        fut = self.finish_on_device(job, writers)
+                        fut = self.device_post.finish(job, writers)
                     else:
                         fut = pool.submit("making the outputs of", host.finish, job, packed=True)
                     writing.append((item, fut))
@@ -416,12 +399,6 @@ class PhotoJobs:
             for _, fut in decoding:
                 if fut is not None:
                     fut.cancel()
-
-
-def _failed(exc: Exception) -> Future:
-    fut: Future = Future()
-    fut.set_exception(exc)
-    return fut
 
 
 def _raise_interrupt(signum, frame):
