@@ -118,8 +118,9 @@ def test_class_and_position_chunks_change_no_number():
 
 
 def test_the_protocol_is_square_windows_and_a_global_view():
-    """CAT-Seg's inference_sliding_window: 640 x 640, 384 windows every 256 (at 0 and 256), their
-    mean, averaged half and half with the whole image resized to 384."""
+    """CAT-Seg's inference_sliding_window: the short-side-640 image stretched (in float) to
+    640 x 640, 384 windows every 256 (at 0 and 256), their mean, averaged half and half with the
+    short-side image resized to 384."""
     from segcli.inference.segmenter import Segmenter
     from segcli.inputs.geometry import model_pixels
 
@@ -128,17 +129,18 @@ def test_the_protocol_is_square_windows_and_a_global_view():
     assert seg.protocol == CATSEG_PROTOCOL and seg.protocol.describe().startswith("resized to 640 x 640")
     photo = Image.open(SAMPLES / "cat.jpg").convert("RGB")
     pixels, hw = model_pixels(photo, seg.imgsz, seg.protocol)
-    assert pixels.shape == (640, 640, 3) and hw == (640, 640)
+    assert pixels.shape == (640, 962, 3) and hw == (640, 640)  # detectron2's short-side 640 (451x300 -> 962x640)
     text = seg.label_embeddings(seg.resolve_labels("cat,grass,sky"))
     [scores] = seg.runner.segment_images([pixels], text)
-    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    short = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    image = F.interpolate(short, size=(640, 640), mode="bilinear", align_corners=False)
     with torch.no_grad():
         total, count = torch.zeros(3, 640, 640), torch.zeros(1, 640, 640)
         for y in (0, 256):
             for x in (0, 256):
                 total[:, y:y + 384, x:x + 384] += model.dense_logits(image[..., y:y + 384, x:x + 384], text)[0][0]
                 count[:, y:y + 384, x:x + 384] += 1
-        whole = model.dense_logits(F.interpolate(image, size=(384, 384), mode="bilinear", align_corners=False), text)[0]
+        whole = model.dense_logits(F.interpolate(short, size=(384, 384), mode="bilinear", align_corners=False), text)[0]
         expected = (total / count + F.interpolate(whole, size=(640, 640), mode="bilinear", align_corners=False)[0]) / 2
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
 

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from segcli.inputs.geometry import Protocol, model_size
+from segcli.inputs.geometry import Protocol, model_size, square_first_size
 from segcli.inputs.jpeg_probe import JpegProbe
 
 # [encoded JPEG bytes as 1-D uint8 CPU tensors], device -> [3,H,W] uint8 images on the device
@@ -117,12 +117,15 @@ class DeviceDecoder:
         host's sizes (model_size) and filter (bilinear, antialiased when shrinking, like Pillow's)."""
         h, w = image.shape[1:]
         rw, rh = model_size(w, h, self.imgsz, self.protocol)
+        extent = (rh, rw)
+        if self.protocol.sliding and self.protocol.square:  # the short-side image; its scores cover the square
+            rw, rh = square_first_size(w, h, self.protocol.short_side)
         if (rh, rw) != (h, w):
             image = F.interpolate(image[None].float(), size=(rh, rw), mode="bilinear", antialias=True,
                                   align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
         pixels = image.permute(1, 2, 0)
         if self.protocol.sliding:
-            return pixels.contiguous(), (rh, rw)
+            return pixels.contiguous(), extent
         canvas = torch.zeros((self.imgsz, self.imgsz, 3), dtype=torch.uint8, device=image.device)
         canvas[:rh, :rw] = pixels
         return canvas, (rh, rw)

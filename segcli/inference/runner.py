@@ -14,7 +14,7 @@ import torch
 from segcli.errors import SegcliError
 from segcli.inference.settings import InferenceSettings
 from segcli.inference.windows import average_windows
-from segcli.inputs.geometry import Canvas, Protocol, fit_to_canvas, model_pixels, resolve_protocol, window_tiles
+from segcli.inputs.geometry import Canvas, Protocol, fit_to_canvas, model_pixels, resolve_protocol, window_tiles, windows
 from segcli.modeling.backend import DenseBackend
 from segcli.postprocess.label_map import image_extent, image_region
 
@@ -123,6 +123,10 @@ class SegmentRunner:
         stride = self.logit_stride
         if refiner is not None:
             h, w = resized_hw
+            if self.protocol.square and host_pixels(pixels).shape[:2] != (h, w):  # the short-side image: stretched
+                import cv2
+
+                pixels = cv2.resize(host_pixels(pixels), (w, h), interpolation=cv2.INTER_LINEAR)
             cells = logits[:, :-(-h // stride), :-(-w // stride)].float()
             # the same pixel-centre mapping as the label map's restoration (align_corners=False)
             up = cells[None] if stride == 1 else F.interpolate(cells[None], scale_factor=stride, mode="bilinear",
@@ -166,6 +170,8 @@ class SegmentRunner:
             stacked = torch.stack(list(regions)) if regions is not None else None
             return list(self.segment_canvases(self._stack(pixels), label_embeddings, on_device=True, regions=stacked)[0])
         pixels = [host_pixels(p) for p in pixels]
+        if protocol.square:
+            return [self.segment_square(p, label_embeddings, batch_size, protocol) for p in pixels]
         tiled = [window_tiles(p, protocol.window, protocol.stride) for p in pixels]
         owners = [(i, corner) for i, (corners, _) in enumerate(tiled) for corner in corners]
         tiles = np.concatenate([t for _, t in tiled])
@@ -189,6 +195,29 @@ class SegmentRunner:
             averaged = [blend_global(a, self.global_view(p, protocol.window, label_embeddings))
                         for a, p in zip(averaged, pixels)]
         return averaged
+
+    def segment_square(self, pixels: np.ndarray, label_embeddings: torch.Tensor | None, batch_size: int,
+                       protocol: Protocol) -> torch.Tensor:
+        """CAT-Seg's inference_sliding_window on one short-side image [h,w,3] uint8 -> [K,N,N]: the
+        image stretched in float to N x N (N the protocol's short side), its windows (zero-padded
+        where N is below the window) in batches, their scores averaged, then with `global_view` the
+        mean with the whole image's (resized in float to one window, upsampled)."""
+        import torch.nn.functional as F
+
+        side, window = protocol.short_side, protocol.window
+        image = self._input_batch(pixels[None])
+        stretched = F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False)
+        if side < window:
+            stretched = F.pad(stretched, (0, window - side, 0, window - side))
+        corners = windows((side, side), window, protocol.stride)
+        crops = torch.cat([stretched[..., y:y + window, x:x + window] for y, x in corners])
+        scores = torch.cat([self.backend.dense_logits(crops[i:i + batch_size], label_embeddings, self.autocast_dtype)[0]
+                            for i in range(0, len(crops), batch_size)])
+        averaged = average_windows(scores, corners, (side, side), window)
+        if not protocol.global_view:
+            return averaged
+        small = F.interpolate(image, size=(window, window), mode="bilinear", align_corners=False)
+        return blend_global(averaged, self.backend.dense_logits(small, label_embeddings, self.autocast_dtype)[0][0])
 
     def global_view(self, pixels: np.ndarray, window: int, label_embeddings: torch.Tensor | None) -> torch.Tensor:
         """[h,w,3] uint8 -> the model's logits [K,window,window] for the whole image resized to one

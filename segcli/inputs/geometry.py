@@ -9,10 +9,11 @@ pixels cover it (the last one flush with the image's edge), each window's logits
 authors' forward_slide (the averaging is segcli.inference.windows). A window larger than the image
 is padded with black (the authors run the smaller crop).
 
-CAT-Seg's protocol differs in two ways, each a field: `square` resizes the image to
-short_side x short_side (its `inference_sliding_window` stretches every photo to 640 x 640, after
-detectron2's short-side resize), and `global_view` adds the whole image resized to one window,
-whose upsampled scores are averaged half and half with the windows'.
+CAT-Seg's protocol differs in two ways, each a field: `square` stretches the image to
+short_side x short_side (its `inference_sliding_window` stretches every photo to 640 x 640, in
+float, after detectron2's short-side resize to 640, which is what `model_pixels` gives), and
+`global_view` adds the short-side image resized to one window, whose upsampled scores are averaged
+half and half with the windows'. The runner (segcli.inference.runner) does both in float.
 """
 
 from __future__ import annotations
@@ -155,13 +156,13 @@ def window_tiles(pixels: np.ndarray, window: int, stride: int) -> tuple[list[tup
 
 def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np.ndarray, tuple[int, int]]:
     """An RGB image -> (the model's pixels, the image's size in them): one canvas [imgsz,imgsz,3]
-    with the image at its top-left, or for windows the resized image itself [h,w,3]."""
+    with the image at its top-left, or for windows the resized image itself [h,w,3] (a `square`
+    protocol: the short-side image, and the square its scores cover)."""
     if not protocol.sliding:
         canvas = fit_to_canvas(image, imgsz)
         return canvas.pixels, canvas.resized_hw
-    if protocol.square:
-        pixels = resize_square(image, protocol.short_side)
-        return pixels, pixels.shape[:2]
+    if protocol.square:  # the image's extent is the square its scores cover
+        return resize_square_first(image, protocol.short_side), (protocol.short_side, protocol.short_side)
     if protocol.short_side:
         pixels = resize_short_side(image, protocol.short_side)
     else:  # windows over the long side at imgsz
@@ -169,23 +170,23 @@ def model_pixels(image: Image.Image, imgsz: int, protocol: Protocol) -> tuple[np
     return pixels, pixels.shape[:2]
 
 
-def resize_square(image: Image.Image, side: int) -> np.ndarray:
-    """CAT-Seg's resize: detectron2's ResizeShortestEdge(side, max 2560) with Pillow's bilinear,
-    then a plain bilinear stretch (OpenCV's, as torch's interpolate without antialiasing) to
-    side x side -> [side,side,3] uint8."""
-    import cv2
+def square_first_size(w: int, h: int, side: int) -> tuple[int, int]:
+    """(width, height) of CAT-Seg's first resize: detectron2's ResizeShortestEdge(side, max 2560)."""
+    scale = min(side / min(w, h), 2560 / max(w, h))
+    return max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
 
-    scale = min(side / min(image.size), 2560 / max(image.size))
-    size = (int(image.width * scale + 0.5), int(image.height * scale + 0.5))
-    first = np.asarray((image.resize(size, Image.BILINEAR) if size != image.size else image).convert("RGB"))
-    if first.shape[:2] == (side, side):
-        return np.array(first)
-    return cv2.resize(first, (side, side), interpolation=cv2.INTER_LINEAR)
+
+def resize_square_first(image: Image.Image, side: int) -> np.ndarray:
+    """CAT-Seg's test mapper: the short side to `side` with Pillow's bilinear (detectron2's
+    ResizeShortestEdge on uint8) -> [h,w,3] uint8. The stretch to side x side is made in float
+    by the runner, as the authors' inference_sliding_window does."""
+    size = square_first_size(image.width, image.height, side)
+    return np.array((image.resize(size, Image.BILINEAR) if size != image.size else image).convert("RGB"))
 
 
 def model_size(w: int, h: int, imgsz: int, protocol: Protocol) -> tuple[int, int]:
     """(width, height) an image of w x h pixels is resized to by `model_pixels`."""
-    if protocol.sliding and protocol.square:
+    if protocol.sliding and protocol.square:  # the extent of its scores (the pixels are square_first_size)
         return protocol.short_side, protocol.short_side
     if protocol.sliding and protocol.short_side:
         return short_side_size(w, h, protocol.short_side)
@@ -195,8 +196,7 @@ def model_size(w: int, h: int, imgsz: int, protocol: Protocol) -> tuple[int, int
 def draft_size(w: int, h: int, imgsz: int, protocol: Protocol) -> int:
     """The long side a reduced (DCT) decode must keep for `model_pixels` at this protocol."""
     if protocol.sliding and protocol.square:
-        scale = min(protocol.short_side / min(w, h), 2560 / max(w, h))
-        return max(int(w * scale + 0.5), int(h * scale + 0.5), protocol.short_side)
+        return max(square_first_size(w, h, protocol.short_side))
     if protocol.sliding and protocol.short_side:
         return max(short_side_size(w, h, protocol.short_side))
     return imgsz
