@@ -331,7 +331,7 @@ def clip_dense_recipe(method: str) -> dict[str, str]:
 
 
 # why catseg is not the default (docs: performance; benchmarks/bench_methods.py)
-CATSEG_WHY = ("not the default: on a 2-core CPU it took 12.7x NACLIP's time a photo at 5 labels and 4x at 150 "
+CATSEG_WHY = ("not the default: on a 2-core CPU it took 11x NACLIP's time a photo at 5 labels and about 3x at 150 "
               "(bench_methods.py, 2026-12-08; the bar is 3x); its GPU speed is not measured yet")
 # what `clip-dense` means, and why (docs: models and weights, performance; benchmarks/bench_methods.py)
 DEFAULT_METHOD_WHY = (f"clip-dense = {DEFAULT_CLIP_DENSE_METHOD} on a CPU and on a GPU: corrclip's published masks are "
