@@ -187,6 +187,8 @@ def test_predict_and_info_with_a_local_catseg_checkpoint(authors_checkpoint, tmp
     info = CliRunner().invoke(app, ["info", f"catseg:{path}", "--json"])
     assert info.exit_code == 0, info.output
     assert json.loads(info.output)["family"] == "catseg"
+    missing = CliRunner().invoke(app, ["info", f"catseg:{tmp_path / 'nope.pth'}"])
+    assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1 and "catseg:FILE" in missing.output
 
 
 def test_the_release_is_described_without_a_download_and_offline_is_one_line(tmp_path):

@@ -187,14 +187,8 @@ class SegmentRunner:
                                               regions=cut)
             for (i, _), one in zip(owners[start:start + batch_size], logits):
                 window_logits[i].append(one)
-        averaged = [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window)
-                    for w, (corners, _), p in zip(window_logits, tiled, pixels)]
-        if protocol.global_view:  # each whole image as one more window, half the weight (CAT-Seg)
-            if regions is not None:
-                raise SegcliError("a global view is not cut into region masks")
-            averaged = [blend_global(a, self.global_view(p, protocol.window, label_embeddings))
-                        for a, p in zip(averaged, pixels)]
-        return averaged
+        return [average_windows(torch.stack(w), corners, p.shape[:2], protocol.window)
+                for w, (corners, _), p in zip(window_logits, tiled, pixels)]
 
     def segment_square(self, pixels: np.ndarray, label_embeddings: torch.Tensor | None, batch_size: int,
                        protocol: Protocol) -> torch.Tensor:
@@ -218,16 +212,6 @@ class SegmentRunner:
             return averaged
         small = F.interpolate(image, size=(window, window), mode="bilinear", align_corners=False)
         return blend_global(averaged, self.backend.dense_logits(small, label_embeddings, self.autocast_dtype)[0][0])
-
-    def global_view(self, pixels: np.ndarray, window: int, label_embeddings: torch.Tensor | None) -> torch.Tensor:
-        """[h,w,3] uint8 -> the model's logits [K,window,window] for the whole image resized to one
-        window, in float (bilinear, no antialiasing: CAT-Seg's `F.interpolate` of the image)."""
-        import torch.nn.functional as F
-
-        image = self._input_batch(pixels[None])
-        small = F.interpolate(image, size=(window, window), mode="bilinear", align_corners=False)
-        logits, _ = self.backend.dense_logits(small, label_embeddings, self.autocast_dtype)
-        return logits[0]
 
     @torch.inference_mode()
     def segment_finished(self, pixels: Sequence[np.ndarray | torch.Tensor], resized_hws: Sequence[tuple[int, int]],

@@ -35,7 +35,7 @@ class Protocol:
     window: int | None = None
     stride: int | None = None
     square: bool = False  # resized to short_side x short_side, aspect not kept (CAT-Seg)
-    global_view: bool = False  # plus the whole image as one window, averaged half and half (CAT-Seg)
+    global_view: bool = False  # with `square`: plus the whole image as one window, half the weight (CAT-Seg)
 
     @property
     def sliding(self) -> bool:
@@ -114,7 +114,8 @@ def resolve_protocol(default: Protocol | None, short_side: int | None, window: i
     check_input_size(window, multiple, "--window")
     if stride > window:
         raise SegcliError(f"--stride {stride}: at most the window ({window} pixels)")
-    return Protocol(short_side, window, stride, square=base.square and bool(short_side), global_view=base.global_view)
+    return Protocol(short_side, window, stride, square=base.square and bool(short_side),
+                    global_view=base.global_view and base.square and bool(short_side))
 
 
 def short_side_size(w: int, h: int, short_side: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from segcli.errors import SegcliError
-from segcli.modeling.configs import ARCHITECTURES, CATSEG_VARIANTS, CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD
+from segcli.modeling.configs import ARCHITECTURES, CATSEG_PROTOCOL, CATSEG_VARIANTS, CLIP_DENSE_METHODS, DEFAULT_CLIP_DENSE_METHOD
 from segcli.models.families import DEFAULT_MODEL, FAMILIES
 
 if TYPE_CHECKING:
@@ -305,17 +305,11 @@ def describe_model(value: str) -> dict:
             data.update(clip_dense_recipe(meta.get("method", DEFAULT_CLIP_DENSE_METHOD)))
         if spec.family == "catseg":
             data["input size"] = spec.config.default_imgsz
-            data["protocol"] = _catseg_protocol()
+            data["protocol"] = CATSEG_PROTOCOL.describe()
         return data
     data.update({"parameters": params, "input size": config.default_imgsz, "config": config.to_dict(),
                  "labels": list(labels.names) if labels else None, "metadata": meta})
     return data
-
-
-def _catseg_protocol() -> str:
-    from segcli.modeling.configs import CATSEG_PROTOCOL
-
-    return CATSEG_PROTOCOL.describe()
 
 
 def clip_dense_recipe(method: str) -> dict[str, str]:
